@@ -1,0 +1,460 @@
+//! The `dcl` command line: pretrain, eval, loss, model, data, bench.
+
+use crate::backend::{dispatch, BackendTask, DeviceKind};
+use crate::data::{discover, npy, preview, Dataset};
+use crate::eval::{features, linear_probe, Knn};
+use crate::loss::{ContrastiveLoss, LossKind};
+use crate::model::{param_counts, Encoder, ModelName};
+use crate::optim::OptimizerKind;
+use crate::run::{Checkpoint, RunDir};
+use crate::train::{RunConfig, Trainer};
+use crate::weights::{module_from_bytes, safetensors_bytes, torchvision_tensors, write_atomic};
+use burn::module::AutodiffModule;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{Tensor, TensorData};
+use clap::{Args, Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(name = "dcl", version, about = "Decoupled Contrastive Learning: pretrain and inspect self-supervised image encoders")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Self-supervised pretraining; writes a run folder.
+    Pretrain(PretrainArgs),
+    /// kNN (and linear probe) accuracy of a run's latest checkpoint.
+    Eval {
+        #[arg(long)]
+        run: PathBuf,
+        /// Also fit a linear probe on frozen features.
+        #[arg(long)]
+        linear: bool,
+        #[arg(long)]
+        device: Option<DeviceKind>,
+    },
+    /// The loss (and gradients) of two embedding arrays, for checking a port against PyTorch.
+    Loss(LossArgs),
+    /// Model presets.
+    Model {
+        #[command(subcommand)]
+        command: ModelCommand,
+    },
+    /// Datasets: info, preview, download.
+    Data {
+        #[command(subcommand)]
+        command: DataCommand,
+    },
+    /// Speed measurements.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
+}
+
+#[derive(Args, Clone)]
+struct PretrainArgs {
+    /// A dataset path, or a name: cifar10, cifar100, mnist, fashion-mnist.
+    #[arg(long, default_value = "cifar10")]
+    data: String,
+    #[arg(long, default_value = "resnet-mini")]
+    model: ModelName,
+    #[arg(long, default_value = "dcl")]
+    loss: LossKind,
+    #[arg(long, default_value_t = 256)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 200)]
+    epochs: usize,
+    /// Peak learning rate (after warm-up).
+    #[arg(long, default_value_t = 0.06)]
+    lr: f64,
+    #[arg(long, default_value = "sgd")]
+    optimizer: OptimizerKind,
+    #[arg(long, default_value_t = 0.1)]
+    temperature: f64,
+    /// DCLW's weighting width.
+    #[arg(long, default_value_t = 0.5)]
+    sigma: f64,
+    #[arg(long, default_value_t = 5e-4)]
+    weight_decay: f64,
+    #[arg(long, default_value_t = 0.9)]
+    momentum: f64,
+    #[arg(long, default_value_t = 0.0)]
+    warmup_epochs: f64,
+    #[arg(long, default_value = "cpu")]
+    device: DeviceKind,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long)]
+    out: PathBuf,
+    /// Train on the first N training images only.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Continue the run in --out from its latest checkpoint (its config.toml wins over flags).
+    #[arg(long)]
+    resume: bool,
+}
+
+#[derive(Args)]
+struct LossArgs {
+    #[arg(long)]
+    z1: PathBuf,
+    #[arg(long)]
+    z2: PathBuf,
+    #[arg(long, default_value = "dcl")]
+    kind: LossKind,
+    #[arg(long, default_value_t = 0.1)]
+    temperature: f64,
+    #[arg(long, default_value_t = 0.5)]
+    sigma: f64,
+    /// Write grad_z1.npy and grad_z2.npy here.
+    #[arg(long)]
+    grad_out: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Parameter counts of a preset.
+    Info { name: ModelName },
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Format, image count, shape, classes and label counts.
+    Info {
+        path: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A PNG grid of the first images, or of their augmented view pairs.
+    Preview {
+        path: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 64)]
+        count: usize,
+        #[arg(long, default_value_t = 2)]
+        scale: usize,
+        /// Show two augmented views per image, drawn with this seed.
+        #[arg(long)]
+        views: Option<u64>,
+    },
+    /// Download from the official source, checksum-verified.
+    Get {
+        name: String,
+        #[arg(long, default_value = "data")]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Images per second of a full training step (two views, forward, loss, backward, update).
+    Train {
+        #[arg(long, default_value = "resnet-mini")]
+        model: ModelName,
+        #[arg(long, default_value_t = 64)]
+        batch_size: usize,
+        #[arg(long, default_value = "cpu")]
+        device: DeviceKind,
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+    },
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Pretrain(args) => pretrain(args),
+        Command::Eval { run, linear, device } => {
+            let dir = RunDir::open(&run)?;
+            let config = dir.read_config()?;
+            let device = device.unwrap_or(config.device);
+            let ckpt = dir
+                .latest_checkpoint()?
+                .ok_or_else(|| anyhow::anyhow!("{}: no checkpoint yet", run.display()))?;
+            let report = dispatch(device, EvalTask { config, ckpt, linear })?;
+            println!("{report}");
+            Ok(())
+        }
+        Command::Loss(args) => loss(args),
+        Command::Model { command: ModelCommand::Info { name } } => {
+            let encoder = Encoder::<crate::backend::CpuBackend>::new(name, &Default::default());
+            let counts = param_counts(&encoder, name);
+            println!("{}", serde_json::json!({ "model": name.to_string(), "params": counts }));
+            Ok(())
+        }
+        Command::Data { command } => data(command),
+        Command::Bench { command: BenchCommand::Train { model, batch_size, device, steps } } => {
+            let ips = dispatch(device, BenchTask { model, batch_size, steps })?;
+            println!("| model | batch | device | images/s |");
+            println!("|---|---|---|---|");
+            println!("| {model} | {batch_size} | {device} | {ips:.1} |");
+            Ok(())
+        }
+    }
+}
+
+fn data(command: DataCommand) -> anyhow::Result<()> {
+    match command {
+        DataCommand::Info { path, json } => {
+            let ds = discover::load(&path)?;
+            let info = ds.info();
+            if json {
+                println!("{}", serde_json::to_string(&info)?);
+            } else {
+                println!(
+                    "{}: {:?}, {} images ({} train, {} test), shape {:?}, {} classes",
+                    ds.name, info.format, info.images, info.train_images, info.test_images, info.shape, info.classes
+                );
+            }
+            Ok(())
+        }
+        DataCommand::Preview { path, out, count, scale, views } => {
+            let ds = discover::load(&path)?;
+            write_atomic(&out, &preview::grid_png(&ds, count, scale, views)?)
+        }
+        DataCommand::Get { name, dir } => {
+            let target = discover::download(&name, &dir)?;
+            println!("{name} is in {}", target.display());
+            Ok(())
+        }
+    }
+}
+
+fn read_embeddings(path: &Path) -> anyhow::Result<npy::Array> {
+    let shown = path.display();
+    let bytes = std::fs::read(path).map_err(|e| anyhow::anyhow!("{shown}: cannot read: {e}"))?;
+    let array = npy::parse(&bytes).map_err(|e| anyhow::anyhow!("{shown}: {e}"))?;
+    anyhow::ensure!(array.shape.len() == 2, "{shown}: expected shape [N, D], found {:?}", array.shape);
+    if let Some(i) = array.data.iter().position(|v| !v.is_finite()) {
+        anyhow::bail!("{shown}: non-finite value {} at flat index {i}", array.data[i]);
+    }
+    Ok(array)
+}
+
+fn loss(args: LossArgs) -> anyhow::Result<()> {
+    type B = burn::backend::Autodiff<crate::backend::CpuBackend>;
+    let a = read_embeddings(&args.z1)?;
+    let b = read_embeddings(&args.z2)?;
+    anyhow::ensure!(
+        a.shape == b.shape,
+        "{} has shape {:?} but {} has {:?}",
+        args.z1.display(),
+        a.shape,
+        args.z2.display(),
+        b.shape
+    );
+    let (n, d) = (a.shape[0], a.shape[1]);
+    let criterion = ContrastiveLoss::new(args.kind, args.temperature, args.sigma)?;
+    let device = Default::default();
+    let tensor = |x: &npy::Array| {
+        let data: Vec<f32> = x.data.iter().map(|&v| v as f32).collect();
+        Tensor::<B, 2>::from_data(TensorData::new(data, [n, d]), &device).require_grad()
+    };
+    let (z1, z2) = (tensor(&a), tensor(&b));
+    let value = criterion.forward(z1.clone(), z2.clone())?;
+    let scalar: f32 = value.clone().into_scalar();
+    println!(
+        "{}",
+        serde_json::json!({ "kind": args.kind, "loss": scalar, "n": n, "d": d,
+            "temperature": args.temperature, "sigma": args.sigma })
+    );
+    if let Some(dir) = args.grad_out {
+        std::fs::create_dir_all(&dir)?;
+        let grads = value.backward();
+        for (name, z) in [("grad_z1.npy", z1), ("grad_z2.npy", z2)] {
+            let g = z.grad(&grads).expect("gradient of an input").into_data().to_vec::<f32>().expect("f32");
+            write_atomic(&dir.join(name), &npy::to_bytes(&[n, d], &g))?;
+        }
+    }
+    Ok(())
+}
+
+fn pretrain(args: PretrainArgs) -> anyhow::Result<()> {
+    let dir = RunDir::create(&args.out)?;
+    let config = if args.resume && args.out.join("config.toml").is_file() {
+        dir.read_config()?
+    } else {
+        anyhow::ensure!(
+            !args.out.join("config.toml").is_file(),
+            "{} already holds a run; pass --resume to continue it or pick another --out",
+            args.out.display()
+        );
+        RunConfig {
+            data: args.data,
+            model: args.model,
+            loss: args.loss,
+            temperature: args.temperature,
+            sigma: args.sigma,
+            batch_size: args.batch_size,
+            epochs: args.epochs,
+            lr: args.lr,
+            optimizer: args.optimizer,
+            weight_decay: args.weight_decay,
+            momentum: args.momentum,
+            warmup_epochs: args.warmup_epochs,
+            seed: args.seed,
+            device: args.device,
+            limit: args.limit,
+        }
+    };
+    // Validate before writing anything.
+    ContrastiveLoss::new(config.loss, config.temperature, config.sigma)?;
+    let dataset = discover::load(&config.data)?;
+    dir.write_config(&config)?;
+    dispatch(config.device, PretrainTask { config, dataset, dir, resume: args.resume })
+}
+
+struct PretrainTask {
+    config: RunConfig,
+    dataset: Dataset,
+    dir: RunDir,
+    resume: bool,
+}
+
+/// The kNN monitor event: accuracy on the test split, memory bank = un-augmented training split.
+fn knn_event<B: AutodiffBackend>(trainer: &Trainer<B>, ds: &Dataset, train: &crate::data::Split, epoch: usize) -> serde_json::Value {
+    let backbone = trainer.encoder().valid().backbone;
+    let dim = trainer.config.model.arch().feature_dim();
+    let device = trainer.device();
+    let bank = features(&backbone, train, device);
+    let queries = features(&backbone, &ds.test, device);
+    let top1 = Knn::default().top1::<B::InnerBackend>(&bank, &train.labels, &queries, &ds.test.labels, dim, ds.classes, device);
+    serde_json::json!({ "event": "knn", "epoch": epoch, "knn_top1": top1 })
+}
+
+impl BackendTask for PretrainTask {
+    type Output = ();
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> anyhow::Result<()> {
+        let Self { config, dataset, dir, resume } = self;
+        let train = dataset.train.clone().truncated(config.limit.unwrap_or(usize::MAX));
+        let mut trainer = Trainer::<B>::new(config.clone(), train.clone(), device)?;
+        let has_test = !dataset.test.is_empty();
+        match dir.latest_checkpoint()? {
+            Some(ckpt) if resume => {
+                eprintln!("resuming {} after epoch {}", dir.root.display(), ckpt.epoch);
+                dir.truncate_events_after(ckpt.epoch)?;
+                trainer.restore(ckpt.epoch, ckpt.weights, ckpt.optimizer)?;
+            }
+            _ => {
+                if has_test {
+                    let event = knn_event(&trainer, &dataset, &train, 0);
+                    eprintln!("epoch 0 (before training): kNN top-1 {:.4}", event["knn_top1"]);
+                    dir.log(&event)?;
+                }
+            }
+        }
+        while !trainer.finished() {
+            let bar = progress_bar(&trainer);
+            let started = Instant::now();
+            while !trainer.epoch_finished() {
+                let mut event = serde_json::to_value(trainer.step()?)?;
+                let done = trainer.step_in_epoch;
+                let ips = (done * config.batch_size) as f64 / started.elapsed().as_secs_f64();
+                event["images_per_sec"] = ips.into();
+                dir.log(&event)?;
+                bar.set_message(format!("loss {:.4}  {ips:.0} img/s", event["loss"].as_f64().unwrap_or(f64::NAN)));
+                bar.inc(1);
+            }
+            bar.finish();
+            trainer.end_epoch();
+            if has_test {
+                let event = knn_event(&trainer, &dataset, &train, trainer.epoch);
+                eprintln!("epoch {}: kNN top-1 {:.4}", trainer.epoch, event["knn_top1"]);
+                dir.log(&event)?;
+            }
+            let (weights, optimizer) = trainer.snapshot()?;
+            dir.save_checkpoint(&Checkpoint { epoch: trainer.epoch, weights, optimizer })?;
+            let tensors = torchvision_tensors(&trainer.encoder().valid());
+            write_atomic(&dir.root.join("model.safetensors"), &safetensors_bytes(&tensors, config.model))?;
+        }
+        Ok(())
+    }
+}
+
+fn progress_bar<B: AutodiffBackend>(trainer: &Trainer<B>) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(trainer.steps_per_epoch() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "epoch {}/{} [{{bar:30}}] {{pos}}/{{len}} {{msg}} ETA {{eta}}",
+            trainer.epoch + 1,
+            trainer.config.epochs
+        ))
+        .expect("template")
+        .progress_chars("=> "),
+    );
+    bar
+}
+
+struct EvalTask {
+    config: RunConfig,
+    ckpt: Checkpoint,
+    linear: bool,
+}
+
+impl BackendTask for EvalTask {
+    type Output = serde_json::Value;
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> anyhow::Result<serde_json::Value> {
+        let Self { config, ckpt, linear } = self;
+        let ds = discover::load(&config.data)?;
+        anyhow::ensure!(!ds.test.is_empty(), "{}: no test split to evaluate on", config.data);
+        let train = ds.train.clone().truncated(config.limit.unwrap_or(usize::MAX));
+        let encoder = module_from_bytes(Encoder::<B>::new(config.model, &device), ckpt.weights, &device)?;
+        let backbone = encoder.valid().backbone;
+        let dim = config.model.arch().feature_dim();
+        let bank = features(&backbone, &train, &device);
+        let queries = features(&backbone, &ds.test, &device);
+        let knn = Knn::default().top1::<B::InnerBackend>(&bank, &train.labels, &queries, &ds.test.labels, dim, ds.classes, &device);
+        let mut report = serde_json::json!({ "epoch": ckpt.epoch, "knn_top1": knn, "train_images": train.len(), "test_images": ds.test.len() });
+        if linear {
+            let top1 = linear_probe::<B>((&bank, &train.labels), (&queries, &ds.test.labels), dim, ds.classes, &device);
+            report["linear_top1"] = top1.into();
+        }
+        Ok(report)
+    }
+}
+
+struct BenchTask {
+    model: ModelName,
+    batch_size: usize,
+    steps: usize,
+}
+
+impl BackendTask for BenchTask {
+    type Output = f64;
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> anyhow::Result<f64> {
+        use rand::{Rng, SeedableRng};
+        let n = self.batch_size * (self.steps + 1);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+        let images = (0..n * crate::data::IMAGE_LEN).map(|_| rng.gen()).collect();
+        let split = crate::data::Split { images, labels: vec![0; n] };
+        let config = RunConfig {
+            data: "synthetic".into(),
+            model: self.model,
+            loss: LossKind::Dcl,
+            temperature: 0.1,
+            sigma: 0.5,
+            batch_size: self.batch_size,
+            epochs: 1,
+            lr: 0.01,
+            optimizer: OptimizerKind::Sgd,
+            weight_decay: 5e-4,
+            momentum: 0.9,
+            warmup_epochs: 0.0,
+            seed: 0,
+            device: DeviceKind::Cpu,
+            limit: None,
+        };
+        let mut trainer = Trainer::<B>::new(config, split, device)?;
+        trainer.step()?; // warm-up: kernel compilation, allocator growth
+        let started = Instant::now();
+        for _ in 0..self.steps {
+            trainer.step()?;
+        }
+        Ok((self.steps * self.batch_size) as f64 / started.elapsed().as_secs_f64())
+    }
+}

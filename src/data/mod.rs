@@ -1,0 +1,148 @@
+//! Datasets as bytes in, 3x32x32 u8 images out.
+//!
+//! Readers take byte slices, not paths, so the web page (file picker, fetch) and the native CLI
+//! (files) share them. Every image is stored CHW at 3x32x32: grayscale data is replicated to three
+//! channels and padded to 32x32, so one model serves CIFAR and (Fashion-)MNIST alike.
+
+pub mod cifar;
+pub mod discover;
+pub mod idx;
+pub mod npy;
+pub mod preview;
+
+use serde::Serialize;
+use std::fmt;
+
+pub const SIDE: usize = 32;
+pub const CHANNELS: usize = 3;
+pub const IMAGE_LEN: usize = CHANNELS * SIDE * SIDE;
+
+/// A corrupt or truncated input, named by file and byte offset.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DataError {
+    pub file: String,
+    pub offset: usize,
+    pub problem: String,
+}
+
+impl DataError {
+    pub fn new(file: &str, offset: usize, problem: impl Into<String>) -> Self {
+        Self {
+            file: file.to_string(),
+            offset,
+            problem: problem.into(),
+        }
+    }
+}
+
+impl fmt::Display for DataError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {} (at byte {})", self.file, self.problem, self.offset)
+    }
+}
+
+impl std::error::Error for DataError {}
+
+/// Where the images came from, for `dcl data info` and the page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Format {
+    Cifar10,
+    Cifar100,
+    Idx,
+}
+
+/// One split of labelled images, CHW u8, `IMAGE_LEN` bytes each.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Split {
+    pub images: Vec<u8>,
+    pub labels: Vec<u16>,
+}
+
+impl Split {
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    pub fn image(&self, i: usize) -> &[u8] {
+        &self.images[i * IMAGE_LEN..(i + 1) * IMAGE_LEN]
+    }
+
+    /// The first `n` images (all when `n` is larger), for toy runs.
+    pub fn truncated(mut self, n: usize) -> Self {
+        let n = n.min(self.len());
+        self.images.truncate(n * IMAGE_LEN);
+        self.labels.truncate(n);
+        self
+    }
+
+    fn append(&mut self, other: Split) {
+        self.images.extend(other.images);
+        self.labels.extend(other.labels);
+    }
+}
+
+/// A dataset with its train and test splits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dataset {
+    pub name: String,
+    pub format: Format,
+    pub classes: usize,
+    /// The stored images' shape before padding, [C, H, W].
+    pub source_shape: [usize; 3],
+    pub train: Split,
+    pub test: Split,
+}
+
+/// `dcl data info --json`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct DatasetInfo {
+    pub format: Format,
+    pub images: usize,
+    pub shape: [usize; 3],
+    pub classes: usize,
+    pub label_counts: Vec<usize>,
+    pub train_images: usize,
+    pub test_images: usize,
+}
+
+impl Dataset {
+    pub fn info(&self) -> DatasetInfo {
+        let mut label_counts = vec![0; self.classes];
+        for &l in self.train.labels.iter().chain(&self.test.labels) {
+            label_counts[l as usize] += 1;
+        }
+        DatasetInfo {
+            format: self.format,
+            images: self.train.len() + self.test.len(),
+            shape: self.source_shape,
+            classes: self.classes,
+            label_counts,
+            train_images: self.train.len(),
+            test_images: self.test.len(),
+        }
+    }
+}
+
+/// Reads bytes that may be gzipped (detected by the gzip magic, not the file name).
+pub fn maybe_gunzip(file: &str, bytes: &[u8]) -> Result<Vec<u8>, DataError> {
+    use std::io::Read;
+    if bytes.starts_with(&[0x1f, 0x8b]) {
+        let mut out = Vec::new();
+        let mut decoder = flate2::read::GzDecoder::new(bytes);
+        decoder.read_to_end(&mut out).map_err(|e| {
+            DataError::new(
+                file,
+                out.len(),
+                format!("corrupt or truncated gzip stream ({e}); offset is in the decompressed data"),
+            )
+        })?;
+        Ok(out)
+    } else {
+        Ok(bytes.to_vec())
+    }
+}

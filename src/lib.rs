@@ -1,0 +1,16 @@
+//! dcl: Decoupled Contrastive Learning (Yeh et al., ECCV 2022) for self-supervised image encoders.
+//!
+//! `data` -> `augment` -> `model` -> `loss` -> `train` -> `eval`, on any Burn backend picked in
+//! `backend`; `weights` and `run` handle what goes to disk; `cli` is the `dcl` command.
+
+pub mod augment;
+pub mod backend;
+pub mod cli;
+pub mod data;
+pub mod eval;
+pub mod loss;
+pub mod model;
+pub mod optim;
+pub mod run;
+pub mod train;
+pub mod weights;

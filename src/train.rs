@@ -1,0 +1,225 @@
+//! The trainer, driven one step at a time (`step()`, `end_epoch()`), so the CLI loops over it and
+//! the web page can drive it from a worker. Everything random is keyed by (seed, epoch, sample),
+//! so a run resumed from an epoch checkpoint replays exactly what an uninterrupted run would.
+
+use crate::augment::{view_pairs, ViewConfig};
+use crate::backend::DeviceKind;
+use crate::data::{Split, IMAGE_LEN, SIDE};
+use crate::loss::{ContrastiveLoss, LossKind};
+use crate::model::{Encoder, ModelName};
+use crate::optim::{EncoderOptimizer, OptimizerKind};
+use crate::weights::{init_encoder, module_from_bytes, module_to_bytes};
+use burn::optim::GradientsParams;
+use burn::tensor::{backend::AutodiffBackend, Tensor, TensorData};
+use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
+
+/// Everything that defines a run; written to the run folder as `config.toml`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunConfig {
+    pub data: String,
+    pub model: ModelName,
+    pub loss: LossKind,
+    pub temperature: f64,
+    pub sigma: f64,
+    pub batch_size: usize,
+    pub epochs: usize,
+    pub lr: f64,
+    pub optimizer: OptimizerKind,
+    pub weight_decay: f64,
+    pub momentum: f64,
+    pub warmup_epochs: f64,
+    pub seed: u64,
+    pub device: DeviceKind,
+    /// Train on the first `limit` training images only (toy runs).
+    pub limit: Option<usize>,
+}
+
+/// One optimization step, as reported to the event sink.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct StepEvent {
+    pub event: &'static str,
+    pub epoch: usize,
+    pub step: usize,
+    pub loss: f64,
+    pub lr: f64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum TrainError {
+    NonFiniteLoss { epoch: usize, step: usize, loss: f64 },
+}
+
+impl std::fmt::Display for TrainError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NonFiniteLoss { epoch, step, loss } => write!(
+                f,
+                "loss became {loss} at epoch {epoch}, step {step}: training stopped before the \
+                 weights were touched (try a lower --lr or a higher --temperature)"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for TrainError {}
+
+pub struct Trainer<B: AutodiffBackend> {
+    pub config: RunConfig,
+    loss: ContrastiveLoss,
+    views: ViewConfig,
+    /// `None` only inside `step`, while the optimizer owns the weights.
+    encoder: Option<Encoder<B>>,
+    optimizer: EncoderOptimizer<B>,
+    device: B::Device,
+    train: Split,
+    order: Vec<usize>,
+    /// Epochs completed so far.
+    pub epoch: usize,
+    /// Steps taken in the current epoch.
+    pub step_in_epoch: usize,
+}
+
+impl<B: AutodiffBackend> Trainer<B> {
+    pub fn new(config: RunConfig, train: Split, device: B::Device) -> anyhow::Result<Self> {
+        let loss = ContrastiveLoss::new(config.loss, config.temperature, config.sigma)?;
+        anyhow::ensure!(config.batch_size >= 2, "--batch-size {} must be at least 2", config.batch_size);
+        anyhow::ensure!(
+            train.len() >= config.batch_size,
+            "{} training images are fewer than one batch of {}",
+            train.len(),
+            config.batch_size
+        );
+        anyhow::ensure!(config.lr.is_finite() && config.lr > 0.0, "--lr {} must be > 0", config.lr);
+        let encoder = init_encoder(config.model, config.seed, &device)?;
+        let optimizer = EncoderOptimizer::<B>::new(config.optimizer, config.weight_decay, config.momentum);
+        let mut trainer = Self {
+            loss,
+            views: ViewConfig::default(),
+            encoder: Some(encoder),
+            optimizer,
+            device,
+            train,
+            order: vec![],
+            epoch: 0,
+            step_in_epoch: 0,
+            config,
+        };
+        trainer.shuffle();
+        Ok(trainer)
+    }
+
+    fn shuffle(&mut self) {
+        let mut rng = crate::augment::sample_rng(self.config.seed ^ 0x5eed_0f_0d3e, self.epoch as u64);
+        self.order = (0..self.train.len()).collect();
+        self.order.shuffle(&mut rng);
+    }
+
+    pub fn encoder(&self) -> &Encoder<B> {
+        self.encoder.as_ref().expect("encoder present between steps")
+    }
+
+    pub fn device(&self) -> &B::Device {
+        &self.device
+    }
+
+    /// Full batches per epoch (the last partial batch is dropped, as contrastive training does).
+    pub fn steps_per_epoch(&self) -> usize {
+        self.train.len() / self.config.batch_size
+    }
+
+    pub fn global_step(&self) -> usize {
+        self.epoch * self.steps_per_epoch() + self.step_in_epoch
+    }
+
+    pub fn epoch_finished(&self) -> bool {
+        self.step_in_epoch >= self.steps_per_epoch()
+    }
+
+    pub fn finished(&self) -> bool {
+        self.epoch >= self.config.epochs
+    }
+
+    /// Linear warm-up, then cosine decay to zero over the whole run.
+    pub fn learning_rate(&self, step: usize) -> f64 {
+        let total = (self.config.epochs * self.steps_per_epoch()).max(1) as f64;
+        let warmup = (self.config.warmup_epochs * self.steps_per_epoch() as f64).round();
+        let step = step as f64;
+        if step < warmup {
+            return self.config.lr * (step + 1.0) / warmup;
+        }
+        let progress = ((step - warmup) / (total - warmup).max(1.0)).min(1.0);
+        self.config.lr * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+    }
+
+    /// The two augmented views of the next batch, as [B, 3, 32, 32] tensors.
+    pub fn next_views(&self) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let b = self.config.batch_size;
+        let start = self.step_in_epoch * b;
+        let images: Vec<&[u8]> = self.order[start..start + b]
+            .iter()
+            .map(|&i| self.train.image(i))
+            .collect();
+        let stream0 = (self.epoch * self.train.len() + start) as u64;
+        let (v1, v2) = view_pairs(&images, &self.views, self.config.seed, stream0);
+        let tensor = |v: Vec<f32>| {
+            debug_assert_eq!(v.len(), b * IMAGE_LEN);
+            Tensor::from_data(TensorData::new(v, [b, 3, SIDE, SIDE]), &self.device)
+        };
+        (tensor(v1), tensor(v2))
+    }
+
+    /// One optimization step on the next batch. A non-finite loss is an error and leaves the
+    /// weights as they were.
+    pub fn step(&mut self) -> anyhow::Result<StepEvent> {
+        anyhow::ensure!(!self.epoch_finished(), "epoch {} has no steps left: call end_epoch()", self.epoch);
+        let (x1, x2) = self.next_views();
+        let encoder = self.encoder.take().expect("encoder present");
+        let z1 = encoder.forward(x1);
+        let z2 = encoder.forward(x2);
+        let loss = match self.loss.forward(z1, z2) {
+            Ok(l) => l,
+            Err(e) => {
+                self.encoder = Some(encoder);
+                return Err(e.into());
+            }
+        };
+        let value = loss.clone().into_scalar().elem::<f64>();
+        let (epoch, step) = (self.epoch, self.step_in_epoch);
+        if !value.is_finite() {
+            self.encoder = Some(encoder);
+            return Err(TrainError::NonFiniteLoss { epoch, step, loss: value }.into());
+        }
+        let lr = self.learning_rate(self.global_step());
+        let grads = GradientsParams::from_grads(loss.backward(), &encoder);
+        self.encoder = Some(self.optimizer.step(lr, encoder, grads));
+        self.step_in_epoch += 1;
+        Ok(StepEvent { event: "step", epoch, step: self.global_step() - 1, loss: value, lr })
+    }
+
+    pub fn end_epoch(&mut self) {
+        self.epoch += 1;
+        self.step_in_epoch = 0;
+        self.shuffle();
+    }
+
+    /// Weights and optimizer state at an epoch boundary.
+    pub fn snapshot(&self) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
+        anyhow::ensure!(self.step_in_epoch == 0, "snapshots are taken at epoch boundaries");
+        Ok((module_to_bytes(self.encoder().clone())?, self.optimizer.to_bytes()?))
+    }
+
+    /// Restores a snapshot taken after `epoch` completed epochs.
+    pub fn restore(&mut self, epoch: usize, weights: Vec<u8>, optimizer: Vec<u8>) -> anyhow::Result<()> {
+        let fresh = Encoder::new(self.config.model, &self.device);
+        self.encoder = Some(module_from_bytes(fresh, weights, &self.device)?);
+        let optim = EncoderOptimizer::<B>::new(self.config.optimizer, self.config.weight_decay, self.config.momentum);
+        self.optimizer = optim.from_bytes(optimizer, &self.device)?;
+        self.epoch = epoch;
+        self.step_in_epoch = 0;
+        self.shuffle();
+        Ok(())
+    }
+}
+
+use burn::tensor::ElementConversion;
