@@ -191,7 +191,8 @@ fn color_jitter(img: &mut Image, cfg: &ViewConfig, rng: &mut impl Rng) {
             }
             1 => {
                 let f = factor(&mut local, cfg.contrast);
-                let mean = (0..SIDE * SIDE).map(|i| luma(img, i)).sum::<f32>() / (SIDE * SIDE) as f32;
+                let mean =
+                    (0..SIDE * SIDE).map(|i| luma(img, i)).sum::<f32>() / (SIDE * SIDE) as f32;
                 blend(img, |_| mean, f);
             }
             2 => {
@@ -319,13 +320,22 @@ mod tests {
         let c = view_pairs(&images, &cfg, 12, 100);
         assert_eq!(a, b);
         assert_ne!(a.0, c.0);
-        assert_ne!(a.0[..IMAGE_LEN], a.1[..IMAGE_LEN], "two views of one image differ");
+        assert_ne!(
+            a.0[..IMAGE_LEN],
+            a.1[..IMAGE_LEN],
+            "two views of one image differ"
+        );
     }
 
     #[test]
     fn identity_crop_and_plain_agree() {
         let img: Vec<u8> = (0..IMAGE_LEN).map(|i| (i % 256) as u8).collect();
-        let full = Crop { top: 0, left: 0, height: SIDE, width: SIDE };
+        let full = Crop {
+            top: 0,
+            left: 0,
+            height: SIDE,
+            width: SIDE,
+        };
         let resized = resized_crop(&to_unit(&img), full);
         let mut a = vec![0.0; IMAGE_LEN];
         let mut b = vec![0.0; IMAGE_LEN];
@@ -337,7 +347,11 @@ mod tests {
 
     #[test]
     fn hue_shift_of_a_full_turn_is_identity() {
-        let mut img = to_unit(&(0..IMAGE_LEN).map(|i| (i * 7 % 256) as u8).collect::<Vec<_>>());
+        let mut img = to_unit(
+            &(0..IMAGE_LEN)
+                .map(|i| (i * 7 % 256) as u8)
+                .collect::<Vec<_>>(),
+        );
         let orig = img;
         shift_hue(&mut img, 1.0);
         for (a, b) in img.iter().zip(orig.iter()) {

@@ -25,7 +25,9 @@ impl FromStr for DeviceKind {
             "cpu" => Ok(Self::Cpu),
             "wgpu" => Ok(Self::Wgpu),
             "cuda" => Ok(Self::Cuda),
-            other => Err(format!("unknown device '{other}': expected cpu, wgpu or cuda")),
+            other => Err(format!(
+                "unknown device '{other}': expected cpu, wgpu or cuda"
+            )),
         }
     }
 }
@@ -61,8 +63,12 @@ pub fn dispatch<T: BackendTask>(kind: DeviceKind, task: T) -> anyhow::Result<T::
         #[cfg(feature = "cuda")]
         DeviceKind::Cuda => {
             let device = burn::backend::cuda::CudaDevice::default();
-            probe::<burn::backend::Cuda>(&device, "cuda", "no CUDA GPU or driver found \
-                (libcuda and NVRTC are loaded at run time; use --device cpu or wgpu here)")?;
+            probe::<burn::backend::Cuda>(
+                &device,
+                "cuda",
+                "no CUDA GPU or driver found \
+                (libcuda and NVRTC are loaded at run time; use --device cpu or wgpu here)",
+            )?;
             task.run::<Autodiff<burn::backend::Cuda>>(device)
         }
         #[allow(unreachable_patterns)]
@@ -82,7 +88,9 @@ fn probe<B: burn::tensor::backend::Backend>(
     let previous = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        Tensor::<B, 1>::ones([1], device).into_data().to_vec::<f32>()
+        Tensor::<B, 1>::ones([1], device)
+            .into_data()
+            .to_vec::<f32>()
     }));
     std::panic::set_hook(previous);
     match result {

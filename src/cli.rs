@@ -17,7 +17,11 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 #[derive(Parser)]
-#[command(name = "dcl", version, about = "Decoupled Contrastive Learning: pretrain and inspect self-supervised image encoders")]
+#[command(
+    name = "dcl",
+    version,
+    about = "Decoupled Contrastive Learning: pretrain and inspect self-supervised image encoders"
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -169,27 +173,58 @@ enum BenchCommand {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Pretrain(args) => pretrain(args),
-        Command::Eval { run, linear, device } => {
+        Command::Eval {
+            run,
+            linear,
+            device,
+        } => {
             let dir = RunDir::open(&run)?;
             let config = dir.read_config()?;
             let device = device.unwrap_or(config.device);
             let ckpt = dir
                 .latest_checkpoint()?
                 .ok_or_else(|| anyhow::anyhow!("{}: no checkpoint yet", run.display()))?;
-            let report = dispatch(device, EvalTask { config, ckpt, linear })?;
+            let report = dispatch(
+                device,
+                EvalTask {
+                    config,
+                    ckpt,
+                    linear,
+                },
+            )?;
             println!("{report}");
             Ok(())
         }
         Command::Loss(args) => loss(args),
-        Command::Model { command: ModelCommand::Info { name } } => {
+        Command::Model {
+            command: ModelCommand::Info { name },
+        } => {
             let encoder = Encoder::<crate::backend::CpuBackend>::new(name, &Default::default());
             let counts = param_counts(&encoder, name);
-            println!("{}", serde_json::json!({ "model": name.to_string(), "params": counts }));
+            println!(
+                "{}",
+                serde_json::json!({ "model": name.to_string(), "params": counts })
+            );
             Ok(())
         }
         Command::Data { command } => data(command),
-        Command::Bench { command: BenchCommand::Train { model, batch_size, device, steps } } => {
-            let ips = dispatch(device, BenchTask { model, batch_size, steps })?;
+        Command::Bench {
+            command:
+                BenchCommand::Train {
+                    model,
+                    batch_size,
+                    device,
+                    steps,
+                },
+        } => {
+            let ips = dispatch(
+                device,
+                BenchTask {
+                    model,
+                    batch_size,
+                    steps,
+                },
+            )?;
             println!("| model | batch | device | images/s |");
             println!("|---|---|---|---|");
             println!("| {model} | {batch_size} | {device} | {ips:.1} |");
@@ -208,12 +243,24 @@ fn data(command: DataCommand) -> anyhow::Result<()> {
             } else {
                 println!(
                     "{}: {:?}, {} images ({} train, {} test), shape {:?}, {} classes",
-                    ds.name, info.format, info.images, info.train_images, info.test_images, info.shape, info.classes
+                    ds.name,
+                    info.format,
+                    info.images,
+                    info.train_images,
+                    info.test_images,
+                    info.shape,
+                    info.classes
                 );
             }
             Ok(())
         }
-        DataCommand::Preview { path, out, count, scale, views } => {
+        DataCommand::Preview {
+            path,
+            out,
+            count,
+            scale,
+            views,
+        } => {
             let ds = discover::load(&path)?;
             write_atomic(&out, &preview::grid_png(&ds, count, scale, views)?)
         }
@@ -229,9 +276,16 @@ fn read_embeddings(path: &Path) -> anyhow::Result<npy::Array> {
     let shown = path.display();
     let bytes = std::fs::read(path).map_err(|e| anyhow::anyhow!("{shown}: cannot read: {e}"))?;
     let array = npy::parse(&bytes).map_err(|e| anyhow::anyhow!("{shown}: {e}"))?;
-    anyhow::ensure!(array.shape.len() == 2, "{shown}: expected shape [N, D], found {:?}", array.shape);
+    anyhow::ensure!(
+        array.shape.len() == 2,
+        "{shown}: expected shape [N, D], found {:?}",
+        array.shape
+    );
     if let Some(i) = array.data.iter().position(|v| !v.is_finite()) {
-        anyhow::bail!("{shown}: non-finite value {} at flat index {i}", array.data[i]);
+        anyhow::bail!(
+            "{shown}: non-finite value {} at flat index {i}",
+            array.data[i]
+        );
     }
     Ok(array)
 }
@@ -267,7 +321,12 @@ fn loss(args: LossArgs) -> anyhow::Result<()> {
         std::fs::create_dir_all(&dir)?;
         let grads = value.backward();
         for (name, z) in [("grad_z1.npy", z1), ("grad_z2.npy", z2)] {
-            let g = z.grad(&grads).expect("gradient of an input").into_data().to_vec::<f32>().expect("f32");
+            let g = z
+                .grad(&grads)
+                .expect("gradient of an input")
+                .into_data()
+                .to_vec::<f32>()
+                .expect("f32");
             write_atomic(&dir.join(name), &npy::to_bytes(&[n, d], &g))?;
         }
     }
@@ -306,7 +365,15 @@ fn pretrain(args: PretrainArgs) -> anyhow::Result<()> {
     ContrastiveLoss::new(config.loss, config.temperature, config.sigma)?;
     let dataset = discover::load(&config.data)?;
     dir.write_config(&config)?;
-    dispatch(config.device, PretrainTask { config, dataset, dir, resume: args.resume })
+    dispatch(
+        config.device,
+        PretrainTask {
+            config,
+            dataset,
+            dir,
+            resume: args.resume,
+        },
+    )
 }
 
 struct PretrainTask {
@@ -317,21 +384,42 @@ struct PretrainTask {
 }
 
 /// The kNN monitor event: accuracy on the test split, memory bank = un-augmented training split.
-fn knn_event<B: AutodiffBackend>(trainer: &Trainer<B>, ds: &Dataset, train: &crate::data::Split, epoch: usize) -> serde_json::Value {
+fn knn_event<B: AutodiffBackend>(
+    trainer: &Trainer<B>,
+    ds: &Dataset,
+    train: &crate::data::Split,
+    epoch: usize,
+) -> serde_json::Value {
     let backbone = trainer.encoder().valid().backbone;
     let dim = trainer.config.model.arch().feature_dim();
     let device = trainer.device();
     let bank = features(&backbone, train, device);
     let queries = features(&backbone, &ds.test, device);
-    let top1 = Knn::default().top1::<B::InnerBackend>(&bank, &train.labels, &queries, &ds.test.labels, dim, ds.classes, device);
+    let top1 = Knn::default().top1::<B::InnerBackend>(
+        &bank,
+        &train.labels,
+        &queries,
+        &ds.test.labels,
+        dim,
+        ds.classes,
+        device,
+    );
     serde_json::json!({ "event": "knn", "epoch": epoch, "knn_top1": top1 })
 }
 
 impl BackendTask for PretrainTask {
     type Output = ();
     fn run<B: AutodiffBackend>(self, device: B::Device) -> anyhow::Result<()> {
-        let Self { config, dataset, dir, resume } = self;
-        let train = dataset.train.clone().truncated(config.limit.unwrap_or(usize::MAX));
+        let Self {
+            config,
+            dataset,
+            dir,
+            resume,
+        } = self;
+        let train = dataset
+            .train
+            .clone()
+            .truncated(config.limit.unwrap_or(usize::MAX));
         let mut trainer = Trainer::<B>::new(config.clone(), train.clone(), device)?;
         let has_test = !dataset.test.is_empty();
         match dir.latest_checkpoint()? {
@@ -343,7 +431,10 @@ impl BackendTask for PretrainTask {
             _ => {
                 if has_test {
                     let event = knn_event(&trainer, &dataset, &train, 0);
-                    eprintln!("epoch 0 (before training): kNN top-1 {:.4}", event["knn_top1"]);
+                    eprintln!(
+                        "epoch 0 (before training): kNN top-1 {:.4}",
+                        event["knn_top1"]
+                    );
                     dir.log(&event)?;
                 }
             }
@@ -357,20 +448,33 @@ impl BackendTask for PretrainTask {
                 let ips = (done * config.batch_size) as f64 / started.elapsed().as_secs_f64();
                 event["images_per_sec"] = ips.into();
                 dir.log(&event)?;
-                bar.set_message(format!("loss {:.4}  {ips:.0} img/s", event["loss"].as_f64().unwrap_or(f64::NAN)));
+                bar.set_message(format!(
+                    "loss {:.4}  {ips:.0} img/s",
+                    event["loss"].as_f64().unwrap_or(f64::NAN)
+                ));
                 bar.inc(1);
             }
             bar.finish();
             trainer.end_epoch();
             if has_test {
                 let event = knn_event(&trainer, &dataset, &train, trainer.epoch);
-                eprintln!("epoch {}: kNN top-1 {:.4}", trainer.epoch, event["knn_top1"]);
+                eprintln!(
+                    "epoch {}: kNN top-1 {:.4}",
+                    trainer.epoch, event["knn_top1"]
+                );
                 dir.log(&event)?;
             }
             let (weights, optimizer) = trainer.snapshot()?;
-            dir.save_checkpoint(&Checkpoint { epoch: trainer.epoch, weights, optimizer })?;
+            dir.save_checkpoint(&Checkpoint {
+                epoch: trainer.epoch,
+                weights,
+                optimizer,
+            })?;
             let tensors = torchvision_tensors(&trainer.encoder().valid());
-            write_atomic(&dir.root.join("model.safetensors"), &safetensors_bytes(&tensors, config.model))?;
+            write_atomic(
+                &dir.root.join("model.safetensors"),
+                &safetensors_bytes(&tensors, config.model),
+            )?;
         }
         Ok(())
     }
@@ -399,19 +503,48 @@ struct EvalTask {
 impl BackendTask for EvalTask {
     type Output = serde_json::Value;
     fn run<B: AutodiffBackend>(self, device: B::Device) -> anyhow::Result<serde_json::Value> {
-        let Self { config, ckpt, linear } = self;
+        let Self {
+            config,
+            ckpt,
+            linear,
+        } = self;
         let ds = discover::load(&config.data)?;
-        anyhow::ensure!(!ds.test.is_empty(), "{}: no test split to evaluate on", config.data);
-        let train = ds.train.clone().truncated(config.limit.unwrap_or(usize::MAX));
-        let encoder = module_from_bytes(Encoder::<B>::new(config.model, &device), ckpt.weights, &device)?;
+        anyhow::ensure!(
+            !ds.test.is_empty(),
+            "{}: no test split to evaluate on",
+            config.data
+        );
+        let train = ds
+            .train
+            .clone()
+            .truncated(config.limit.unwrap_or(usize::MAX));
+        let encoder = module_from_bytes(
+            Encoder::<B>::new(config.model, &device),
+            ckpt.weights,
+            &device,
+        )?;
         let backbone = encoder.valid().backbone;
         let dim = config.model.arch().feature_dim();
         let bank = features(&backbone, &train, &device);
         let queries = features(&backbone, &ds.test, &device);
-        let knn = Knn::default().top1::<B::InnerBackend>(&bank, &train.labels, &queries, &ds.test.labels, dim, ds.classes, &device);
+        let knn = Knn::default().top1::<B::InnerBackend>(
+            &bank,
+            &train.labels,
+            &queries,
+            &ds.test.labels,
+            dim,
+            ds.classes,
+            &device,
+        );
         let mut report = serde_json::json!({ "epoch": ckpt.epoch, "knn_top1": knn, "train_images": train.len(), "test_images": ds.test.len() });
         if linear {
-            let top1 = linear_probe::<B>((&bank, &train.labels), (&queries, &ds.test.labels), dim, ds.classes, &device);
+            let top1 = linear_probe::<B>(
+                (&bank, &train.labels),
+                (&queries, &ds.test.labels),
+                dim,
+                ds.classes,
+                &device,
+            );
             report["linear_top1"] = top1.into();
         }
         Ok(report)
@@ -431,7 +564,10 @@ impl BackendTask for BenchTask {
         let n = self.batch_size * (self.steps + 1);
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
         let images = (0..n * crate::data::IMAGE_LEN).map(|_| rng.gen()).collect();
-        let split = crate::data::Split { images, labels: vec![0; n] };
+        let split = crate::data::Split {
+            images,
+            labels: vec![0; n],
+        };
         let config = RunConfig {
             data: "synthetic".into(),
             model: self.model,

@@ -39,7 +39,10 @@ pub struct Knn {
 
 impl Default for Knn {
     fn default() -> Self {
-        Self { k: 200, temperature: 0.1 }
+        Self {
+            k: 200,
+            temperature: 0.1,
+        }
     }
 }
 
@@ -60,14 +63,20 @@ impl Knn {
         const CHUNK: usize = 512;
         let n_bank = bank_labels.len();
         let k = self.k.min(n_bank);
-        let bank_t = Tensor::<B, 2>::from_data(TensorData::new(bank.to_vec(), [n_bank, dim]), device)
-            .transpose();
+        let bank_t =
+            Tensor::<B, 2>::from_data(TensorData::new(bank.to_vec(), [n_bank, dim]), device)
+                .transpose();
         let mut correct = 0usize;
         for (c, labels) in query_labels.chunks(CHUNK).enumerate() {
             let rows = labels.len();
             let q = &queries[c * CHUNK * dim..(c * CHUNK + rows) * dim];
             let q = Tensor::<B, 2>::from_data(TensorData::new(q.to_vec(), [rows, dim]), device);
-            let sims = q.matmul(bank_t.clone()).into_data().convert::<f32>().to_vec::<f32>().expect("f32");
+            let sims = q
+                .matmul(bank_t.clone())
+                .into_data()
+                .convert::<f32>()
+                .to_vec::<f32>()
+                .expect("f32");
             for (row, &label) in sims.chunks_exact(n_bank).zip(labels) {
                 if self.vote(row, bank_labels, k, classes) == label as usize {
                     correct += 1;
@@ -85,9 +94,12 @@ impl Knn {
         }
         let mut scores = vec![0.0f64; classes];
         for &i in &idx[..k] {
-            scores[bank_labels[i as usize] as usize] += (sims[i as usize] as f64 / self.temperature).exp();
+            scores[bank_labels[i as usize] as usize] +=
+                (sims[i as usize] as f64 / self.temperature).exp();
         }
-        (0..classes).max_by(|&a, &b| scores[a].total_cmp(&scores[b])).unwrap_or(0)
+        (0..classes)
+            .max_by(|&a, &b| scores[a].total_cmp(&scores[b]))
+            .unwrap_or(0)
     }
 }
 
@@ -104,7 +116,10 @@ pub fn linear_probe<B: AutodiffBackend>(
         let n = y.len();
         let x = Tensor::<B, 2>::from_data(TensorData::new(x.to_vec(), [n, dim]), device);
         let y: Vec<i64> = y.iter().map(|&l| l as i64).collect();
-        (x, Tensor::<B, 1, Int>::from_data(TensorData::new(y, [n]), device))
+        (
+            x,
+            Tensor::<B, 1, Int>::from_data(TensorData::new(y, [n]), device),
+        )
     };
     let (x, y) = to_tensors(train);
     let mut probe: Linear<B> = LinearConfig::new(dim, classes).init(device);

@@ -149,10 +149,8 @@ impl ContrastiveLoss {
             LossKind::Infonce => sim_anchor_positive,
             LossKind::Dcl | LossKind::Dclw => sim_anchor_positive.mask_fill(self_mask, MASKED),
         };
-        let denominator = logsumexp_rows(Tensor::cat(
-            vec![sim_anchor_anchor, sim_anchor_positive],
-            1,
-        ));
+        let denominator =
+            logsumexp_rows(Tensor::cat(vec![sim_anchor_anchor, sim_anchor_positive], 1));
 
         let attraction = match self.kind {
             LossKind::Dclw => {

@@ -89,7 +89,12 @@ fn conv<B: Backend>(
 ) -> Conv2d<B> {
     Conv2dConfig::new([c_in, c_out], [kernel, kernel])
         .with_stride([stride, stride])
-        .with_padding(PaddingConfig2d::Explicit(kernel / 2, kernel / 2, kernel / 2, kernel / 2))
+        .with_padding(PaddingConfig2d::Explicit(
+            kernel / 2,
+            kernel / 2,
+            kernel / 2,
+            kernel / 2,
+        ))
         .with_bias(false)
         // torchvision's init: kaiming normal, fan_out, for ReLU.
         .with_initializer(Initializer::KaimingNormal {
@@ -242,9 +247,17 @@ pub struct ParamCounts {
     pub projection_dim: usize,
 }
 
+/// Trainable parameters only: batch-norm running statistics are buffers, as PyTorch counts them.
 pub fn param_counts<B: Backend>(encoder: &Encoder<B>, name: ModelName) -> ParamCounts {
-    let backbone = encoder.backbone.num_params();
-    let head = encoder.head.num_params();
+    let tensors = crate::weights::torchvision_tensors(encoder);
+    let count = |head: bool| -> usize {
+        tensors
+            .iter()
+            .filter(|t| t.name.starts_with("head.") == head && !t.name.contains(".running_"))
+            .map(|t| t.data.len())
+            .sum()
+    };
+    let (backbone, head) = (count(false), count(true));
     ParamCounts {
         backbone,
         head,

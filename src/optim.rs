@@ -6,8 +6,8 @@ use crate::weights::BytesRecorder;
 use burn::optim::decay::WeightDecayConfig;
 use burn::optim::momentum::MomentumConfig;
 use burn::optim::{
-    adaptor::OptimizerAdaptor, Adam, AdamConfig, GradientsParams, Optimizer, SimpleOptimizer, Sgd,
-    SgdConfig,
+    adaptor::OptimizerAdaptor, Adam, AdamConfig, GradientsParams, Optimizer, Sgd, SgdConfig,
+    SimpleOptimizer,
 };
 use burn::record::{Record, Recorder};
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -30,7 +30,9 @@ impl FromStr for OptimizerKind {
             "sgd" => Ok(Self::Sgd),
             "lars" => Ok(Self::Lars),
             "adam" => Ok(Self::Adam),
-            other => Err(format!("unknown optimizer '{other}': expected sgd, lars or adam")),
+            other => Err(format!(
+                "unknown optimizer '{other}': expected sgd, lars or adam"
+            )),
         }
     }
 }
@@ -64,7 +66,10 @@ impl<B: Backend> SimpleOptimizer<B> for Lars {
             let update = grad + weight.clone().mul_scalar(self.weight_decay);
             let w_norm = weight.clone().square().sum().sqrt();
             let u_norm = update.clone().square().sum().sqrt();
-            let adaptable = w_norm.clone().greater_elem(0.0).bool_and(u_norm.clone().greater_elem(0.0));
+            let adaptable = w_norm
+                .clone()
+                .greater_elem(0.0)
+                .bool_and(u_norm.clone().greater_elem(0.0));
             let ratio = (w_norm * self.eta) / (u_norm + 1e-12);
             let trust = ratio.clone().ones_like().mask_where(adaptable, ratio);
             update * trust.reshape([1; D])

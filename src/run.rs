@@ -24,7 +24,9 @@ impl RunDir {
     pub fn create(root: &Path) -> anyhow::Result<Self> {
         fs::create_dir_all(root.join("checkpoints"))
             .map_err(|e| anyhow::anyhow!("cannot create run folder {}: {e}", root.display()))?;
-        Ok(Self { root: root.to_path_buf() })
+        Ok(Self {
+            root: root.to_path_buf(),
+        })
     }
 
     pub fn open(root: &Path) -> anyhow::Result<Self> {
@@ -33,11 +35,16 @@ impl RunDir {
             "{} is not a run folder (no config.toml)",
             root.display()
         );
-        Ok(Self { root: root.to_path_buf() })
+        Ok(Self {
+            root: root.to_path_buf(),
+        })
     }
 
     pub fn write_config(&self, config: &RunConfig) -> anyhow::Result<()> {
-        write_atomic(&self.root.join("config.toml"), toml::to_string(config)?.as_bytes())
+        write_atomic(
+            &self.root.join("config.toml"),
+            toml::to_string(config)?.as_bytes(),
+        )
     }
 
     pub fn read_config(&self) -> anyhow::Result<RunConfig> {
@@ -52,7 +59,10 @@ impl RunDir {
 
     /// Appends one event as a JSON line.
     pub fn log(&self, event: &impl serde::Serialize) -> anyhow::Result<()> {
-        let mut file = fs::OpenOptions::new().create(true).append(true).open(self.metrics_path())?;
+        let mut file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.metrics_path())?;
         writeln!(file, "{}", serde_json::to_string(event)?)?;
         Ok(())
     }
@@ -91,7 +101,10 @@ impl RunDir {
         fs::create_dir_all(&tmp)?;
         fs::write(tmp.join("model.bin"), &ckpt.weights)?;
         fs::write(tmp.join("optimizer.bin"), &ckpt.optimizer)?;
-        fs::write(tmp.join("state.json"), serde_json::json!({ "epoch": ckpt.epoch }).to_string())?;
+        fs::write(
+            tmp.join("state.json"),
+            serde_json::json!({ "epoch": ckpt.epoch }).to_string(),
+        )?;
         for f in ["model.bin", "optimizer.bin", "state.json"] {
             fs::File::open(tmp.join(f))?.sync_all()?;
         }
@@ -110,8 +123,16 @@ impl RunDir {
             .filter(|n| n.starts_with("epoch-") || n.starts_with(".epoch-"))
             .collect();
         names.sort();
-        let keep: Vec<&String> = names.iter().filter(|n| n.starts_with("epoch-")).rev().take(2).collect();
-        for n in names.iter().filter(|n| !keep.contains(n) && n.as_str() != newest) {
+        let keep: Vec<&String> = names
+            .iter()
+            .filter(|n| n.starts_with("epoch-"))
+            .rev()
+            .take(2)
+            .collect();
+        for n in names
+            .iter()
+            .filter(|n| !keep.contains(n) && n.as_str() != newest)
+        {
             let _ = fs::remove_dir_all(dir.join(n));
         }
         Ok(())
@@ -124,12 +145,13 @@ impl RunDir {
         };
         let ckpt = dir.join(name.trim());
         let read = |f: &str| {
-            fs::read(ckpt.join(f)).map_err(|e| anyhow::anyhow!("checkpoint {}: {f}: {e}", ckpt.display()))
+            fs::read(ckpt.join(f))
+                .map_err(|e| anyhow::anyhow!("checkpoint {}: {f}: {e}", ckpt.display()))
         };
         let state: Value = serde_json::from_slice(&read("state.json")?)?;
-        let epoch = state["epoch"]
-            .as_u64()
-            .ok_or_else(|| anyhow::anyhow!("checkpoint {}: state.json has no epoch", ckpt.display()))?;
+        let epoch = state["epoch"].as_u64().ok_or_else(|| {
+            anyhow::anyhow!("checkpoint {}: state.json has no epoch", ckpt.display())
+        })?;
         Ok(Some(Checkpoint {
             epoch: epoch as usize,
             weights: read("model.bin")?,

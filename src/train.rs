@@ -47,7 +47,11 @@ pub struct StepEvent {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum TrainError {
-    NonFiniteLoss { epoch: usize, step: usize, loss: f64 },
+    NonFiniteLoss {
+        epoch: usize,
+        step: usize,
+        loss: f64,
+    },
 }
 
 impl std::fmt::Display for TrainError {
@@ -83,16 +87,25 @@ pub struct Trainer<B: AutodiffBackend> {
 impl<B: AutodiffBackend> Trainer<B> {
     pub fn new(config: RunConfig, train: Split, device: B::Device) -> anyhow::Result<Self> {
         let loss = ContrastiveLoss::new(config.loss, config.temperature, config.sigma)?;
-        anyhow::ensure!(config.batch_size >= 2, "--batch-size {} must be at least 2", config.batch_size);
+        anyhow::ensure!(
+            config.batch_size >= 2,
+            "--batch-size {} must be at least 2",
+            config.batch_size
+        );
         anyhow::ensure!(
             train.len() >= config.batch_size,
             "{} training images are fewer than one batch of {}",
             train.len(),
             config.batch_size
         );
-        anyhow::ensure!(config.lr.is_finite() && config.lr > 0.0, "--lr {} must be > 0", config.lr);
+        anyhow::ensure!(
+            config.lr.is_finite() && config.lr > 0.0,
+            "--lr {} must be > 0",
+            config.lr
+        );
         let encoder = init_encoder(config.model, config.seed, &device)?;
-        let optimizer = EncoderOptimizer::<B>::new(config.optimizer, config.weight_decay, config.momentum);
+        let optimizer =
+            EncoderOptimizer::<B>::new(config.optimizer, config.weight_decay, config.momentum);
         let mut trainer = Self {
             loss,
             views: ViewConfig::default(),
@@ -110,13 +123,16 @@ impl<B: AutodiffBackend> Trainer<B> {
     }
 
     fn shuffle(&mut self) {
-        let mut rng = crate::augment::sample_rng(self.config.seed ^ 0x5eed_0f_0d3e, self.epoch as u64);
+        let mut rng =
+            crate::augment::sample_rng(self.config.seed ^ 0x5eed_0f_0d3e, self.epoch as u64);
         self.order = (0..self.train.len()).collect();
         self.order.shuffle(&mut rng);
     }
 
     pub fn encoder(&self) -> &Encoder<B> {
-        self.encoder.as_ref().expect("encoder present between steps")
+        self.encoder
+            .as_ref()
+            .expect("encoder present between steps")
     }
 
     pub fn device(&self) -> &B::Device {
@@ -172,7 +188,11 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// One optimization step on the next batch. A non-finite loss is an error and leaves the
     /// weights as they were.
     pub fn step(&mut self) -> anyhow::Result<StepEvent> {
-        anyhow::ensure!(!self.epoch_finished(), "epoch {} has no steps left: call end_epoch()", self.epoch);
+        anyhow::ensure!(
+            !self.epoch_finished(),
+            "epoch {} has no steps left: call end_epoch()",
+            self.epoch
+        );
         let (x1, x2) = self.next_views();
         let encoder = self.encoder.take().expect("encoder present");
         let z1 = encoder.forward(x1);
@@ -188,13 +208,24 @@ impl<B: AutodiffBackend> Trainer<B> {
         let (epoch, step) = (self.epoch, self.step_in_epoch);
         if !value.is_finite() {
             self.encoder = Some(encoder);
-            return Err(TrainError::NonFiniteLoss { epoch, step, loss: value }.into());
+            return Err(TrainError::NonFiniteLoss {
+                epoch,
+                step,
+                loss: value,
+            }
+            .into());
         }
         let lr = self.learning_rate(self.global_step());
         let grads = GradientsParams::from_grads(loss.backward(), &encoder);
         self.encoder = Some(self.optimizer.step(lr, encoder, grads));
         self.step_in_epoch += 1;
-        Ok(StepEvent { event: "step", epoch, step: self.global_step() - 1, loss: value, lr })
+        Ok(StepEvent {
+            event: "step",
+            epoch,
+            step: self.global_step() - 1,
+            loss: value,
+            lr,
+        })
     }
 
     pub fn end_epoch(&mut self) {
@@ -205,15 +236,30 @@ impl<B: AutodiffBackend> Trainer<B> {
 
     /// Weights and optimizer state at an epoch boundary.
     pub fn snapshot(&self) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
-        anyhow::ensure!(self.step_in_epoch == 0, "snapshots are taken at epoch boundaries");
-        Ok((module_to_bytes(self.encoder().clone())?, self.optimizer.to_bytes()?))
+        anyhow::ensure!(
+            self.step_in_epoch == 0,
+            "snapshots are taken at epoch boundaries"
+        );
+        Ok((
+            module_to_bytes(self.encoder().clone())?,
+            self.optimizer.to_bytes()?,
+        ))
     }
 
     /// Restores a snapshot taken after `epoch` completed epochs.
-    pub fn restore(&mut self, epoch: usize, weights: Vec<u8>, optimizer: Vec<u8>) -> anyhow::Result<()> {
+    pub fn restore(
+        &mut self,
+        epoch: usize,
+        weights: Vec<u8>,
+        optimizer: Vec<u8>,
+    ) -> anyhow::Result<()> {
         let fresh = Encoder::new(self.config.model, &self.device);
         self.encoder = Some(module_from_bytes(fresh, weights, &self.device)?);
-        let optim = EncoderOptimizer::<B>::new(self.config.optimizer, self.config.weight_decay, self.config.momentum);
+        let optim = EncoderOptimizer::<B>::new(
+            self.config.optimizer,
+            self.config.weight_decay,
+            self.config.momentum,
+        );
         self.optimizer = optim.from_bytes(optimizer, &self.device)?;
         self.epoch = epoch;
         self.step_in_epoch = 0;

@@ -39,7 +39,11 @@ pub fn init_encoder<B: Backend>(
     let cpu = Default::default();
     CpuBackend::seed(&cpu, seed);
     let reference = Encoder::<CpuBackend>::new(name, &cpu);
-    module_from_bytes(Encoder::new(name, device), module_to_bytes(reference)?, device)
+    module_from_bytes(
+        Encoder::new(name, device),
+        module_to_bytes(reference)?,
+        device,
+    )
 }
 
 /// Writes `bytes` to `path` through a temporary file and a rename, so a crash never leaves a
@@ -51,8 +55,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", tmp.display()))?;
     file.write_all(bytes)?;
     file.sync_all()?;
-    std::fs::rename(&tmp, path)
-        .map_err(|e| anyhow::anyhow!("cannot rename {} to {}: {e}", tmp.display(), path.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        anyhow::anyhow!("cannot rename {} to {}: {e}", tmp.display(), path.display())
+    })?;
     Ok(())
 }
 
@@ -78,8 +83,14 @@ fn param<B: Backend, const D: usize>(name: String, p: &Param<Tensor<B, D>>) -> N
 fn batch_norm<B: Backend>(prefix: &str, bn: &BatchNorm<B>, out: &mut Vec<NamedTensor>) {
     out.push(param(format!("{prefix}.weight"), &bn.gamma));
     out.push(param(format!("{prefix}.bias"), &bn.beta));
-    out.push(tensor(format!("{prefix}.running_mean"), bn.running_mean.value()));
-    out.push(tensor(format!("{prefix}.running_var"), bn.running_var.value()));
+    out.push(tensor(
+        format!("{prefix}.running_mean"),
+        bn.running_mean.value(),
+    ));
+    out.push(tensor(
+        format!("{prefix}.running_var"),
+        bn.running_var.value(),
+    ));
 }
 
 fn block<B: Backend>(prefix: &str, b: &BasicBlock<B>, out: &mut Vec<NamedTensor>) {
@@ -88,7 +99,10 @@ fn block<B: Backend>(prefix: &str, b: &BasicBlock<B>, out: &mut Vec<NamedTensor>
     out.push(param(format!("{prefix}.conv2.weight"), &b.conv2.weight));
     batch_norm(&format!("{prefix}.bn2"), &b.bn2, out);
     if let Some(d) = &b.downsample {
-        out.push(param(format!("{prefix}.downsample.0.weight"), &d.conv.weight));
+        out.push(param(
+            format!("{prefix}.downsample.0.weight"),
+            &d.conv.weight,
+        ));
         batch_norm(&format!("{prefix}.downsample.1"), &d.bn, out);
     }
 }
@@ -107,9 +121,15 @@ pub fn torchvision_tensors<B: Backend>(encoder: &Encoder<B>) -> Vec<NamedTensor>
         }
     }
     let h = &encoder.head;
-    out.push(tensor("head.0.weight".into(), h.linear1.weight.val().transpose()));
+    out.push(tensor(
+        "head.0.weight".into(),
+        h.linear1.weight.val().transpose(),
+    ));
     batch_norm("head.1", &h.bn, &mut out);
-    out.push(tensor("head.3.weight".into(), h.linear2.weight.val().transpose()));
+    out.push(tensor(
+        "head.3.weight".into(),
+        h.linear2.weight.val().transpose(),
+    ));
     if let Some(bias) = &h.linear2.bias {
         out.push(param("head.3.bias".into(), bias));
     }

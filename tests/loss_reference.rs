@@ -10,7 +10,13 @@ use serde_json::Value;
 type B = Autodiff<Flex>;
 
 /// Loss and gradients of the vectorized Burn implementation, in float32.
-fn burn_loss(loss: &ContrastiveLoss, z1: &[f64], z2: &[f64], n: usize, d: usize) -> (f64, Vec<f64>, Vec<f64>) {
+fn burn_loss(
+    loss: &ContrastiveLoss,
+    z1: &[f64],
+    z2: &[f64],
+    n: usize,
+    d: usize,
+) -> (f64, Vec<f64>, Vec<f64>) {
     let device = Default::default();
     let t = |z: &[f64]| {
         let v: Vec<f32> = z.iter().map(|&x| x as f32).collect();
@@ -21,13 +27,28 @@ fn burn_loss(loss: &ContrastiveLoss, z1: &[f64], z2: &[f64], n: usize, d: usize)
     let value: f32 = l.clone().into_scalar();
     let grads = l.backward();
     let g = |x: Tensor<B, 2>| -> Vec<f64> {
-        x.grad(&grads).unwrap().into_data().to_vec::<f32>().unwrap().into_iter().map(f64::from).collect()
+        x.grad(&grads)
+            .unwrap()
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap()
+            .into_iter()
+            .map(f64::from)
+            .collect()
     };
     (value as f64, g(a), g(b))
 }
 
 /// The formula, one anchor at a time, in float64.
-fn loop_reference(kind: LossKind, t: f64, sigma: f64, z1: &[f64], z2: &[f64], n: usize, d: usize) -> f64 {
+fn loop_reference(
+    kind: LossKind,
+    t: f64,
+    sigma: f64,
+    z1: &[f64],
+    z2: &[f64],
+    n: usize,
+    d: usize,
+) -> f64 {
     let normalize = |z: &[f64]| -> Vec<Vec<f64>> {
         z.chunks(d)
             .map(|r| {
@@ -75,40 +96,71 @@ fn rel(a: f64, b: f64) -> f64 {
 /// Largest element error relative to the largest reference element.
 fn rel_vec(a: &[f64], b: &[f64]) -> f64 {
     let scale = b.iter().fold(0.0f64, |m, x| m.max(x.abs())).max(1e-12);
-    a.iter().zip(b).fold(0.0f64, |m, (x, y)| m.max((x - y).abs())) / scale
+    a.iter()
+        .zip(b)
+        .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()))
+        / scale
 }
 
 fn floats(v: &Value) -> Vec<f64> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
 }
 
 #[test]
 fn matches_lightly_fixtures_loss_and_gradients() {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/lightly_losses.json")).unwrap();
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/lightly_losses.json"
+    ))
+    .unwrap();
     let fixtures: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(fixtures["lightly"], "1.6.0");
     let cases = fixtures["cases"].as_array().unwrap();
     assert_eq!(cases.len(), 12);
     for case in cases {
         let kind: LossKind = case["kind"].as_str().unwrap().parse().unwrap();
-        let (t, sigma) = (case["temperature"].as_f64().unwrap(), case["sigma"].as_f64().unwrap());
-        let (n, d) = (case["n"].as_u64().unwrap() as usize, case["d"].as_u64().unwrap() as usize);
+        let (t, sigma) = (
+            case["temperature"].as_f64().unwrap(),
+            case["sigma"].as_f64().unwrap(),
+        );
+        let (n, d) = (
+            case["n"].as_u64().unwrap() as usize,
+            case["d"].as_u64().unwrap() as usize,
+        );
         let (z1, z2) = (floats(&case["z1"]), floats(&case["z2"]));
         let loss = ContrastiveLoss::new(kind, t, sigma).unwrap();
         let (value, g1, g2) = burn_loss(&loss, &z1, &z2, n, d);
         let expected = case["loss"].as_f64().unwrap();
         let what = format!("{kind} n={n} d={d} t={t} sigma={sigma}");
-        assert!(rel(value, expected) < 1e-5, "{what}: loss {value} vs lightly {expected}");
-        assert!(rel_vec(&g1, &floats(&case["grad_z1"])) < 1e-5, "{what}: grad z1");
-        assert!(rel_vec(&g2, &floats(&case["grad_z2"])) < 1e-5, "{what}: grad z2");
+        assert!(
+            rel(value, expected) < 1e-5,
+            "{what}: loss {value} vs lightly {expected}"
+        );
+        assert!(
+            rel_vec(&g1, &floats(&case["grad_z1"])) < 1e-5,
+            "{what}: grad z1"
+        );
+        assert!(
+            rel_vec(&g2, &floats(&case["grad_z2"])) < 1e-5,
+            "{what}: grad z2"
+        );
         // The independent loop agrees with lightly too, in float64.
         let looped = loop_reference(kind, t, sigma, &z1, &z2, n, d);
-        assert!(rel(looped, expected) < 1e-10, "{what}: loop {looped} vs lightly {expected}");
+        assert!(
+            rel(looped, expected) < 1e-10,
+            "{what}: loop {looped} vs lightly {expected}"
+        );
     }
 }
 
 fn random(rng: &mut impl Rng, len: usize) -> Vec<f64> {
-    (0..len).map(|_| rng.gen_range(-1.0f32..1.0) as f64).collect()
+    (0..len)
+        .map(|_| rng.gen_range(-1.0f32..1.0) as f64)
+        .collect()
 }
 
 #[test]
@@ -121,7 +173,10 @@ fn matches_the_loop_reference_on_fresh_random_inputs() {
             let loss = ContrastiveLoss::new(kind, t, 0.5).unwrap();
             let (value, _, _) = burn_loss(&loss, &z1, &z2, n, d);
             let expected = loop_reference(kind, t, 0.5, &z1, &z2, n, d);
-            assert!(rel(value, expected) < 1e-5, "{kind} n={n} d={d} t={t}: {value} vs {expected}");
+            assert!(
+                rel(value, expected) < 1e-5,
+                "{kind} n={n} d={d} t={t}: {value} vs {expected}"
+            );
         }
     }
 }
@@ -136,7 +191,10 @@ fn swapping_the_views_changes_nothing() {
         let (ab, ga1, ga2) = burn_loss(&loss, &z1, &z2, n, d);
         let (ba, gb1, gb2) = burn_loss(&loss, &z2, &z1, n, d);
         assert!(rel(ab, ba) < 1e-6, "{kind}: {ab} vs {ba}");
-        assert!(rel_vec(&ga1, &gb2) < 1e-5 && rel_vec(&ga2, &gb1) < 1e-5, "{kind} gradients");
+        assert!(
+            rel_vec(&ga1, &gb2) < 1e-5 && rel_vec(&ga2, &gb1) < 1e-5,
+            "{kind} gradients"
+        );
     }
 }
 
@@ -145,13 +203,27 @@ fn dclw_sigma_extremes() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(9);
     let (n, d) = (8, 6);
     let (z1, z2) = (random(&mut rng, n * d), random(&mut rng, n * d));
-    let value = |kind, sigma| burn_loss(&ContrastiveLoss::new(kind, 0.1, sigma).unwrap(), &z1, &z2, n, d).0;
+    let value = |kind, sigma| {
+        burn_loss(
+            &ContrastiveLoss::new(kind, 0.1, sigma).unwrap(),
+            &z1,
+            &z2,
+            n,
+            d,
+        )
+        .0
+    };
     // A huge sigma flattens the softmax: every weight is 2 - N/N = 1, which is plain DCL.
     assert!(rel(value(LossKind::Dclw, 1e4), value(LossKind::Dcl, 0.5)) < 1e-4);
     // A tiny sigma puts all mass on the easiest positive; still finite, and equal to the loop.
     let tiny = value(LossKind::Dclw, 1e-7);
     assert!(tiny.is_finite());
-    assert!(rel(tiny, loop_reference(LossKind::Dclw, 0.1, 1e-7, &z1, &z2, n, d)) < 1e-4);
+    assert!(
+        rel(
+            tiny,
+            loop_reference(LossKind::Dclw, 0.1, 1e-7, &z1, &z2, n, d)
+        ) < 1e-4
+    );
 }
 
 #[test]
@@ -160,8 +232,25 @@ fn identical_directions_give_known_values() {
     // -1/t + log(2N-2) + 1/t = log(2N-2), and InfoNCE is log(2N-1).
     let (n, d, t) = (4, 3, 0.5);
     let z = vec![1.0; n * d];
-    let dcl = burn_loss(&ContrastiveLoss::new(LossKind::Dcl, t, 0.5).unwrap(), &z, &z, n, d).0;
-    let infonce = burn_loss(&ContrastiveLoss::new(LossKind::Infonce, t, 0.5).unwrap(), &z, &z, n, d).0;
+    let dcl = burn_loss(
+        &ContrastiveLoss::new(LossKind::Dcl, t, 0.5).unwrap(),
+        &z,
+        &z,
+        n,
+        d,
+    )
+    .0;
+    let infonce = burn_loss(
+        &ContrastiveLoss::new(LossKind::Infonce, t, 0.5).unwrap(),
+        &z,
+        &z,
+        n,
+        d,
+    )
+    .0;
     assert!(rel(dcl, (2.0 * n as f64 - 2.0).ln()) < 1e-6, "{dcl}");
-    assert!(rel(infonce, (2.0 * n as f64 - 1.0).ln()) < 1e-6, "{infonce}");
+    assert!(
+        rel(infonce, (2.0 * n as f64 - 1.0).ln()) < 1e-6,
+        "{infonce}"
+    );
 }

@@ -55,7 +55,11 @@ impl Variant {
 pub fn parse_batch(file: &str, bytes: &[u8], variant: Variant) -> Result<Split, DataError> {
     let record = variant.label_bytes() + IMAGE_LEN;
     if bytes.is_empty() {
-        return Err(DataError::new(file, 0, "empty file, expected CIFAR records"));
+        return Err(DataError::new(
+            file,
+            0,
+            "empty file, expected CIFAR records",
+        ));
     }
     if bytes.len() % record != 0 {
         let whole = bytes.len() / record * record;
@@ -79,11 +83,16 @@ pub fn parse_batch(file: &str, bytes: &[u8], variant: Variant) -> Result<Split, 
             return Err(DataError::new(
                 file,
                 i * record + variant.label_bytes() - 1,
-                format!("label {label} out of range for {} classes", variant.classes()),
+                format!(
+                    "label {label} out of range for {} classes",
+                    variant.classes()
+                ),
             ));
         }
         split.labels.push(label as u16);
-        split.images.extend_from_slice(&rec[variant.label_bytes()..]);
+        split
+            .images
+            .extend_from_slice(&rec[variant.label_bytes()..]);
     }
     Ok(split)
 }
@@ -139,7 +148,8 @@ pub fn from_archive(file: &str, bytes: &[u8]) -> Result<Dataset, DataError> {
             entry.map_err(|e| DataError::new(file, 0, format!("corrupt tar entry: {e}")))?;
         let offset = entry.raw_file_position() as usize;
         let path = entry.path().map(|p| p.to_string_lossy().into_owned());
-        let path = path.map_err(|e| DataError::new(file, offset, format!("bad entry name: {e}")))?;
+        let path =
+            path.map_err(|e| DataError::new(file, offset, format!("bad entry name: {e}")))?;
         let base = path.rsplit('/').next().unwrap_or(&path).to_string();
         let wanted = Variant::Cifar10.split_of(&base).is_some()
             || Variant::Cifar100.split_of(&base).is_some();
@@ -148,11 +158,21 @@ pub fn from_archive(file: &str, bytes: &[u8]) -> Result<Dataset, DataError> {
         }
         let mut data = Vec::with_capacity(entry.size() as usize);
         entry.read_to_end(&mut data).map_err(|e| {
-            DataError::new(file, offset + data.len(), format!("truncated archive in {path}: {e}"))
+            DataError::new(
+                file,
+                offset + data.len(),
+                format!("truncated archive in {path}: {e}"),
+            )
         })?;
         files.push((format!("{file}:{path}"), data));
     }
-    let is_cifar100 = files.iter().any(|(n, _)| n.ends_with("/train.bin") || n.ends_with(":train.bin"));
-    let variant = if is_cifar100 { Variant::Cifar100 } else { Variant::Cifar10 };
+    let is_cifar100 = files
+        .iter()
+        .any(|(n, _)| n.ends_with("/train.bin") || n.ends_with(":train.bin"));
+    let variant = if is_cifar100 {
+        Variant::Cifar100
+    } else {
+        Variant::Cifar10
+    };
     from_batches(file, variant, files)
 }

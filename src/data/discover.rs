@@ -11,8 +11,18 @@ pub const NAMES: [&str; 4] = ["cifar10", "cifar100", "mnist", "fashion-mnist"];
 /// The folder or file names a dataset goes by on disk.
 fn aliases(name: &str) -> &'static [&'static str] {
     match name {
-        "cifar10" => &["cifar-10-batches-bin", "cifar10", "cifar-10", "cifar-10-binary.tar.gz"],
-        "cifar100" => &["cifar-100-binary", "cifar100", "cifar-100", "cifar-100-binary.tar.gz"],
+        "cifar10" => &[
+            "cifar-10-batches-bin",
+            "cifar10",
+            "cifar-10",
+            "cifar-10-binary.tar.gz",
+        ],
+        "cifar100" => &[
+            "cifar-100-binary",
+            "cifar100",
+            "cifar-100",
+            "cifar-100-binary.tar.gz",
+        ],
         "mnist" => &["mnist"],
         "fashion-mnist" => &["fashion-mnist", "fashion_mnist"],
         _ => &[],
@@ -58,7 +68,8 @@ pub fn resolve(spec: &str) -> anyhow::Result<PathBuf> {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, DataError> {
-    fs::read(path).map_err(|e| DataError::new(&path.display().to_string(), 0, format!("cannot read: {e}")))
+    fs::read(path)
+        .map_err(|e| DataError::new(&path.display().to_string(), 0, format!("cannot read: {e}")))
 }
 
 /// Loads a dataset from a CIFAR archive, a CIFAR batch file or folder, or an IDX folder.
@@ -67,14 +78,21 @@ pub fn load(spec: &str) -> anyhow::Result<Dataset> {
     let shown = path.display().to_string();
     if path.is_file() {
         let bytes = read(&path)?;
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         if name.ends_with(".bin") {
             let variant = if name == "train.bin" || name == "test.bin" {
                 cifar::Variant::Cifar100
             } else {
                 cifar::Variant::Cifar10
             };
-            return Ok(cifar::from_batches(&shown, variant, vec![(shown.clone(), bytes)])?);
+            return Ok(cifar::from_batches(
+                &shown,
+                variant,
+                vec![(shown.clone(), bytes)],
+            )?);
         }
         return Ok(cifar::from_archive(&shown, &bytes)?);
     }
@@ -88,9 +106,16 @@ pub fn load(spec: &str) -> anyhow::Result<Dataset> {
     let entries: Vec<PathBuf> = fs::read_dir(&dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .collect();
-    let base = |p: &PathBuf| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let base = |p: &PathBuf| {
+        p.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
     for variant in [cifar::Variant::Cifar10, cifar::Variant::Cifar100] {
-        let batches: Vec<&PathBuf> = entries.iter().filter(|p| variant.split_of(&base(p)).is_some()).collect();
+        let batches: Vec<&PathBuf> = entries
+            .iter()
+            .filter(|p| variant.split_of(&base(p)).is_some())
+            .collect();
         if !batches.is_empty() {
             let files = batches
                 .into_iter()
@@ -129,10 +154,30 @@ fn load_idx(dir: &Path, shown: &str) -> anyhow::Result<Dataset> {
              train.bin/test.bin, or train-images-idx3-ubyte[.gz] with its labels)"
         );
     };
-    let test = test.map(|t| t.0).unwrap_or(Split { images: vec![], labels: vec![] });
-    let classes = train.labels.iter().chain(&test.labels).copied().max().unwrap_or(0) as usize + 1;
-    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    Ok(Dataset { name, format: Format::Idx, classes, source_shape: shape, train, test })
+    let test = test.map(|t| t.0).unwrap_or(Split {
+        images: vec![],
+        labels: vec![],
+    });
+    let classes = train
+        .labels
+        .iter()
+        .chain(&test.labels)
+        .copied()
+        .max()
+        .unwrap_or(0) as usize
+        + 1;
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok(Dataset {
+        name,
+        format: Format::Idx,
+        classes,
+        source_shape: shape,
+        train,
+        test,
+    })
 }
 
 /// Official sources and MD5 checksums for `dcl data get`.
@@ -165,7 +210,10 @@ fn sources(name: &str) -> Option<&'static [(&'static str, &'static str)]> {
 /// Downloads a dataset into `dir/<name>` with `curl`, verifying each file's MD5 before keeping it.
 pub fn download(name: &str, dir: &Path) -> anyhow::Result<PathBuf> {
     let files = sources(name).ok_or_else(|| {
-        anyhow::anyhow!("unknown dataset '{name}': expected one of {}", NAMES.join(", "))
+        anyhow::anyhow!(
+            "unknown dataset '{name}': expected one of {}",
+            NAMES.join(", ")
+        )
     })?;
     let target = dir.join(aliases(name)[0].trim_end_matches(".tar.gz"));
     fs::create_dir_all(&target)?;
@@ -173,7 +221,13 @@ pub fn download(name: &str, dir: &Path) -> anyhow::Result<PathBuf> {
         let file = url.rsplit('/').next().unwrap_or("download");
         let partial = target.join(format!("{file}.part"));
         let status = std::process::Command::new("curl")
-            .args(["--fail", "--location", "--silent", "--show-error", "--output"])
+            .args([
+                "--fail",
+                "--location",
+                "--silent",
+                "--show-error",
+                "--output",
+            ])
             .arg(&partial)
             .arg(url)
             .status();

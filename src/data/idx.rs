@@ -16,7 +16,10 @@ pub fn parse(file: &str, bytes: &[u8]) -> Result<(Vec<usize>, Vec<u8>), DataErro
         return Err(DataError::new(
             file,
             2,
-            format!("IDX element type 0x{:02x} unsupported (expected 0x08, unsigned byte)", raw[2]),
+            format!(
+                "IDX element type 0x{:02x} unsupported (expected 0x08, unsigned byte)",
+                raw[2]
+            ),
         ));
     }
     let ndim = raw[3] as usize;

@@ -37,7 +37,11 @@ impl DataError {
 
 impl fmt::Display for DataError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {} (at byte {})", self.file, self.problem, self.offset)
+        write!(
+            f,
+            "{}: {} (at byte {})",
+            self.file, self.problem, self.offset
+        )
     }
 }
 
@@ -138,7 +142,9 @@ pub fn maybe_gunzip(file: &str, bytes: &[u8]) -> Result<Vec<u8>, DataError> {
             DataError::new(
                 file,
                 out.len(),
-                format!("corrupt or truncated gzip stream ({e}); offset is in the decompressed data"),
+                format!(
+                    "corrupt or truncated gzip stream ({e}); offset is in the decompressed data"
+                ),
             )
         })?;
         Ok(out)

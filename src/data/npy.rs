@@ -30,7 +30,11 @@ pub fn parse(bytes: &[u8]) -> Result<Array, String> {
     let width = match descr.trim_matches(|c| c == '\'' || c == '"') {
         "<f4" => 4,
         "<f8" => 8,
-        other => return Err(format!("dtype {other} unsupported (expected float32 or float64)")),
+        other => {
+            return Err(format!(
+                "dtype {other} unsupported (expected float32 or float64)"
+            ))
+        }
     };
     if dict_value(header, "fortran_order").is_some_and(|v| v.starts_with("True")) {
         return Err("Fortran-ordered arrays are unsupported".into());
@@ -71,7 +75,10 @@ fn parse_shape(header: &str) -> Result<Vec<usize>, String> {
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| s.parse().map_err(|_| format!("malformed shape entry '{s}'")))
+        .map(|s| {
+            s.parse()
+                .map_err(|_| format!("malformed shape entry '{s}'"))
+        })
         .collect()
 }
 

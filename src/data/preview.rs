@@ -22,7 +22,11 @@ fn source_tile(pixels: &[u8], shape: [usize; 3]) -> Tile {
             }
         }
     }
-    Tile { width: w, height: h, rgb }
+    Tile {
+        width: w,
+        height: h,
+        rgb,
+    }
 }
 
 fn view_tile(normalized: &[f32]) -> Tile {
@@ -33,16 +37,32 @@ fn view_tile(normalized: &[f32]) -> Tile {
             rgb.push((v * 255.0).round().clamp(0.0, 255.0) as u8);
         }
     }
-    Tile { width: SIDE, height: SIDE, rgb }
+    Tile {
+        width: SIDE,
+        height: SIDE,
+        rgb,
+    }
 }
 
 /// Tiles the first `count` training images (or, with `views = Some(seed)`, two augmented views of
 /// each, side by side) into a PNG, each pixel scaled up `scale` times.
-pub fn grid_png(dataset: &Dataset, count: usize, scale: usize, views: Option<u64>) -> anyhow::Result<Vec<u8>> {
-    let split = if dataset.train.is_empty() { &dataset.test } else { &dataset.train };
+pub fn grid_png(
+    dataset: &Dataset,
+    count: usize,
+    scale: usize,
+    views: Option<u64>,
+) -> anyhow::Result<Vec<u8>> {
+    let split = if dataset.train.is_empty() {
+        &dataset.test
+    } else {
+        &dataset.train
+    };
     let count = count.min(split.len());
     anyhow::ensure!(count > 0, "the dataset has no images to preview");
-    anyhow::ensure!((1..=64).contains(&scale), "--scale {scale} must be between 1 and 64");
+    anyhow::ensure!(
+        (1..=64).contains(&scale),
+        "--scale {scale} must be between 1 and 64"
+    );
     let mut tiles = Vec::new();
     for i in 0..count {
         match views {

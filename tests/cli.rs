@@ -1,0 +1,251 @@
+//! The `dcl` binary: numerics for porters (`dcl loss`), data inspection, and clear errors.
+
+use crate::common::*;
+use dcl::data::npy;
+use serde_json::Value;
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn dcl(args: &[&str]) -> Output {
+    Command::new(dcl_bin()).args(args).output().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn write_npy(path: &Path, shape: &[usize], data: &[f32]) {
+    std::fs::write(path, npy::to_bytes(shape, data)).unwrap();
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+#[test]
+fn loss_command_matches_lightly_with_gradients() {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/lightly_losses.json"
+    ))
+    .unwrap();
+    let fixtures: Value = serde_json::from_str(&text).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    for case in fixtures["cases"].as_array().unwrap().iter().step_by(3) {
+        let (n, d) = (
+            case["n"].as_u64().unwrap() as usize,
+            case["d"].as_u64().unwrap() as usize,
+        );
+        let (a, b) = (tmp.path().join("a.npy"), tmp.path().join("b.npy"));
+        write_npy(&a, &[n, d], &floats(&case["z1"]));
+        write_npy(&b, &[n, d], &floats(&case["z2"]));
+        let grads = tmp.path().join("grads");
+        let out = dcl(&[
+            "loss",
+            "--z1",
+            a.to_str().unwrap(),
+            "--z2",
+            b.to_str().unwrap(),
+            "--kind",
+            case["kind"].as_str().unwrap(),
+            "--temperature",
+            &case["temperature"].to_string(),
+            "--sigma",
+            &case["sigma"].to_string(),
+            "--grad-out",
+            grads.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(report["kind"], case["kind"]);
+        assert_eq!(
+            (report["n"].as_u64(), report["d"].as_u64()),
+            (Some(n as u64), Some(d as u64))
+        );
+        let (ours, theirs) = (
+            report["loss"].as_f64().unwrap(),
+            case["loss"].as_f64().unwrap(),
+        );
+        assert!(
+            (ours - theirs).abs() / theirs.abs() < 1e-5,
+            "{ours} vs {theirs}"
+        );
+        for (file, key) in [("grad_z1.npy", "grad_z1"), ("grad_z2.npy", "grad_z2")] {
+            let g = npy::parse(&std::fs::read(grads.join(file)).unwrap()).unwrap();
+            assert_eq!(g.shape, vec![n, d]);
+            let expected = floats(&case[key]);
+            let scale = expected.iter().fold(0f32, |m, x| m.max(x.abs()));
+            for (x, y) in g.data.iter().zip(&expected) {
+                assert!((*x as f32 - y).abs() <= 1e-5 * scale, "{file}: {x} vs {y}");
+            }
+        }
+    }
+}
+
+#[test]
+fn loss_command_rejects_bad_inputs_with_exit_code_2() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = |name: &str| tmp.path().join(name).to_str().unwrap().to_string();
+    write_npy(Path::new(&p("a.npy")), &[4, 3], &[0.5; 12]);
+    write_npy(Path::new(&p("b.npy")), &[4, 2], &[0.5; 8]);
+    write_npy(Path::new(&p("one.npy")), &[1, 3], &[0.5; 3]);
+    let mut nan = vec![0.5; 12];
+    nan[7] = f32::NAN;
+    write_npy(Path::new(&p("nan.npy")), &[4, 3], &nan);
+    std::fs::write(p("junk.npy"), b"\x93NUMPY\x01\x00garbage").unwrap();
+    let cases: [(&str, &str, &str); 5] = [
+        ("a.npy", "b.npy", "b.npy has [4, 2]"),
+        ("one.npy", "one.npy", "N >= 2"),
+        (
+            "nan.npy",
+            "a.npy",
+            "nan.npy: non-finite value NaN at flat index 7",
+        ),
+        ("junk.npy", "a.npy", "junk.npy"),
+        ("missing.npy", "a.npy", "missing.npy: cannot read"),
+    ];
+    for (z1, z2, needle) in cases {
+        let out = dcl(&["loss", "--z1", &p(z1), "--z2", &p(z2)]);
+        assert_eq!(out.status.code(), Some(2), "{z1} {z2}");
+        let err = stderr(&out);
+        assert!(err.contains(needle), "expected '{needle}' in: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    }
+    let out = dcl(&[
+        "loss",
+        "--z1",
+        &p("a.npy"),
+        "--z2",
+        &p("a.npy"),
+        "--temperature",
+        "0",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("temperature 0 must be"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn bad_flags_are_named() {
+    let out = dcl(&["pretrain", "--device", "tpu", "--out", "/tmp/never"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("unknown device 'tpu'"),
+        "{}",
+        stderr(&out)
+    );
+    let out = dcl(&["model", "info", "resnet-huge"]);
+    assert!(
+        stderr(&out).contains("unknown model 'resnet-huge'"),
+        "{}",
+        stderr(&out)
+    );
+    let out = dcl(&["data", "info", "no-such-dataset"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("no-such-dataset"), "{}", stderr(&out));
+}
+
+#[test]
+fn model_info_counts_like_torchvision() {
+    let out = dcl(&["model", "info", "resnet18"]);
+    let info: Value = serde_json::from_slice(&out.stdout).unwrap();
+    // torchvision resnet18 minus fc (11,176,512) with the 3x3 CIFAR stem instead of 7x7.
+    assert_eq!(info["params"]["backbone"], 11_168_832);
+    assert_eq!(info["params"]["feature_dim"], 512);
+    // Linear(512, 512, no bias) + BN(512) + Linear(512, 128).
+    assert_eq!(
+        info["params"]["head"],
+        512 * 512 + 2 * 512 + 512 * 128 + 128
+    );
+    let out = dcl(&["model", "info", "resnet-mini"]);
+    let info: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["params"]["feature_dim"], 128);
+    assert!(info["params"]["backbone"].as_u64().unwrap() < 400_000);
+}
+
+#[test]
+fn data_info_and_pixel_exact_preview() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = write_cifar10(tmp.path(), 2, 10, 5);
+    let out = dcl(&["data", "info", root.to_str().unwrap(), "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let info: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["format"], "cifar10");
+    assert_eq!(info["images"], 25);
+    assert_eq!(info["shape"], serde_json::json!([3, 32, 32]));
+    assert_eq!(info["classes"], 10);
+    assert_eq!(info["label_counts"].as_array().unwrap().len(), 10);
+
+    let png_path = tmp.path().join("first.png");
+    let out = dcl(&[
+        "data",
+        "preview",
+        root.to_str().unwrap(),
+        "--out",
+        png_path.to_str().unwrap(),
+        "--count",
+        "1",
+        "--scale",
+        "1",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let decoder = png::Decoder::new(std::fs::File::open(&png_path).unwrap());
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let frame = reader.next_frame(&mut buf).unwrap();
+    assert_eq!((frame.width, frame.height), (32, 32));
+    let record = cifar10_record(0, 0);
+    for y in 0..32 {
+        for x in 0..32 {
+            for c in 0..3 {
+                assert_eq!(buf[(y * 32 + x) * 3 + c], record[1 + c * 1024 + y * 32 + x]);
+            }
+        }
+    }
+    let grid = tmp.path().join("views.png");
+    let out = dcl(&[
+        "data",
+        "preview",
+        root.to_str().unwrap(),
+        "--out",
+        grid.to_str().unwrap(),
+        "--count",
+        "4",
+        "--views",
+        "3",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let reader = png::Decoder::new(std::fs::File::open(&grid).unwrap())
+        .read_info()
+        .unwrap();
+    // Two columns of items, two views each, at scale 2 with 2-pixel gaps.
+    assert_eq!(reader.info().width, 4 * 64 + 3 * 2);
+}
+
+#[test]
+fn data_get_without_internet_says_how_to_place_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = dcl(&[
+        "data",
+        "get",
+        "cifar10",
+        "--dir",
+        tmp.path().to_str().unwrap(),
+    ]);
+    if out.status.success() {
+        return; // A machine with internet access verified the checksum; nothing more to check.
+    }
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.contains("could not download") && err.contains("by hand"),
+        "{err}"
+    );
+}

@@ -1,0 +1,304 @@
+//! Training end to end: real Fashion-MNIST learns, devices agree, kill -9 and resume is exact,
+//! a non-finite loss stops the run without touching the weights.
+
+use crate::common::*;
+use burn::backend::{Autodiff, Flex};
+use dcl::backend::DeviceKind;
+use dcl::data::{discover, Split, IMAGE_LEN};
+use dcl::loss::LossKind;
+use dcl::model::ModelName;
+use dcl::optim::OptimizerKind;
+use dcl::train::{RunConfig, TrainError, Trainer};
+use dcl::weights::module_to_bytes;
+use serde_json::Value;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn config(batch_size: usize, epochs: usize) -> RunConfig {
+    RunConfig {
+        data: "synthetic".into(),
+        model: ModelName::ResNetMini,
+        loss: LossKind::Dcl,
+        temperature: 0.2,
+        sigma: 0.5,
+        batch_size,
+        epochs,
+        lr: 0.003,
+        optimizer: OptimizerKind::Adam,
+        weight_decay: 1e-6,
+        momentum: 0.9,
+        warmup_epochs: 0.0,
+        seed: 3,
+        device: DeviceKind::Cpu,
+        limit: None,
+    }
+}
+
+fn events(run: &Path) -> Vec<Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn knn(events: &[Value]) -> Vec<(u64, f64)> {
+    events
+        .iter()
+        .filter(|e| e["event"] == "knn")
+        .map(|e| {
+            (
+                e["epoch"].as_u64().unwrap(),
+                e["knn_top1"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn step_losses(events: &[Value]) -> Vec<(u64, f64)> {
+    events
+        .iter()
+        .filter(|e| e["event"] == "step")
+        .map(|e| (e["step"].as_u64().unwrap(), e["loss"].as_f64().unwrap()))
+        .collect()
+}
+
+/// The acceptance run: resnet-mini, DCL, 5,000 real Fashion-MNIST images, 3 epochs,
+/// batch 64 on the CPU; kNN top-1 on the 10,000 test images must gain at least 5 points.
+#[test]
+fn fashion_mnist_short_run_beats_the_untrained_encoder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let out = Command::new(dcl_bin())
+        .args([
+            "pretrain",
+            "--data",
+            FASHION_MNIST,
+            "--model",
+            "resnet-mini",
+            "--loss",
+            "dcl",
+        ])
+        .args([
+            "--limit",
+            "5000",
+            "--epochs",
+            "3",
+            "--batch-size",
+            "64",
+            "--device",
+            "cpu",
+        ])
+        .args([
+            "--optimizer",
+            "adam",
+            "--lr",
+            "0.003",
+            "--weight-decay",
+            "1e-6",
+            "--temperature",
+            "0.2",
+        ])
+        .args(["--seed", "1", "--out", run.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ev = events(&run);
+    let knn = knn(&ev);
+    assert_eq!(
+        knn.iter().map(|k| k.0).collect::<Vec<_>>(),
+        vec![0, 1, 2, 3]
+    );
+    let (before, after) = (knn[0].1, knn[3].1);
+    eprintln!("Fashion-MNIST kNN top-1: untrained {before:.4}, after 3 epochs {after:.4}");
+    // Random 10-class guessing is 0.1; an untrained ResNet already separates some classes.
+    assert!(before > 0.3 && before < 0.85, "untrained kNN {before}");
+    assert!(
+        after >= before + 0.05,
+        "kNN {before} -> {after}: less than 5 points gained"
+    );
+    let losses = step_losses(&ev);
+    assert_eq!(losses.len(), 3 * (5000 / 64));
+    assert!(losses.iter().all(|l| l.1.is_finite()));
+    let mean = |s: &[(u64, f64)]| s.iter().map(|l| l.1).sum::<f64>() / s.len() as f64;
+    assert!(
+        mean(&losses[losses.len() - 20..]) < mean(&losses[..20]),
+        "loss went down"
+    );
+    for f in ["config.toml", "model.safetensors", "checkpoints/latest"] {
+        assert!(run.join(f).is_file(), "{f}");
+    }
+    // `dcl eval` reads the run back and agrees with the last monitor value.
+    let out = Command::new(dcl_bin())
+        .args(["eval", "--run", run.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!((report["knn_top1"].as_f64().unwrap() - after).abs() < 1e-9);
+}
+
+fn synthetic_split(n: usize) -> Split {
+    let images = (0..n * IMAGE_LEN)
+        .map(|i| ((i * 31 + i / 977) % 256) as u8)
+        .collect();
+    Split {
+        images,
+        labels: (0..n).map(|i| (i % 10) as u16).collect(),
+    }
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_first_step_matches_cpu() {
+    use burn::backend::Wgpu;
+    let cfg = config(16, 1);
+    let mut cpu =
+        Trainer::<Autodiff<Flex>>::new(cfg.clone(), synthetic_split(32), Default::default())
+            .unwrap();
+    let mut gpu = Trainer::<Autodiff<Wgpu>>::new(cfg, synthetic_split(32), Default::default())
+        .expect("wgpu needs a Vulkan adapter: apt install mesa-vulkan-drivers (lavapipe)");
+    let (a, b) = (cpu.step().unwrap().loss, gpu.step().unwrap().loss);
+    assert!(
+        (a - b).abs() / a.abs() < 1e-3,
+        "first-step loss cpu {a} vs wgpu {b}"
+    );
+    let (a, b) = (cpu.step().unwrap().loss, gpu.step().unwrap().loss);
+    assert!(
+        (a - b).abs() / a.abs() < 1e-2,
+        "second-step loss cpu {a} vs wgpu {b}"
+    );
+}
+
+#[test]
+fn non_finite_loss_stops_without_touching_the_weights() {
+    let mut trainer =
+        Trainer::<Autodiff<Flex>>::new(config(8, 1), synthetic_split(64), Default::default())
+            .unwrap();
+    trainer.config.lr = f64::INFINITY; // sabotage: the first update makes every weight non-finite
+    trainer.step().unwrap();
+    let before = module_to_bytes(trainer.encoder().clone()).unwrap();
+    let err = trainer.step().unwrap_err();
+    match err.downcast_ref::<TrainError>() {
+        Some(TrainError::NonFiniteLoss {
+            epoch: 0,
+            step: 1,
+            loss,
+        }) => assert!(!loss.is_finite()),
+        other => panic!("expected a non-finite loss error, got {other:?} ({err})"),
+    }
+    assert!(err.to_string().contains("training stopped"), "{err}");
+    assert_eq!(module_to_bytes(trainer.encoder().clone()).unwrap(), before);
+}
+
+fn pretrain(data: &Path, run: &Path, resume: bool) -> Command {
+    let mut cmd = Command::new(dcl_bin());
+    cmd.args([
+        "pretrain",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+    ])
+    .args([
+        "--epochs",
+        "4",
+        "--batch-size",
+        "32",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "0.05",
+    ])
+    .args(["--warmup-epochs", "1", "--seed", "7"]);
+    if resume {
+        cmd.arg("--resume");
+    }
+    cmd
+}
+
+#[test]
+fn kill_9_then_resume_continues_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_cifar10(tmp.path(), 2, 160, 40);
+    let (whole, killed) = (tmp.path().join("whole"), tmp.path().join("killed"));
+    let out = pretrain(&data, &whole, false).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let mut child = pretrain(&data, &killed, false)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let latest = killed.join("checkpoints/latest");
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while std::fs::read_to_string(&latest)
+        .map(|s| s != "epoch-0002")
+        .unwrap_or(true)
+    {
+        assert!(Instant::now() < deadline, "no epoch-2 checkpoint in time");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL: no chance to clean up
+    child.wait().unwrap();
+    let out = pretrain(&data, &killed, true).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("resuming"));
+
+    let (a, b) = (events(&whole), events(&killed));
+    let (la, lb) = (step_losses(&a), step_losses(&b));
+    assert_eq!(la.len(), 4 * 10);
+    assert_eq!(
+        la.iter().map(|l| l.0).collect::<Vec<_>>(),
+        lb.iter().map(|l| l.0).collect::<Vec<_>>()
+    );
+    for ((s, x), (_, y)) in la.iter().zip(&lb) {
+        assert!((x - y).abs() <= 1e-5 * x.abs(), "step {s}: {x} vs {y}");
+    }
+    let (ka, kb) = (knn(&a), knn(&b));
+    assert_eq!(ka.len(), 5);
+    for (x, y) in ka.iter().zip(&kb) {
+        assert_eq!(x.0, y.0);
+        assert!(
+            (x.1 - y.1).abs() < 0.01,
+            "kNN at epoch {}: {} vs {}",
+            x.0,
+            x.1,
+            y.1
+        );
+    }
+    // Nothing half-written is left behind, and the final model loads.
+    let leftovers: Vec<_> = std::fs::read_dir(killed.join("checkpoints"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.contains("tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    let ds = discover::load(data.to_str().unwrap()).unwrap();
+    assert_eq!(ds.train.len(), 320);
+    let out = Command::new(dcl_bin())
+        .args(["eval", "--run", killed.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
