@@ -422,13 +422,15 @@ impl BackendTask for PretrainTask {
             .truncated(config.limit.unwrap_or(usize::MAX));
         let mut trainer = Trainer::<B>::new(config.clone(), train.clone(), device)?;
         let has_test = !dataset.test.is_empty();
-        match dir.latest_checkpoint()? {
-            Some(ckpt) if resume => {
+        match dir.latest_checkpoint()?.filter(|_| resume) {
+            Some(ckpt) => {
                 eprintln!("resuming {} after epoch {}", dir.root.display(), ckpt.epoch);
                 dir.truncate_events_after(ckpt.epoch)?;
                 trainer.restore(ckpt.epoch, ckpt.weights, ckpt.optimizer)?;
             }
-            _ => {
+            None => {
+                // A fresh start (or a resume before the first checkpoint): the log starts over.
+                dir.clear_events()?;
                 if has_test {
                     let event = knn_event(&trainer, &dataset, &train, 0);
                     eprintln!(

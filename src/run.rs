@@ -75,6 +75,10 @@ impl RunDir {
             .collect()
     }
 
+    pub fn clear_events(&self) -> anyhow::Result<()> {
+        write_atomic(&self.metrics_path(), b"")
+    }
+
     /// On resume from `epoch`, drops the events logged after that checkpoint (and any line a kill
     /// cut short), so the log reads as one uninterrupted run.
     pub fn truncate_events_after(&self, epoch: usize) -> anyhow::Result<()> {

@@ -269,3 +269,63 @@ impl<B: AutodiffBackend> Trainer<B> {
 }
 
 use burn::tensor::ElementConversion;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::{Autodiff, Flex};
+
+    fn trainer(warmup_epochs: f64) -> Trainer<Autodiff<Flex>> {
+        let config = RunConfig {
+            data: "synthetic".into(),
+            model: ModelName::ResNetMini,
+            loss: LossKind::Dcl,
+            temperature: 0.1,
+            sigma: 0.5,
+            batch_size: 4,
+            epochs: 10,
+            lr: 0.5,
+            optimizer: OptimizerKind::Sgd,
+            weight_decay: 0.0,
+            momentum: 0.9,
+            warmup_epochs,
+            seed: 0,
+            device: DeviceKind::Cpu,
+            limit: None,
+        };
+        let split = Split {
+            images: vec![0; 40 * IMAGE_LEN],
+            labels: vec![0; 40],
+        };
+        Trainer::new(config, split, Default::default()).unwrap()
+    }
+
+    #[test]
+    fn warmup_then_cosine_to_zero() {
+        let t = trainer(2.0); // 10 steps per epoch, 100 in all, 20 of warm-up
+        assert!((t.learning_rate(0) - 0.5 / 20.0).abs() < 1e-12);
+        assert!((t.learning_rate(19) - 0.5).abs() < 1e-12);
+        assert!((t.learning_rate(20) - 0.5).abs() < 1e-12);
+        assert!(
+            (t.learning_rate(60) - 0.25).abs() < 1e-12,
+            "half way through the cosine"
+        );
+        assert!(t.learning_rate(99) < 0.001);
+        let t = trainer(0.0);
+        assert!((t.learning_rate(0) - 0.5).abs() < 1e-12);
+    }
+
+    #[test]
+    fn rejects_batches_larger_than_the_data() {
+        let mut config = trainer(0.0).config.clone();
+        config.batch_size = 64;
+        let split = Split {
+            images: vec![0; 10 * IMAGE_LEN],
+            labels: vec![0; 10],
+        };
+        let err = Trainer::<Autodiff<Flex>>::new(config, split, Default::default())
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("fewer than one batch"), "{err}");
+    }
+}
