@@ -8,6 +8,8 @@ pub mod backend;
 pub mod cli;
 pub mod data;
 pub mod eval;
+#[cfg(feature = "wgpu")]
+pub mod gpu;
 pub mod loss;
 pub mod model;
 pub mod optim;

@@ -3,5 +3,7 @@
 mod cli;
 mod common;
 mod data_readers;
+#[cfg(feature = "wgpu")]
+mod gpu_loss;
 mod loss_reference;
 mod training;

@@ -1,0 +1,188 @@
+//! Host side of `shaders/dcl_loss.wgsl`: the fused decoupled loss, forward and backward.
+
+use super::GpuContext;
+use crate::loss::{ContrastiveLoss, LossKind};
+
+const SHADER: &str = include_str!("../../shaders/dcl_loss.wgsl");
+const TILE: u32 = 16;
+/// The kernel keeps D/16 gradient values per thread in registers.
+pub const MAX_DIM: usize = 512;
+
+/// The loss and its gradients with respect to both (unnormalized) views.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LossAndGrads {
+    pub loss: f32,
+    pub grad_z1: Vec<f32>,
+    pub grad_z2: Vec<f32>,
+}
+
+/// The four pipelines of the kernel, compiled once and reused for every call.
+pub struct FusedLoss {
+    layout: wgpu::BindGroupLayout,
+    normalize: wgpu::ComputePipeline,
+    weights: wgpu::ComputePipeline,
+    row_lse: wgpu::ComputePipeline,
+    row_grad: wgpu::ComputePipeline,
+}
+
+impl FusedLoss {
+    pub fn new(gpu: &GpuContext) -> Self {
+        let module = gpu
+            .device
+            .create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some("dcl_loss.wgsl"),
+                source: wgpu::ShaderSource::Wgsl(SHADER.into()),
+            });
+        let storage = |binding, read_only| wgpu::BindGroupLayoutEntry {
+            binding,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty: wgpu::BufferBindingType::Storage { read_only },
+                has_dynamic_offset: false,
+                min_binding_size: None,
+            },
+            count: None,
+        };
+        let mut entries = vec![wgpu::BindGroupLayoutEntry {
+            binding: 0,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty: wgpu::BufferBindingType::Uniform,
+                has_dynamic_offset: false,
+                min_binding_size: None,
+            },
+            count: None,
+        }];
+        entries.push(storage(1, true));
+        entries.extend((2..=8).map(|b| storage(b, false)));
+        let layout = gpu
+            .device
+            .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                label: Some("dcl_loss"),
+                entries: &entries,
+            });
+        let pipeline_layout = gpu
+            .device
+            .create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                label: Some("dcl_loss"),
+                bind_group_layouts: &[Some(&layout)],
+                immediate_size: 0,
+            });
+        let pipeline = |entry: &str| {
+            gpu.device
+                .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                    label: Some(entry),
+                    layout: Some(&pipeline_layout),
+                    module: &module,
+                    entry_point: Some(entry),
+                    compilation_options: Default::default(),
+                    cache: None,
+                })
+        };
+        Self {
+            normalize: pipeline("normalize"),
+            weights: pipeline("weights"),
+            row_lse: pipeline("row_lse"),
+            row_grad: pipeline("row_grad"),
+            layout,
+        }
+    }
+
+    /// Loss and gradients of `z1`, `z2` ([n, d], row-major).
+    pub async fn compute(
+        &self,
+        gpu: &GpuContext,
+        loss: &ContrastiveLoss,
+        z1: &[f32],
+        z2: &[f32],
+        n: usize,
+        d: usize,
+    ) -> anyhow::Result<LossAndGrads> {
+        anyhow::ensure!(n >= 2, "batch of {n}: contrastive losses need N >= 2");
+        anyhow::ensure!(
+            z1.len() == n * d && z2.len() == n * d,
+            "views of {} and {} values do not match [N={n}, D={d}]",
+            z1.len(),
+            z2.len()
+        );
+        anyhow::ensure!(
+            (1..=MAX_DIM).contains(&d),
+            "D = {d}: the fused kernel takes 1..={MAX_DIM}"
+        );
+        let rows = 2 * n;
+        let kind = match loss.kind {
+            LossKind::Dcl => 0u32,
+            LossKind::Dclw => 1,
+            LossKind::Infonce => 2,
+        };
+        let mut uniform = Vec::with_capacity(32);
+        for v in [n as u32, d as u32, kind, rows as u32] {
+            uniform.extend(v.to_le_bytes());
+        }
+        for v in [
+            (1.0 / loss.temperature) as f32,
+            (1.0 / loss.sigma) as f32,
+            1e-12,
+            0.0,
+        ] {
+            uniform.extend(v.to_le_bytes());
+        }
+        let params = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("params"),
+            size: 32,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        gpu.queue.write_buffer(&params, 0, &uniform);
+        let matrix = (rows * d * 4) as u64;
+        let z = gpu.storage("z", matrix);
+        let z_bytes: Vec<u8> = z1.iter().chain(z2).flat_map(|v| v.to_le_bytes()).collect();
+        gpu.queue.write_buffer(&z, 0, &z_bytes);
+        let u = gpu.storage("u", matrix);
+        let norms = gpu.storage("norms", rows as u64 * 4);
+        let pos = gpu.storage("pos", n as u64 * 4);
+        let w = gpu.storage("w", n as u64 * 4);
+        let lse = gpu.storage("lse", rows as u64 * 4);
+        let row_loss = gpu.storage("row_loss", rows as u64 * 4);
+        let grad = gpu.storage("grad", matrix);
+        let buffers = [&params, &z, &u, &norms, &pos, &w, &lse, &row_loss, &grad];
+        let entries: Vec<wgpu::BindGroupEntry> = buffers
+            .iter()
+            .enumerate()
+            .map(|(i, b)| wgpu::BindGroupEntry {
+                binding: i as u32,
+                resource: b.as_entire_binding(),
+            })
+            .collect();
+        let bind_group = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("dcl_loss"),
+            layout: &self.layout,
+            entries: &entries,
+        });
+        let mut encoder = gpu.device.create_command_encoder(&Default::default());
+        {
+            let mut pass = encoder.begin_compute_pass(&Default::default());
+            pass.set_bind_group(0, &bind_group, &[]);
+            let row_groups = (rows as u32).div_ceil(TILE);
+            for (pipeline, groups) in [
+                (&self.normalize, (rows as u32).div_ceil(64)),
+                (&self.weights, 1),
+                (&self.row_lse, row_groups),
+                (&self.row_grad, row_groups),
+            ] {
+                pass.set_pipeline(pipeline);
+                pass.dispatch_workgroups(groups, 1, 1);
+            }
+        }
+        gpu.queue.submit([encoder.finish()]);
+        let losses = gpu.read(&row_loss, rows).await?;
+        let mut grads = gpu.read(&grad, rows * d).await?;
+        let total: f64 = losses.iter().map(|&v| v as f64).sum::<f64>() / rows as f64;
+        let grad_z2 = grads.split_off(n * d);
+        Ok(LossAndGrads {
+            loss: total as f32,
+            grad_z1: grads,
+            grad_z2,
+        })
+    }
+}

@@ -1,0 +1,97 @@
+//! Plain wgpu (no Burn) and the WGSL kernels of `shaders/`: one context, pipelines built once.
+
+pub mod loss;
+
+/// A wgpu device and queue. Native: Vulkan/Metal/DX12 (lavapipe on a machine without a GPU).
+pub struct GpuContext {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub adapter_name: String,
+}
+
+impl GpuContext {
+    pub async fn new() -> anyhow::Result<Self> {
+        let instance =
+            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        let adapter = instance
+            .request_adapter(&wgpu::RequestAdapterOptions {
+                power_preference: wgpu::PowerPreference::HighPerformance,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "no WebGPU/Vulkan adapter ({e}); without a GPU install Mesa's lavapipe \
+                     (apt install mesa-vulkan-drivers)"
+                )
+            })?;
+        let adapter_name = adapter.get_info().name;
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("dcl"),
+                required_limits: adapter.limits(),
+                ..Default::default()
+            })
+            .await?;
+        Ok(Self {
+            device,
+            queue,
+            adapter_name,
+        })
+    }
+
+    /// Blocks on [`GpuContext::new`] (native only).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn blocking() -> anyhow::Result<Self> {
+        futures_lite::future::block_on(Self::new())
+    }
+
+    pub(crate) fn storage(&self, label: &str, bytes: u64) -> wgpu::Buffer {
+        self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: bytes.max(4),
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        })
+    }
+
+    /// Copies `buffer` back to the host.
+    pub(crate) async fn read(&self, buffer: &wgpu::Buffer, len: usize) -> anyhow::Result<Vec<f32>> {
+        let bytes = (len * 4) as u64;
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size: bytes.max(4),
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut encoder = self.device.create_command_encoder(&Default::default());
+        encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, bytes);
+        self.queue.submit([encoder.finish()]);
+        let slice = staging.slice(..);
+        let (tx, rx) = async_channel::bounded(1);
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.try_send(r);
+        });
+        #[cfg(not(target_arch = "wasm32"))]
+        self.device
+            .poll(wgpu::PollType::Wait {
+                submission_index: None,
+                timeout: None,
+            })
+            .map_err(|e| anyhow::anyhow!("GPU wait failed: {e}"))?;
+        rx.recv()
+            .await?
+            .map_err(|e| anyhow::anyhow!("GPU read-back failed: {e}"))?;
+        let data = slice.get_mapped_range();
+        let out = data
+            .chunks_exact(4)
+            .take(len)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        drop(data);
+        staging.unmap();
+        Ok(out)
+    }
+}
