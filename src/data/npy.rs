@@ -59,10 +59,17 @@ pub fn parse(bytes: &[u8]) -> Result<Array, String> {
     Ok(Array { shape, data })
 }
 
+/// The value of `key` in the header's Python dict literal: a quoted string, a tuple or a word.
 fn dict_value<'a>(header: &'a str, key: &str) -> Option<&'a str> {
     let at = header.find(&format!("'{key}'"))?;
     let rest = &header[at + key.len() + 2..];
-    Some(rest[rest.find(':')? + 1..].trim_start())
+    let rest = rest[rest.find(':')? + 1..].trim_start();
+    let end = match rest.chars().next()? {
+        q @ ('\'' | '"') => rest[1..].find(q)? + 2,
+        '(' => rest.find(')')? + 1,
+        _ => rest.find([',', '}']).unwrap_or(rest.len()),
+    };
+    Some(&rest[..end])
 }
 
 fn parse_shape(header: &str) -> Result<Vec<usize>, String> {
@@ -120,8 +127,10 @@ mod tests {
         let bytes = to_bytes(&[2, 2], &[1.0; 4]);
         let err = parse(&bytes[..bytes.len() - 3]).unwrap_err();
         assert!(err.contains("payload is 13 bytes"), "{err}");
-        let bad = String::from_utf8_lossy(&bytes).replace("<f4", "<i4");
-        assert!(parse(bad.as_bytes()).unwrap_err().contains("<i4"));
+        let mut bad = bytes.clone();
+        let at = bad.windows(3).position(|w| w == b"<f4").unwrap();
+        bad[at + 1] = b'i';
+        assert!(parse(&bad).unwrap_err().contains("<i4"));
         assert!(parse(b"hello").unwrap_err().contains("magic"));
     }
 }
