@@ -124,7 +124,7 @@ impl<B: AutodiffBackend> Trainer<B> {
 
     fn shuffle(&mut self) {
         let mut rng =
-            crate::augment::sample_rng(self.config.seed ^ 0x5eed_0f_0d3e, self.epoch as u64);
+            crate::augment::sample_rng(self.config.seed ^ 0x005e_ed0f_0d3e, self.epoch as u64);
         self.order = (0..self.train.len()).collect();
         self.order.shuffle(&mut rng);
     }

@@ -153,7 +153,7 @@ pub fn safetensors_bytes(tensors: &[NamedTensor], model: ModelName) -> Vec<u8> {
         offset = end;
     }
     let mut json = serde_json::to_string(&header).expect("json");
-    while json.len() % 8 != 0 {
+    while !json.len().is_multiple_of(8) {
         json.push(' ');
     }
     let mut out = Vec::with_capacity(8 + json.len() + offset);

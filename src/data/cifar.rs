@@ -61,7 +61,7 @@ pub fn parse_batch(file: &str, bytes: &[u8], variant: Variant) -> Result<Split, 
             "empty file, expected CIFAR records",
         ));
     }
-    if bytes.len() % record != 0 {
+    if !bytes.len().is_multiple_of(record) {
         let whole = bytes.len() / record * record;
         return Err(DataError::new(
             file,

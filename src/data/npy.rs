@@ -116,7 +116,8 @@ mod tests {
     #[test]
     fn round_trips_float32() {
         let bytes = to_bytes(&[2, 3], &[1.0, 2.0, 3.0, 4.0, 5.0, -6.5]);
-        assert_eq!(bytes.len() % 64, 24 % 64);
+        // A 64-byte aligned header, then 6 floats.
+        assert_eq!(bytes.len() % 64, 24);
         let a = parse(&bytes).unwrap();
         assert_eq!(a.shape, vec![2, 3]);
         assert_eq!(a.data, vec![1.0, 2.0, 3.0, 4.0, 5.0, -6.5]);
