@@ -2,7 +2,7 @@
 
 use crate::backend::{dispatch, BackendTask, DeviceKind};
 use crate::data::{discover, npy, preview, Dataset};
-use crate::eval::{features, linear_probe, Knn};
+use crate::eval::{knn_monitor, linear_probe};
 use crate::loss::{ContrastiveLoss, LossKind};
 use crate::model::{param_counts, Encoder, ModelName};
 use crate::optim::OptimizerKind;
@@ -391,19 +391,7 @@ fn knn_event<B: AutodiffBackend>(
     epoch: usize,
 ) -> serde_json::Value {
     let backbone = trainer.encoder().valid().backbone;
-    let dim = trainer.config.model.arch().feature_dim();
-    let device = trainer.device();
-    let bank = features(&backbone, train, device);
-    let queries = features(&backbone, &ds.test, device);
-    let top1 = Knn::default().top1::<B::InnerBackend>(
-        &bank,
-        &train.labels,
-        &queries,
-        &ds.test.labels,
-        dim,
-        ds.classes,
-        device,
-    );
+    let (top1, _) = knn_monitor(&backbone, train, &ds.test, ds.classes, trainer.device());
     serde_json::json!({ "event": "knn", "epoch": epoch, "knn_top1": top1 })
 }
 
@@ -526,18 +514,8 @@ impl BackendTask for EvalTask {
             &device,
         )?;
         let backbone = encoder.valid().backbone;
+        let (knn, (bank, queries)) = knn_monitor(&backbone, &train, &ds.test, ds.classes, &device);
         let dim = config.model.arch().feature_dim();
-        let bank = features(&backbone, &train, &device);
-        let queries = features(&backbone, &ds.test, &device);
-        let knn = Knn::default().top1::<B::InnerBackend>(
-            &bank,
-            &train.labels,
-            &queries,
-            &ds.test.labels,
-            dim,
-            ds.classes,
-            &device,
-        );
         let mut report = serde_json::json!({ "epoch": ckpt.epoch, "knn_top1": knn, "train_images": train.len(), "test_images": ds.test.len() });
         if linear {
             let top1 = linear_probe::<B>(

@@ -139,3 +139,27 @@ pub fn linear_probe<B: AutodiffBackend>(
     use burn::tensor::ElementConversion;
     correct.elem::<i64>() as f64 / test.1.len().max(1) as f64
 }
+
+/// The kNN monitor on frozen backbone features: bank = `train` without augmentation, queries =
+/// `test`. Returns top-1 and the two feature matrices (for a linear probe).
+pub fn knn_monitor<B: Backend>(
+    backbone: &ResNet<B>,
+    train: &Split,
+    test: &Split,
+    classes: usize,
+    device: &B::Device,
+) -> (f64, (Vec<f32>, Vec<f32>)) {
+    let bank = features(backbone, train, device);
+    let queries = features(backbone, test, device);
+    let dim = bank.len() / train.len().max(1);
+    let top1 = Knn::default().top1::<B>(
+        &bank,
+        &train.labels,
+        &queries,
+        &test.labels,
+        dim,
+        classes,
+        device,
+    );
+    (top1, (bank, queries))
+}
