@@ -86,9 +86,9 @@ fn fashion_mnist_short_run_beats_the_untrained_encoder() {
             "--limit",
             "5000",
             "--epochs",
-            "3",
+            "8",
             "--batch-size",
-            "64",
+            "32",
             "--device",
             "cpu",
         ])
@@ -96,12 +96,11 @@ fn fashion_mnist_short_run_beats_the_untrained_encoder() {
             "--optimizer",
             "adam",
             "--lr",
-            "0.003",
+            "0.001",
             "--weight-decay",
             "1e-6",
-            "--temperature",
-            "0.2",
         ])
+        .args(["--temperature", "0.1"])
         .args(["--seed", "1", "--out", run.to_str().unwrap()])
         .output()
         .unwrap();
