@@ -135,16 +135,7 @@ fn fashion_mnist_short_run_beats_the_untrained_encoder() {
         assert!(run.join(f).is_file(), "{f}");
     }
     // `dcl eval` reads the run back and agrees with the last monitor value.
-    let out = Command::new(dcl_bin())
-        .args(["eval", "--run", run.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report: Value = serde_json::from_slice(&dcl_eval(&run).stdout).unwrap();
     assert!((report["knn_top1"].as_f64().unwrap() - after).abs() < 1e-9);
 }
 
@@ -304,8 +295,13 @@ fn kill_9_then_resume_continues_exactly() {
     assert!(leftovers.is_empty(), "{leftovers:?}");
     let ds = discover::load(data.to_str().unwrap()).unwrap();
     assert_eq!(ds.train.len(), 320);
+    dcl_eval(&killed);
+}
+
+/// `dcl eval --run RUN`, which must succeed.
+fn dcl_eval(run: &Path) -> std::process::Output {
     let out = Command::new(dcl_bin())
-        .args(["eval", "--run", killed.to_str().unwrap()])
+        .args(["eval", "--run", run.to_str().unwrap()])
         .output()
         .unwrap();
     assert!(
@@ -313,4 +309,5 @@ fn kill_9_then_resume_continues_exactly() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    out
 }
