@@ -53,6 +53,17 @@ enum Command {
         #[command(subcommand)]
         command: DataCommand,
     },
+    /// Serve the playground page (index.html, www/, the wasm build) and a dataset found on disk.
+    Serve {
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// A dataset path or name; by default the first of cifar10, fashion-mnist, mnist found.
+        #[arg(long)]
+        data: Option<String>,
+        /// The folder holding index.html.
+        #[arg(long, default_value = ".")]
+        root: std::path::PathBuf,
+    },
     /// Speed measurements.
     Bench {
         #[command(subcommand)]
@@ -208,6 +219,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Data { command } => data(command),
+        Command::Serve { port, data, root } => crate::serve::serve(&root, port, data.as_deref()),
         Command::Bench {
             command:
                 BenchCommand::Train {

@@ -12,9 +12,24 @@ use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 
+/// Reads a tensor back as f32s, without blocking (the page's GPU can only be awaited).
+pub async fn read_f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> anyhow::Result<Vec<f32>> {
+    let data = t
+        .into_data_async()
+        .await
+        .map_err(|e| anyhow::anyhow!("the device failed while reading a tensor back: {e:?}"))?;
+    data.convert::<f32>()
+        .to_vec::<f32>()
+        .map_err(|e| anyhow::anyhow!("unexpected tensor data: {e:?}"))
+}
+
 /// L2-normalized backbone features of every image of a split, without augmentation, row-major
 /// [len, dim]. Batch-norm runs in eval mode (pass a model on a non-autodiff backend).
-pub fn features<B: Backend>(backbone: &ResNet<B>, split: &Split, device: &B::Device) -> Vec<f32> {
+pub async fn features<B: Backend>(
+    backbone: &ResNet<B>,
+    split: &Split,
+    device: &B::Device,
+) -> anyhow::Result<Vec<f32>> {
     const BATCH: usize = 500;
     let mut out = Vec::new();
     for start in (0..split.len()).step_by(BATCH) {
@@ -24,10 +39,9 @@ pub fn features<B: Backend>(backbone: &ResNet<B>, split: &Split, device: &B::Dev
             TensorData::new(plain_batch(&images), [end - start, 3, SIDE, SIDE]),
             device,
         );
-        let f = l2_normalize(backbone.forward(x));
-        out.extend(f.into_data().convert::<f32>().to_vec::<f32>().expect("f32"));
+        out.extend(read_f32(l2_normalize(backbone.forward(x))).await?);
     }
-    out
+    Ok(out)
 }
 
 /// Parameters of the kNN monitor.
@@ -50,7 +64,7 @@ impl Knn {
     /// Top-1 accuracy (0..1) of a weighted kNN vote: each of the k most cosine-similar bank
     /// samples votes for its class with weight exp(sim / temperature).
     #[allow(clippy::too_many_arguments)]
-    pub fn top1<B: Backend>(
+    pub async fn top1<B: Backend>(
         &self,
         bank: &[f32],
         bank_labels: &[u16],
@@ -59,7 +73,7 @@ impl Knn {
         dim: usize,
         classes: usize,
         device: &B::Device,
-    ) -> f64 {
+    ) -> anyhow::Result<f64> {
         const CHUNK: usize = 512;
         let n_bank = bank_labels.len();
         let k = self.k.min(n_bank);
@@ -71,19 +85,14 @@ impl Knn {
             let rows = labels.len();
             let q = &queries[c * CHUNK * dim..(c * CHUNK + rows) * dim];
             let q = Tensor::<B, 2>::from_data(TensorData::new(q.to_vec(), [rows, dim]), device);
-            let sims = q
-                .matmul(bank_t.clone())
-                .into_data()
-                .convert::<f32>()
-                .to_vec::<f32>()
-                .expect("f32");
+            let sims = read_f32(q.matmul(bank_t.clone())).await?;
             for (row, &label) in sims.chunks_exact(n_bank).zip(labels) {
                 if self.vote(row, bank_labels, k, classes) == label as usize {
                     correct += 1;
                 }
             }
         }
-        correct as f64 / query_labels.len().max(1) as f64
+        Ok(correct as f64 / query_labels.len().max(1) as f64)
     }
 
     fn vote(&self, sims: &[f32], bank_labels: &[u16], k: usize, classes: usize) -> usize {
@@ -149,17 +158,120 @@ pub fn knn_monitor<B: Backend>(
     classes: usize,
     device: &B::Device,
 ) -> (f64, (Vec<f32>, Vec<f32>)) {
-    let bank = features(backbone, train, device);
-    let queries = features(backbone, test, device);
+    let monitor = knn_monitor_async(backbone, train, test, classes, device);
+    futures_lite::future::block_on(monitor).expect("kNN monitor")
+}
+
+/// [`knn_monitor`], awaited.
+pub async fn knn_monitor_async<B: Backend>(
+    backbone: &ResNet<B>,
+    train: &Split,
+    test: &Split,
+    classes: usize,
+    device: &B::Device,
+) -> anyhow::Result<(f64, (Vec<f32>, Vec<f32>))> {
+    let bank = features(backbone, train, device).await?;
+    let queries = features(backbone, test, device).await?;
     let dim = bank.len() / train.len().max(1);
-    let top1 = Knn::default().top1::<B>(
-        &bank,
-        &train.labels,
-        &queries,
-        &test.labels,
-        dim,
-        classes,
-        device,
-    );
-    (top1, (bank, queries))
+    let top1 = Knn::default()
+        .top1::<B>(
+            &bank,
+            &train.labels,
+            &queries,
+            &test.labels,
+            dim,
+            classes,
+            device,
+        )
+        .await?;
+    Ok((top1, (bank, queries)))
+}
+
+/// Each row's coordinates on the first two principal components of `rows` (row-major, `dim`
+/// columns), for the page's embedding scatter. Power iteration on X^T X with deflation: no
+/// dim x dim matrix, and a fixed start vector so the picture does not flip between calls.
+pub fn pca2(rows: &[f32], dim: usize) -> Vec<[f32; 2]> {
+    let n = rows.len() / dim.max(1);
+    if n == 0 {
+        return vec![];
+    }
+    let mut mean = vec![0.0f64; dim];
+    for row in rows.chunks_exact(dim) {
+        for (m, &x) in mean.iter_mut().zip(row) {
+            *m += x as f64 / n as f64;
+        }
+    }
+    let centered: Vec<f64> = rows
+        .chunks_exact(dim)
+        .flat_map(|row| row.iter().zip(&mean).map(|(&x, m)| x as f64 - m))
+        .collect();
+    let project = |v: &[f64]| -> Vec<f64> {
+        centered
+            .chunks_exact(dim)
+            .map(|row| row.iter().zip(v).map(|(a, b)| a * b).sum())
+            .collect()
+    };
+    let mut axes: Vec<Vec<f64>> = Vec::new();
+    for _ in 0..2 {
+        let mut v: Vec<f64> = (0..dim).map(|i| 1.0 + (i % 7) as f64 * 0.1).collect();
+        for _ in 0..200 {
+            let xv = project(&v);
+            let mut next = vec![0.0f64; dim];
+            for (row, s) in centered.chunks_exact(dim).zip(&xv) {
+                for (o, x) in next.iter_mut().zip(row) {
+                    *o += x * s;
+                }
+            }
+            for axis in &axes {
+                let dot: f64 = next.iter().zip(axis).map(|(a, b)| a * b).sum();
+                next.iter_mut().zip(axis).for_each(|(o, a)| *o -= dot * a);
+            }
+            let norm = next.iter().map(|x| x * x).sum::<f64>().sqrt();
+            if norm < 1e-12 {
+                break;
+            }
+            v = next.into_iter().map(|x| x / norm).collect();
+        }
+        axes.push(v);
+    }
+    let (first, second) = (project(&axes[0]), project(&axes[1]));
+    first
+        .iter()
+        .zip(&second)
+        .map(|(&a, &b)| [a as f32, b as f32])
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pca2;
+
+    #[test]
+    fn pca_recovers_the_two_widest_axes() {
+        // A full grid on x and y (uncorrelated by construction) spread 3 and 2, and a +-0.5
+        // checkerboard on z: the first component is x, the second y.
+        let mut rows = Vec::new();
+        let mut expected = Vec::new();
+        for i in 0..20 {
+            for j in 0..10 {
+                let (a, b) = ((i as f32 - 9.5) / 10.0, (j as f32 - 4.5) / 5.0);
+                let c = if (i + j) % 2 == 0 { 0.5 } else { -0.5 };
+                rows.extend([3.0 * a + 1.0, 2.0 * b - 2.0, c]);
+                expected.push([3.0 * a, 2.0 * b]);
+            }
+        }
+        let mean = |k: usize| expected.iter().map(|e| e[k]).sum::<f32>() / 200.0;
+        let (m0, m1) = (mean(0), mean(1));
+        let got = pca2(&rows, 3);
+        for k in 0..2 {
+            let m = [m0, m1][k];
+            let sign = (got[0][k] / (expected[0][k] - m)).signum();
+            for (g, e) in got.iter().zip(&expected) {
+                assert!(
+                    (g[k] - sign * (e[k] - m)).abs() < 1e-3,
+                    "axis {k}: {g:?} vs {e:?}"
+                );
+            }
+        }
+    }
 }

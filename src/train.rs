@@ -168,16 +168,26 @@ impl<B: AutodiffBackend> Trainer<B> {
         self.config.lr * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
     }
 
-    /// The two augmented views of the next batch, as [B, 3, 32, 32] tensors.
-    pub fn next_views(&self) -> (Tensor<B, 4>, Tensor<B, 4>) {
-        let b = self.config.batch_size;
-        let start = self.step_in_epoch * b;
-        let images: Vec<&[u8]> = self.order[start..start + b]
+    /// The two augmented views of the first `count` images of the next batch, flattened
+    /// [count, 3, 32, 32]: exactly what the next step trains on (the page shows them).
+    pub fn upcoming_views(&self, count: usize) -> (Vec<f32>, Vec<f32>) {
+        if self.epoch_finished() {
+            return (vec![], vec![]);
+        }
+        let start = self.step_in_epoch * self.config.batch_size;
+        let count = count.min(self.config.batch_size);
+        let images: Vec<&[u8]> = self.order[start..start + count]
             .iter()
             .map(|&i| self.train.image(i))
             .collect();
         let stream0 = (self.epoch * self.train.len() + start) as u64;
-        let (v1, v2) = view_pairs(&images, &self.views, self.config.seed, stream0);
+        view_pairs(&images, &self.views, self.config.seed, stream0)
+    }
+
+    /// The two augmented views of the next batch, as [B, 3, 32, 32] tensors.
+    pub fn next_views(&self) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let b = self.config.batch_size;
+        let (v1, v2) = self.upcoming_views(b);
         let tensor = |v: Vec<f32>| {
             debug_assert_eq!(v.len(), b * IMAGE_LEN);
             Tensor::from_data(TensorData::new(v, [b, 3, SIDE, SIDE]), &self.device)
@@ -188,6 +198,11 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// One optimization step on the next batch. A non-finite loss is an error and leaves the
     /// weights as they were.
     pub fn step(&mut self) -> anyhow::Result<StepEvent> {
+        futures_lite::future::block_on(self.step_async())
+    }
+
+    /// [`Trainer::step`] for callers that cannot block on the GPU (the page's worker).
+    pub async fn step_async(&mut self) -> anyhow::Result<StepEvent> {
         anyhow::ensure!(
             !self.epoch_finished(),
             "epoch {} has no steps left: call end_epoch()",
@@ -204,7 +219,13 @@ impl<B: AutodiffBackend> Trainer<B> {
                 return Err(e.into());
             }
         };
-        let value = loss.clone().into_scalar().elem::<f64>();
+        let value = match loss.clone().into_scalar_async().await {
+            Ok(v) => v.elem::<f64>(),
+            Err(e) => {
+                self.encoder = Some(encoder);
+                anyhow::bail!("the device failed while reading the loss back: {e:?}");
+            }
+        };
         let (epoch, step) = (self.epoch, self.step_in_epoch);
         if !value.is_finite() {
             self.encoder = Some(encoder);

@@ -68,19 +68,24 @@ pub struct NamedTensor {
     pub data: Vec<f32>,
 }
 
-fn tensor<B: Backend, const D: usize>(name: String, t: Tensor<B, D>) -> NamedTensor {
-    NamedTensor {
-        name,
-        shape: t.dims().to_vec(),
-        data: t.into_data().convert::<f32>().to_vec().expect("f32 data"),
-    }
+/// A named tensor still on its device, flattened, waiting to be read back.
+struct OnDevice<B: Backend> {
+    name: String,
+    shape: Vec<usize>,
+    flat: Tensor<B, 1>,
 }
 
-fn param<B: Backend, const D: usize>(name: String, p: &Param<Tensor<B, D>>) -> NamedTensor {
+fn tensor<B: Backend, const D: usize>(name: String, t: Tensor<B, D>) -> OnDevice<B> {
+    let shape = t.dims().to_vec();
+    let flat = t.reshape([shape.iter().product::<usize>()]);
+    OnDevice { name, shape, flat }
+}
+
+fn param<B: Backend, const D: usize>(name: String, p: &Param<Tensor<B, D>>) -> OnDevice<B> {
     tensor(name, p.val())
 }
 
-fn batch_norm<B: Backend>(prefix: &str, bn: &BatchNorm<B>, out: &mut Vec<NamedTensor>) {
+fn batch_norm<B: Backend>(prefix: &str, bn: &BatchNorm<B>, out: &mut Vec<OnDevice<B>>) {
     out.push(param(format!("{prefix}.weight"), &bn.gamma));
     out.push(param(format!("{prefix}.bias"), &bn.beta));
     out.push(tensor(
@@ -93,7 +98,7 @@ fn batch_norm<B: Backend>(prefix: &str, bn: &BatchNorm<B>, out: &mut Vec<NamedTe
     ));
 }
 
-fn block<B: Backend>(prefix: &str, b: &BasicBlock<B>, out: &mut Vec<NamedTensor>) {
+fn block<B: Backend>(prefix: &str, b: &BasicBlock<B>, out: &mut Vec<OnDevice<B>>) {
     out.push(param(format!("{prefix}.conv1.weight"), &b.conv1.weight));
     batch_norm(&format!("{prefix}.bn1"), &b.bn1, out);
     out.push(param(format!("{prefix}.conv2.weight"), &b.conv2.weight));
@@ -111,6 +116,25 @@ fn block<B: Backend>(prefix: &str, b: &BasicBlock<B>, out: &mut Vec<NamedTensor>
 /// ...) and the head as `nn.Sequential(Linear, BatchNorm1d, ReLU, Linear)` under `head.*`.
 /// Linear weights are transposed to PyTorch's [out, in].
 pub fn torchvision_tensors<B: Backend>(encoder: &Encoder<B>) -> Vec<NamedTensor> {
+    futures_lite::future::block_on(torchvision_tensors_async(encoder)).expect("weights read back")
+}
+
+/// [`torchvision_tensors`], awaited (the page reads its GPU this way).
+pub async fn torchvision_tensors_async<B: Backend>(
+    encoder: &Encoder<B>,
+) -> anyhow::Result<Vec<NamedTensor>> {
+    let mut out = Vec::new();
+    for t in on_device(encoder) {
+        out.push(NamedTensor {
+            data: crate::eval::read_f32(t.flat).await?,
+            name: t.name,
+            shape: t.shape,
+        });
+    }
+    Ok(out)
+}
+
+fn on_device<B: Backend>(encoder: &Encoder<B>) -> Vec<OnDevice<B>> {
     let mut out = Vec::new();
     let r = &encoder.backbone;
     out.push(param("conv1.weight".into(), &r.conv1.weight));

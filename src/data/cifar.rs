@@ -176,3 +176,18 @@ pub fn from_archive(file: &str, bytes: &[u8]) -> Result<Dataset, DataError> {
     };
     from_batches(file, variant, files)
 }
+
+/// One CIFAR file: a single batch (`data_batch_1.bin`, `test.bin`, ...; told by its name) or a
+/// whole archive. The page's file picker and `--data FILE` both land here.
+pub fn from_file(file: &str, bytes: Vec<u8>) -> Result<Dataset, DataError> {
+    let base = file.rsplit(['/', '\\']).next().unwrap_or(file);
+    if !base.ends_with(".bin") {
+        return from_archive(file, &bytes);
+    }
+    let variant = if base == "train.bin" || base == "test.bin" {
+        Variant::Cifar100
+    } else {
+        Variant::Cifar10
+    };
+    from_batches(file, variant, vec![(file.to_string(), bytes)])
+}

@@ -2,7 +2,7 @@
 //!
 //! Names are looked up in `$DCL_DATA`, `./data` and Debian's `/usr/share/datasets`, in that order.
 
-use super::{cifar, idx, DataError, Dataset, Format, Split};
+use super::{cifar, idx, DataError, Dataset};
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -77,24 +77,7 @@ pub fn load(spec: &str) -> anyhow::Result<Dataset> {
     let path = resolve(spec)?;
     let shown = path.display().to_string();
     if path.is_file() {
-        let bytes = read(&path)?;
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        if name.ends_with(".bin") {
-            let variant = if name == "train.bin" || name == "test.bin" {
-                cifar::Variant::Cifar100
-            } else {
-                cifar::Variant::Cifar10
-            };
-            return Ok(cifar::from_batches(
-                &shown,
-                variant,
-                vec![(shown.clone(), bytes)],
-            )?);
-        }
-        return Ok(cifar::from_archive(&shown, &bytes)?);
+        return Ok(cifar::from_file(&shown, read(&path)?)?);
     }
     let dir = if path.join("cifar-10-batches-bin").is_dir() {
         path.join("cifar-10-batches-bin")
@@ -135,49 +118,41 @@ fn load_idx(dir: &Path, shown: &str) -> anyhow::Result<Dataset> {
             .map(|n| dir.join(n))
             .find(|p| p.is_file())
     };
-    let pair = |images: &str, labels: &str| -> anyhow::Result<Option<(Split, [usize; 3])>> {
+    let pair = |images: &str, labels: &str| -> anyhow::Result<Option<OwnedPair>> {
         match (find(images), find(labels)) {
-            (Some(i), Some(l)) => Ok(Some(idx::split(
-                &i.display().to_string(),
-                &read(&i)?,
-                &l.display().to_string(),
-                &read(&l)?,
-            )?)),
+            (Some(i), Some(l)) => Ok(Some([
+                (i.display().to_string(), read(&i)?),
+                (l.display().to_string(), read(&l)?),
+            ])),
             _ => Ok(None),
         }
     };
-    let train = pair("train-images-idx3-ubyte", "train-labels-idx1-ubyte")?;
-    let test = pair("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")?;
-    let Some((train, shape)) = train else {
+    let Some(train) = pair("train-images-idx3-ubyte", "train-labels-idx1-ubyte")? else {
         anyhow::bail!(
             "{shown}: no dataset files found (expected cifar-10-binary.tar.gz, data_batch_*.bin, \
              train.bin/test.bin, or train-images-idx3-ubyte[.gz] with its labels)"
         );
     };
-    let test = test.map(|t| t.0).unwrap_or(Split {
-        images: vec![],
-        labels: vec![],
-    });
-    let classes = train
-        .labels
-        .iter()
-        .chain(&test.labels)
-        .copied()
-        .max()
-        .unwrap_or(0) as usize
-        + 1;
+    let test = pair("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")?;
     let name = dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    Ok(Dataset {
-        name,
-        format: Format::Idx,
-        classes,
-        source_shape: shape,
-        train,
-        test,
-    })
+    Ok(idx::dataset(
+        &name,
+        borrow(&train),
+        test.as_ref().map(borrow),
+    )?)
+}
+
+/// An (images, labels) pair of IDX files read from disk: (path, bytes) each.
+type OwnedPair = [(String, Vec<u8>); 2];
+
+fn borrow(files: &OwnedPair) -> idx::IdxPair<'_> {
+    [
+        (files[0].0.as_str(), files[0].1.as_slice()),
+        (files[1].0.as_str(), files[1].1.as_slice()),
+    ]
 }
 
 /// Official sources and MD5 checksums for `dcl data get`.

@@ -1,7 +1,7 @@
 //! IDX files (MNIST, Fashion-MNIST), gzipped or not: big-endian magic `0x0000_08_NN` where NN is
 //! the number of dimensions, then NN big-endian u32 sizes, then u8 data.
 
-use super::{maybe_gunzip, DataError, Split, CHANNELS, IMAGE_LEN, SIDE};
+use super::{maybe_gunzip, DataError, Dataset, Format, Split, CHANNELS, IMAGE_LEN, SIDE};
 
 /// Parses an IDX file of unsigned bytes; returns the dimensions and the payload.
 pub fn parse(file: &str, bytes: &[u8]) -> Result<(Vec<usize>, Vec<u8>), DataError> {
@@ -90,4 +90,39 @@ pub fn split(
         },
         [1, h, w],
     ))
+}
+
+/// An (images, labels) pair of named IDX files, as bytes (gzipped or not).
+pub type IdxPair<'a> = [(&'a str, &'a [u8]); 2];
+
+/// MNIST-style training files and, when present, test files as one dataset; the class count is
+/// the largest label + 1.
+pub fn dataset(name: &str, train: IdxPair, test: Option<IdxPair>) -> Result<Dataset, DataError> {
+    let read = |[(images_file, images), (labels_file, labels)]: IdxPair| {
+        split(images_file, images, labels_file, labels)
+    };
+    let (train, source_shape) = read(train)?;
+    let test = match test {
+        Some(files) => read(files)?.0,
+        None => Split {
+            images: vec![],
+            labels: vec![],
+        },
+    };
+    let classes = train
+        .labels
+        .iter()
+        .chain(&test.labels)
+        .copied()
+        .max()
+        .unwrap_or(0) as usize
+        + 1;
+    Ok(Dataset {
+        name: name.to_string(),
+        format: Format::Idx,
+        classes,
+        source_shape,
+        train,
+        test,
+    })
 }

@@ -152,3 +152,53 @@ pub fn maybe_gunzip(file: &str, bytes: &[u8]) -> Result<Vec<u8>, DataError> {
         Ok(bytes.to_vec())
     }
 }
+
+/// Recognizes a dataset among named in-memory files, as the page receives them: one CIFAR archive
+/// or batch file, several CIFAR batch files, or MNIST-style IDX files (by their official names).
+pub fn from_named_files(name: &str, files: Vec<(String, Vec<u8>)>) -> Result<Dataset, DataError> {
+    let base = |f: &str| f.rsplit(['/', '\\']).next().unwrap_or(f).to_string();
+    let find = |stem: &str| {
+        files.iter().find(|(f, _)| {
+            let b = base(f);
+            b == stem || b == format!("{stem}.gz")
+        })
+    };
+    if let (Some(ti), Some(tl)) = (
+        find("train-images-idx3-ubyte"),
+        find("train-labels-idx1-ubyte"),
+    ) {
+        let test = match (
+            find("t10k-images-idx3-ubyte"),
+            find("t10k-labels-idx1-ubyte"),
+        ) {
+            (Some(i), Some(l)) => Some([(i.0.as_str(), &i.1[..]), (l.0.as_str(), &l.1[..])]),
+            _ => None,
+        };
+        return idx::dataset(
+            name,
+            [(ti.0.as_str(), &ti.1[..]), (tl.0.as_str(), &tl.1[..])],
+            test,
+        );
+    }
+    for variant in [cifar::Variant::Cifar10, cifar::Variant::Cifar100] {
+        if files.len() > 1
+            && files
+                .iter()
+                .all(|(f, _)| variant.split_of(&base(f)).is_some())
+        {
+            return cifar::from_batches(name, variant, files);
+        }
+    }
+    match <[_; 1]>::try_from(files) {
+        Ok([(file, bytes)]) => cifar::from_file(&file, bytes),
+        Err(files) => Err(DataError::new(
+            name,
+            0,
+            format!(
+                "{} files that are neither CIFAR batches nor MNIST-style IDX files \
+                 (train-images-idx3-ubyte[.gz] with its labels)",
+                files.len()
+            ),
+        )),
+    }
+}

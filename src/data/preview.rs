@@ -29,7 +29,15 @@ fn source_tile(pixels: &[u8], shape: [usize; 3]) -> Tile {
     }
 }
 
-fn view_tile(normalized: &[f32]) -> Tile {
+/// Stored CHW bytes as displayable RGB bytes, row-major 32x32x3.
+pub fn image_rgb(pixels: &[u8]) -> Vec<u8> {
+    (0..SIDE * SIDE)
+        .flat_map(|i| (0..CHANNELS).map(move |c| pixels[c * SIDE * SIDE + i]))
+        .collect()
+}
+
+/// A normalized CHW view back to displayable RGB bytes, row-major 32x32x3.
+pub fn view_rgb(normalized: &[f32]) -> Vec<u8> {
     let mut rgb = Vec::with_capacity(SIDE * SIDE * 3);
     for i in 0..SIDE * SIDE {
         for c in 0..CHANNELS {
@@ -37,6 +45,11 @@ fn view_tile(normalized: &[f32]) -> Tile {
             rgb.push((v * 255.0).round().clamp(0.0, 255.0) as u8);
         }
     }
+    rgb
+}
+
+fn view_tile(normalized: &[f32]) -> Tile {
+    let rgb = view_rgb(normalized);
     Tile {
         width: SIDE,
         height: SIDE,
