@@ -9,7 +9,7 @@ pub mod backend;
 pub mod cli;
 pub mod data;
 pub mod eval;
-#[cfg(feature = "wgpu")]
+#[cfg(any(feature = "wgpu", feature = "webgpu"))]
 pub mod gpu;
 pub mod loss;
 pub mod model;

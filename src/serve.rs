@@ -140,9 +140,15 @@ fn handle(mut stream: TcpStream, root: &Path, data: &Result<Offer, String>) {
         Some(name) => data.as_ref().ok().and_then(|o| o.files.get(name).cloned()),
         None => local_path(root, path),
     };
-    match file.map(std::fs::read) {
-        Some(Ok(body)) => respond(&mut stream, "200 OK", content_type(path), &body, head),
-        _ => not_found(&mut stream),
+    let Some(file) = file else {
+        return not_found(&mut stream);
+    };
+    match std::fs::read(&file) {
+        Ok(body) => {
+            let kind = content_type(&file.to_string_lossy());
+            respond(&mut stream, "200 OK", kind, &body, head)
+        }
+        Err(_) => not_found(&mut stream),
     }
 }
 

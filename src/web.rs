@@ -6,6 +6,7 @@ use crate::backend::DeviceKind;
 use crate::data::preview::{image_rgb, view_rgb};
 use crate::data::{from_named_files, Dataset, Split, IMAGE_LEN};
 use crate::eval::{features, pca2, read_f32, Knn};
+use crate::gpu::{loss::FusedLoss, GpuContext};
 use crate::loss::{ContrastiveLoss, LossKind};
 use crate::model::ModelName;
 use crate::optim::OptimizerKind;
@@ -253,6 +254,11 @@ impl Playground {
         self.run.borrow().trainer.epoch
     }
 
+    #[wasm_bindgen(js_name = batchSize)]
+    pub fn batch_size(&self) -> usize {
+        self.run.borrow().trainer.config.batch_size
+    }
+
     #[wasm_bindgen(js_name = stepsPerEpoch)]
     pub fn steps_per_epoch(&self) -> usize {
         self.run.borrow().trainer.steps_per_epoch()
@@ -355,8 +361,30 @@ impl Playground {
     }
 }
 
-/// The decoupled loss (or InfoNCE) of two [n, d] embeddings on the page's WebGPU, for checking
-/// the page against the native `dcl loss` on the same numbers.
+/// A loss of `kind` on two [n, d] embeddings given as flat arrays, checked before any GPU work.
+fn loss_and_shape(
+    z1: &[f32],
+    z2: &[f32],
+    n: usize,
+    d: usize,
+    kind: &str,
+    temperature: f64,
+    sigma: f64,
+) -> Result<ContrastiveLoss, JsValue> {
+    let kind: LossKind = kind.parse().map_err(js_error)?;
+    if z1.len() != n * d || z2.len() != n * d {
+        return Err(js_error(format!(
+            "z1 has {} and z2 {} numbers, expected n*d = {}",
+            z1.len(),
+            z2.len(),
+            n * d
+        )));
+    }
+    ContrastiveLoss::new(kind, temperature, sigma).map_err(js_error)
+}
+
+/// The decoupled loss (or InfoNCE) of two [n, d] embeddings on the page's WebGPU through Burn,
+/// for checking the page against the native `dcl loss` on the same numbers.
 #[wasm_bindgen(js_name = lossValue)]
 pub async fn loss_value(
     z1: Vec<f32>,
@@ -367,18 +395,45 @@ pub async fn loss_value(
     temperature: f64,
     sigma: f64,
 ) -> Result<f64, JsValue> {
-    let kind: LossKind = kind.parse().map_err(js_error)?;
-    let loss = ContrastiveLoss::new(kind, temperature, sigma).map_err(js_error)?;
-    if z1.len() != n * d || z2.len() != n * d {
-        return Err(js_error(format!(
-            "z1 has {} and z2 {} numbers, expected n*d = {}",
-            z1.len(),
-            z2.len(),
-            n * d
-        )));
-    }
+    let loss = loss_and_shape(&z1, &z2, n, d, kind, temperature, sigma)?;
     let device = WgpuDevice::default();
     let tensor = |z: Vec<f32>| Tensor::<WebGpu, 2>::from_data(TensorData::new(z, [n, d]), &device);
     let value = loss.forward(tensor(z1), tensor(z2)).map_err(js_error)?;
     Ok(read_f32(value).await.map_err(js_error)?[0] as f64)
+}
+
+thread_local! {
+    /// The WGSL loss kernel's device and pipelines, made on first use and kept.
+    static FUSED: RefCell<Option<Rc<(GpuContext, FusedLoss)>>> = const { RefCell::new(None) };
+}
+
+/// The fused WGSL kernel (`shaders/dcl_loss.wgsl`) on the page's WebGPU, without Burn:
+/// `{loss, gradZ1, gradZ2}`, the same numbers the native kernel and `dcl loss` give.
+#[wasm_bindgen(js_name = fusedLoss)]
+pub async fn fused_loss(
+    z1: Vec<f32>,
+    z2: Vec<f32>,
+    n: usize,
+    d: usize,
+    kind: &str,
+    temperature: f64,
+    sigma: f64,
+) -> Result<JsValue, JsValue> {
+    let loss = loss_and_shape(&z1, &z2, n, d, kind, temperature, sigma)?;
+    let kernel = match FUSED.with(|k| k.borrow().clone()) {
+        Some(k) => k,
+        None => {
+            let gpu = GpuContext::new().await.map_err(js_error)?;
+            let fused = FusedLoss::new(&gpu);
+            let kernel = Rc::new((gpu, fused));
+            FUSED.with(|k| *k.borrow_mut() = Some(kernel.clone()));
+            kernel
+        }
+    };
+    let out = kernel
+        .1
+        .compute(&kernel.0, &loss, &z1, &z2, n, d)
+        .await
+        .map_err(js_error)?;
+    to_js(&out)
 }

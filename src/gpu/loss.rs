@@ -9,7 +9,8 @@ const TILE: u32 = 16;
 pub const MAX_DIM: usize = 512;
 
 /// The loss and its gradients with respect to both (unnormalized) views.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct LossAndGrads {
     pub loss: f32,
     pub grad_z1: Vec<f32>,

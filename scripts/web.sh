@@ -1,0 +1,56 @@
+# Shared by ./play and ./test (sourced): installs what the web build needs and builds the page's
+# wasm into www/pkg/. Safe to run again: it installs only what is missing and cargo rebuilds only
+# what changed.
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/dcl-target}"
+# The native build carries the cuda feature everywhere (tests, ./play): `--features cuda` is then
+# proven by every build, and one set of features means Burn is compiled once. CUDA itself is
+# loaded only at run time, so this builds on machines without a GPU or toolkit.
+NATIVE_FEATURES="--features cuda"
+
+apt_install() {
+  local missing=()
+  for pkg in "$@"; do dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg"); done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  echo "installing ${missing[*]}"
+  local sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+# wasm-bindgen-cli must be the exact version of the wasm-bindgen crate in Cargo.lock.
+wasm_bindgen_version() {
+  awk '/^name = "wasm-bindgen"$/ { getline; gsub(/"/, "", $3); print $3; exit }' Cargo.lock
+}
+
+ensure_wasm_tools() {
+  rustup target list --installed | grep -q '^wasm32-unknown-unknown$' \
+    || rustup target add wasm32-unknown-unknown
+  local want; want="$(wasm_bindgen_version)"
+  if ! wasm-bindgen --version 2>/dev/null | grep -q " $want\$"; then
+    echo "installing wasm-bindgen-cli $want (about 10 minutes, once)"
+    # Not --locked: its lock file pins a crate version the registry here does not serve.
+    env -u CARGO_TARGET_DIR cargo install wasm-bindgen-cli --version "$want"
+  fi
+}
+
+# The page's module: Burn on WebGPU plus the bindings in src/web.rs, as www/pkg/dcl.js + dcl_bg.wasm.
+build_wasm() {
+  ensure_wasm_tools
+  cargo rustc --release --lib --crate-type cdylib --target wasm32-unknown-unknown \
+    --no-default-features --features webgpu
+  wasm-bindgen --target web --no-typescript --out-dir www/pkg \
+    "$CARGO_TARGET_DIR/wasm32-unknown-unknown/release/dcl.wasm"
+}
+
+# Optional size pass with npm's binaryen (Debian's wasm-opt 108 writes modules Chromium rejects).
+shrink_wasm() {
+  [ -x node_modules/.bin/wasm-opt ] || npm install --no-save --no-audit --no-fund binaryen@132 >/dev/null
+  node_modules/.bin/wasm-opt -Oz --enable-bulk-memory --enable-reference-types --enable-multivalue \
+    --enable-nontrapping-float-to-int --enable-sign-ext --enable-mutable-globals \
+    www/pkg/dcl_bg.wasm -o www/pkg/dcl_bg.wasm
+}
+
+wasm_size() {
+  echo "www/pkg/dcl_bg.wasm: $(stat -c %s www/pkg/dcl_bg.wasm) bytes, $(gzip -c www/pkg/dcl_bg.wasm | wc -c) gzipped"
+}

@@ -1,0 +1,167 @@
+// Browser tests of the playground, run by ./test after `cargo test`: headless Chromium (Debian's
+// `chromium`, software WebGPU through SwiftShader) drives the page served by `dcl serve`.
+//   DCL_BIN       the native `dcl` binary (serves the page, computes the reference loss)
+//   DCL_TEST_OUT  where screenshots go (default test-output/)
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn, execFileSync } from 'node:child_process';
+import { mkdirSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { chromium } from 'playwright-core';
+
+const DCL = process.env.DCL_BIN || 'target/release/dcl';
+const OUT = process.env.DCL_TEST_OUT || 'test-output';
+const FLAGS = [
+  '--no-first-run', '--disable-background-networking', '--disable-component-update',
+  '--disable-sync', '--disable-quic',
+];
+let server;
+let url;
+
+before(async () => {
+  mkdirSync(OUT, { recursive: true });
+  server = spawn(DCL, ['serve', '--port', '0', '--data', 'fashion-mnist'], { stdio: ['ignore', 'pipe', 'inherit'] });
+  url = await new Promise((resolve, reject) => {
+    server.stdout.once('data', (line) => {
+      const found = String(line).match(/http:\/\/[\d.:]+/);
+      found ? resolve(found[0]) : reject(new Error(`dcl serve said: ${line}`));
+    });
+    server.once('exit', (code) => reject(new Error(`dcl serve exited with ${code}`)));
+  });
+});
+
+after(() => server && server.kill());
+
+async function open(webgpu) {
+  const browser = await chromium.launch({
+    executablePath: '/usr/bin/chromium',
+    args: [...FLAGS, ...(webgpu ? ['--enable-unsafe-webgpu'] : [])],
+  });
+  const page = await browser.newPage({ viewport: { width: 1320, height: 1100 } });
+  const logs = [];
+  page.on('console', (m) => logs.push(m.text()));
+  page.on('pageerror', (e) => logs.push(String(e)));
+  await page.goto(url);
+  return { browser, page, logs };
+}
+
+const pageState = (page) => page.evaluate(() => window.dclPlayground.state());
+
+async function waitFor(page, what, predicate, timeoutMs) {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const s = await pageState(page);
+    if (s.error) throw new Error(`${what}: the page reports an error: ${s.error}`);
+    if (predicate(s)) return s;
+    if (Date.now() > deadline) throw new Error(`${what}: gave up after ${timeoutMs / 1000} s; state ${JSON.stringify({ ...s, losses: s.losses.length })}`);
+    await new Promise((r) => setTimeout(r, 500));
+  }
+}
+
+/// float32 .npy (format 1.0), C order.
+function npy(path, data, shape) {
+  let header = `{'descr': '<f4', 'fortran_order': False, 'shape': (${shape.join(', ')}), }`;
+  header += ' '.repeat(63 - ((10 + header.length) % 64)) + '\n';
+  const head = Buffer.alloc(10);
+  head.write('\x93NUMPY', 0, 'latin1');
+  head[6] = 1;
+  head.writeUInt16LE(header.length, 8);
+  writeFileSync(path, Buffer.concat([head, Buffer.from(header, 'latin1'), Buffer.from(new Float32Array(data).buffer)]));
+}
+
+test('the page trains on WebGPU: 20 steps, finite losses, the loss goes down', { timeout: 1_500_000 }, async () => {
+  const { browser, page, logs } = await open(true);
+  try {
+    const ready = await waitFor(page, 'default data', (s) => s.dataset, 180_000);
+    assert.equal(ready.dataset.name, 'fashion-mnist');
+    await page.evaluate(() => window.dclPlayground.start({
+      batchSize: 16, subset: 480, evalImages: 200, epochs: 2, lr: 0.001, temperature: 0.1, loss: 'dcl',
+    }));
+    const s = await waitFor(page, '20 steps', (s) => s.step >= 20, 1_200_000);
+    assert.ok(s.losses.every(Number.isFinite), `non-finite loss in ${s.losses}`);
+    const mean = (xs) => xs.reduce((a, b) => a + b, 0) / xs.length;
+    const first = mean(s.losses.slice(0, 5));
+    const last = mean(s.losses.slice(-5));
+    assert.ok(last < first, `loss did not go down: first five ${first}, last five ${last}`);
+    assert.ok(s.knnTop1.length >= 1 && s.knnTop1[0] > 0.1, `kNN at epoch 0: ${s.knnTop1}`);
+    await page.screenshot({ path: join(OUT, 'playground.png'), fullPage: true });
+    console.log(`# steps ${s.step}, loss ${first.toFixed(4)} -> ${last.toFixed(4)}, ${s.imagesPerSec.toFixed(2)} images/s`);
+  } catch (e) {
+    console.log(logs.slice(-20).join('\n'));
+    throw e;
+  } finally {
+    await browser.close();
+  }
+});
+
+/// float32 data of a .npy written by `dcl loss --grad-out`.
+function readNpy(path) {
+  const bytes = readFileSync(path);
+  const headerLength = bytes.readUInt16LE(8);
+  const body = bytes.subarray(10 + headerLength);
+  return new Float32Array(body.buffer.slice(body.byteOffset, body.byteOffset + body.length));
+}
+
+test('the page\'s losses (Burn on WebGPU, and the fused WGSL kernel) equal the native `dcl loss`', { timeout: 600_000 }, async () => {
+  const { browser, page } = await open(true);
+  try {
+    await waitFor(page, 'worker ready', (s) => s.status === 'ready' || s.dataset, 180_000);
+    const [n, d] = [24, 16];
+    let seed = 7;
+    const draw = () => Array.from({ length: n * d }, () => ((seed = (seed * 1103515245 + 12345) % 2 ** 31) / 2 ** 31) * 2 - 1);
+    const z1 = draw(), z2 = draw();
+    const dir = mkdtempSync(join(tmpdir(), 'dcl-loss-'));
+    npy(join(dir, 'a.npy'), z1, [n, d]);
+    npy(join(dir, 'b.npy'), z2, [n, d]);
+    const close = (a, b, scale) => Math.abs(a - b) <= 1e-4 * scale;
+    for (const kind of ['dcl', 'dclw', 'infonce']) {
+      const native = JSON.parse(execFileSync(DCL, ['loss', '--z1', join(dir, 'a.npy'), '--z2', join(dir, 'b.npy'),
+        '--kind', kind, '--temperature', '0.2', '--sigma', '0.5', '--grad-out', dir]).toString()).loss;
+      const args = [z1, z2, n, d, kind];
+      const burn = await page.evaluate((a) => window.dclPlayground.loss(...a, 0.2, 0.5), args);
+      assert.ok(close(burn, native, Math.abs(native)), `${kind}: Burn on WebGPU ${burn} vs native ${native}`);
+      const fused = await page.evaluate((a) => window.dclPlayground.fusedLoss(...a, 0.2, 0.5), args);
+      assert.ok(close(fused.loss, native, Math.abs(native)), `${kind}: WGSL kernel ${fused.loss} vs native ${native}`);
+      for (const [name, got] of [['grad_z1', fused.gradZ1], ['grad_z2', fused.gradZ2]]) {
+        const want = readNpy(join(dir, `${name}.npy`));
+        const scale = Math.max(...want.map(Math.abs));
+        want.forEach((w, i) => assert.ok(close(got[i], w, scale), `${kind} ${name}[${i}]: kernel ${got[i]} vs native ${w}`));
+      }
+    }
+    // A truncated CIFAR batch: the error names the file and the byte offset, and the page shows it.
+    const error = await page.evaluate(async () => {
+      const bytes = new Uint8Array(3073 + 100);
+      try {
+        await window.dclPlayground.loadFiles([{ name: 'data_batch_1.bin', bytes }]);
+        return null;
+      } catch (e) {
+        return e.message;
+      }
+    });
+    assert.match(error ?? 'no error', /data_batch_1\.bin.*truncated.*at byte 3073/);
+    assert.match(await page.textContent('#banner'), /data_batch_1\.bin/);
+  } finally {
+    await browser.close();
+  }
+});
+
+test('without WebGPU the page says so and what to do', { timeout: 120_000 }, async () => {
+  const { browser, page } = await open(false);
+  try {
+    const s = await pageState(page);
+    const deadline = Date.now() + 60_000;
+    let state = s;
+    while (state.status !== 'no-webgpu' && Date.now() < deadline) {
+      await new Promise((r) => setTimeout(r, 200));
+      state = await pageState(page);
+    }
+    assert.equal(state.status, 'no-webgpu');
+    assert.match(state.error, /WebGPU is not available/);
+    const banner = await page.textContent('#banner');
+    assert.match(banner, /Chrome or Edge/);
+    assert.equal(await page.isDisabled('#start'), true);
+  } finally {
+    await browser.close();
+  }
+});

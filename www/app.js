@@ -1,0 +1,350 @@
+// The playground page: controls, live charts, view pairs, the embedding scatter. Training runs in
+// www/worker.js; this file only draws what the worker reports and forwards what the user does.
+
+const $ = (id) => document.getElementById(id);
+const CLASS_NAMES = {
+  'cifar-10': ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck'],
+  'fashion-mnist': ['T-shirt', 'trouser', 'pullover', 'dress', 'coat', 'sandal', 'shirt', 'sneaker', 'bag', 'boot'],
+  mnist: ['0', '1', '2', '3', '4', '5', '6', '7', '8', '9'],
+};
+const PALETTE = ['#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#8c564b', '#e377c2', '#7f7f7f', '#bcbd22', '#17becf'];
+const RUN_COLORS = ['#d62728', '#1f77b4', '#2ca02c', '#9467bd', '#ff7f0e', '#8c564b'];
+const classColor = (c, classes) => (classes <= 10 ? PALETTE[c] : `hsl(${(360 * c) / classes}, 65%, 45%)`);
+
+const state = {
+  status: 'loading',
+  step: 0,
+  epoch: 0,
+  losses: [],
+  knnTop1: [],
+  dataset: null,
+  error: null,
+  imagesPerSec: null,
+};
+const runs = []; // every run of this page: { label, color, losses: [[step, loss]], knn: [[epoch, top1]] }
+let scatter = null; // { points, labels }
+let worker = null;
+let nextId = 0;
+const pending = new Map();
+
+function setStatus(status) {
+  state.status = status;
+  render();
+}
+
+function showBanner(text, isError) {
+  const banner = $('banner');
+  banner.textContent = text;
+  banner.className = isError ? 'banner error' : 'banner';
+  banner.hidden = !text;
+}
+
+function fail(message) {
+  state.error = message;
+  showBanner(message, true);
+  render();
+}
+
+function ask(message, transfer = []) {
+  const id = nextId++;
+  return new Promise((resolve, reject) => {
+    pending.set(id, { resolve, reject });
+    worker.postMessage({ ...message, id }, transfer);
+  });
+}
+
+// ---- drawing -------------------------------------------------------------------------------
+
+function lineChart(canvas, series, { xLabel, yLabel, yMin, yMax }) {
+  const ctx = canvas.getContext('2d');
+  const { width: w, height: h } = canvas;
+  const pad = { l: 48, r: 10, t: 10, b: 28 };
+  ctx.clearRect(0, 0, w, h);
+  const all = series.flatMap((s) => s.points);
+  ctx.fillStyle = '#555';
+  ctx.font = '11px system-ui';
+  if (!all.length) {
+    ctx.fillText('waiting for the first numbers…', pad.l, h / 2);
+    return;
+  }
+  const xs = all.map((p) => p[0]);
+  const ys = all.map((p) => p[1]);
+  const x0 = Math.min(...xs), x1 = Math.max(...xs, x0 + 1);
+  let y0 = yMin ?? Math.min(...ys), y1 = yMax ?? Math.max(...ys);
+  if (y1 - y0 < 1e-6) { y0 -= 0.5; y1 += 0.5; }
+  const X = (x) => pad.l + ((x - x0) / (x1 - x0)) * (w - pad.l - pad.r);
+  const Y = (y) => h - pad.b - ((y - y0) / (y1 - y0)) * (h - pad.t - pad.b);
+  ctx.strokeStyle = '#ccc';
+  ctx.beginPath();
+  ctx.moveTo(pad.l, pad.t);
+  ctx.lineTo(pad.l, h - pad.b);
+  ctx.lineTo(w - pad.r, h - pad.b);
+  ctx.stroke();
+  for (const v of [y0, (y0 + y1) / 2, y1]) ctx.fillText(v.toFixed(3), 2, Y(v) + 4);
+  ctx.fillText(`${x0}`, pad.l, h - 10);
+  ctx.fillText(`${x1} ${xLabel}`, w - pad.r - 70, h - 10);
+  ctx.fillText(yLabel, pad.l + 6, pad.t + 10);
+  for (const s of series) {
+    ctx.strokeStyle = s.color;
+    ctx.fillStyle = s.color;
+    ctx.lineWidth = s.width || 1.5;
+    ctx.beginPath();
+    s.points.forEach(([x, y], i) => (i ? ctx.lineTo(X(x), Y(y)) : ctx.moveTo(X(x), Y(y))));
+    ctx.stroke();
+    if (s.dots) s.points.forEach(([x, y]) => ctx.fillRect(X(x) - 2, Y(y) - 2, 4, 4));
+  }
+  series.forEach((s, i) => {
+    ctx.fillStyle = s.color;
+    ctx.fillText(s.label, w - pad.r - 200, pad.t + 12 + 13 * i);
+  });
+}
+
+function drawRgb(ctx, rgb, offset, x, y, size) {
+  const image = new ImageData(32, 32);
+  for (let i = 0; i < 1024; i++) {
+    image.data.set([rgb[offset + 3 * i], rgb[offset + 3 * i + 1], rgb[offset + 3 * i + 2], 255], 4 * i);
+  }
+  const tile = new OffscreenCanvas(32, 32);
+  tile.getContext('2d').putImageData(image, 0, 0);
+  ctx.imageSmoothingEnabled = false;
+  ctx.drawImage(tile, x, y, size, size);
+}
+
+function drawViews(pixels) {
+  const canvas = $('views');
+  const ctx = canvas.getContext('2d');
+  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  const tiles = pixels.length / 3072;
+  const size = 36;
+  for (let t = 0; t < tiles; t++) {
+    const pair = Math.floor(t / 2);
+    drawRgb(ctx, pixels, t * 3072, 6 + pair * (2 * size + 12) + (t % 2) * (size + 1), 20, size);
+  }
+}
+
+function drawScatter() {
+  const canvas = $('scatter');
+  const ctx = canvas.getContext('2d');
+  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  if (!scatter) return;
+  const { points, labels } = scatter;
+  const xs = points.filter((_, i) => i % 2 === 0), ys = points.filter((_, i) => i % 2 === 1);
+  const [xa, xb, ya, yb] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
+  const m = 12;
+  scatter.screen = xs.map((x, i) => [
+    m + ((x - xa) / (xb - xa || 1)) * (canvas.width - 2 * m),
+    m + ((ys[i] - ya) / (yb - ya || 1)) * (canvas.height - 2 * m),
+  ]);
+  const classes = state.dataset ? state.dataset.classes : 10;
+  scatter.screen.forEach(([x, y], i) => {
+    ctx.fillStyle = classColor(labels[i], classes);
+    ctx.beginPath();
+    ctx.arc(x, y, 3, 0, 2 * Math.PI);
+    ctx.fill();
+  });
+}
+
+function drawLegend() {
+  const d = state.dataset;
+  if (!d) return;
+  const names = CLASS_NAMES[d.format === 'idx' ? d.name : d.format] || [];
+  $('legend').innerHTML = names
+    .map((n, c) => `<span><i style="background:${classColor(c, d.classes)}"></i>${n}</span>`)
+    .join('');
+}
+
+function render() {
+  const last = state.losses.length ? state.losses[state.losses.length - 1] : null;
+  const knn = state.knnTop1.length ? state.knnTop1[state.knnTop1.length - 1] : null;
+  $('stats').textContent = [
+    `status: ${state.status}`,
+    `epoch ${state.epoch}`,
+    `step ${state.step}`,
+    last === null ? '' : `loss ${last.toFixed(4)}`,
+    knn === null ? '' : `kNN top-1 ${(100 * knn).toFixed(1)}%`,
+    state.imagesPerSec ? `${state.imagesPerSec.toFixed(1)} images/s` : '',
+  ].filter(Boolean).join('   ');
+  const running = state.status === 'running';
+  $('start').disabled = !state.dataset || running || state.status === 'no-webgpu';
+  $('pause').disabled = !(running || state.status === 'paused');
+  $('pause').textContent = state.status === 'paused' ? 'Resume' : 'Pause';
+  $('reset').disabled = !runs.length;
+  $('save').disabled = !runs.length;
+  lineChart($('loss-chart'), runs.map((r) => ({ label: r.label, color: r.color, points: r.losses, width: 1 })), {
+    xLabel: 'steps', yLabel: 'loss',
+  });
+  lineChart($('knn-chart'), runs.map((r) => ({ label: r.label, color: r.color, points: r.knn, dots: true })), {
+    xLabel: 'epochs', yLabel: 'kNN top-1', yMin: 0, yMax: 1,
+  });
+}
+
+// ---- worker messages -----------------------------------------------------------------------
+
+const onMessage = {
+  status({ status }) {
+    setStatus(status);
+  },
+  dataset({ summary, source, message }) {
+    if (!summary) {
+      $('dataset').textContent = `No dataset on the server (${message}). Pick or drop a CIFAR-10 archive.`;
+      setStatus('ready');
+      return;
+    }
+    state.dataset = summary;
+    $('dataset').textContent = `Using ${summary.name} (${source}): ${summary.trainImages} training and ` +
+      `${summary.testImages} test images, ${summary.classes} classes, stored ${summary.shape.join('x')}.`;
+    drawLegend();
+    render();
+  },
+  started({ config }) {
+    const color = RUN_COLORS[runs.length % RUN_COLORS.length];
+    runs.push({ label: `${config.loss} b${config.batchSize} t${config.temperature}`, color, losses: [], knn: [] });
+    Object.assign(state, { step: 0, epoch: 0, losses: [], knnTop1: [], error: null });
+    showBanner('');
+    render();
+  },
+  step({ step, epoch, loss, imagesPerSec }) {
+    const run = runs[runs.length - 1];
+    state.losses.push(loss);
+    Object.assign(state, { step: step + 1, epoch, imagesPerSec });
+    run.losses.push([step + 1, loss]);
+    render();
+  },
+  views({ pixels }) {
+    drawViews(pixels);
+  },
+  epoch({ epoch, knnTop1, points, labels }) {
+    state.knnTop1.push(knnTop1);
+    state.epoch = epoch;
+    runs[runs.length - 1].knn.push([epoch, knnTop1]);
+    scatter = { points, labels };
+    drawScatter();
+    render();
+  },
+  error({ message, paused }) {
+    if (message.startsWith('no-webgpu')) return noWebGpu(message.slice('no-webgpu: '.length));
+    fail(paused ? `The run paused: ${message}. The curves and the last weights are kept; ` +
+      'lower the batch size or the model size, then resume or start again.' : message);
+    if (paused) setStatus('paused');
+  },
+  reply({ id, value, error }) {
+    const p = pending.get(id);
+    pending.delete(id);
+    if (error) p.reject(new Error(error)); else p.resolve(value);
+  },
+};
+
+function noWebGpu(reason) {
+  state.status = 'no-webgpu';
+  fail(`WebGPU is not available: ${reason}. This page trains on the GPU through WebGPU. Use a recent ` +
+    'Chrome or Edge (or Firefox Nightly / Safari Technology Preview with WebGPU enabled), make sure ' +
+    'hardware acceleration is on, or run the same training natively: `dcl pretrain --device cpu`.');
+}
+
+// ---- user actions --------------------------------------------------------------------------
+
+function formConfig() {
+  const form = new FormData($('config'));
+  const numbers = ['temperature', 'sigma', 'batchSize', 'lr', 'epochs', 'subset', 'seed'];
+  const config = Object.fromEntries(form.entries());
+  for (const key of numbers) config[key] = Number(config[key]);
+  return config;
+}
+
+function start(overrides = {}) {
+  const config = { ...formConfig(), ...overrides };
+  worker.postMessage({ type: 'start', config });
+}
+
+/// Parses picked, dropped or given files in the worker; resolves to the dataset's summary.
+function loadFiles(files) {
+  const name = files.map((f) => f.name).join(', ');
+  return ask({ type: 'files', name, files }, files.map((f) => f.bytes)).catch((e) => {
+    fail(`${e.message}. Pick cifar-10-binary.tar.gz, its data_batch_*.bin files, or MNIST-style IDX files.`);
+    throw e;
+  });
+}
+
+async function readFiles(fileList) {
+  const files = [];
+  for (const f of fileList) files.push({ name: f.name, bytes: await f.arrayBuffer() });
+  await loadFiles(files).catch(() => {});
+}
+
+async function save() {
+  const bytes = await ask({ type: 'save' });
+  const url = URL.createObjectURL(new Blob([bytes], { type: 'application/octet-stream' }));
+  const a = Object.assign(document.createElement('a'), { href: url, download: 'model.safetensors' });
+  a.click();
+  URL.revokeObjectURL(url);
+  return bytes;
+}
+
+async function showNeighbors(event) {
+  if (!scatter || !scatter.screen) return;
+  const rect = event.target.getBoundingClientRect();
+  const [x, y] = [event.clientX - rect.left, event.clientY - rect.top];
+  let best = 0;
+  scatter.screen.forEach(([px, py], i) => {
+    const [bx, by] = scatter.screen[best];
+    if ((px - x) ** 2 + (py - y) ** 2 < (bx - x) ** 2 + (by - y) ** 2) best = i;
+  });
+  const { images } = await ask({ type: 'neighbors', index: best, k: 8 });
+  const ctx = $('neighbors').getContext('2d');
+  ctx.clearRect(0, 0, 400, 60);
+  images.forEach((rgb, i) => drawRgb(ctx, rgb, 0, 4 + i * 48 + (i ? 8 : 0), 6, 44));
+}
+
+function wire() {
+  $('start').onclick = () => start();
+  $('pause').onclick = () => worker.postMessage({ type: state.status === 'paused' ? 'resume' : 'pause' });
+  $('reset').onclick = () => {
+    worker.postMessage({ type: 'pause' });
+    runs.length = 0;
+    scatter = null;
+    Object.assign(state, { step: 0, epoch: 0, losses: [], knnTop1: [], error: null });
+    drawScatter();
+    setStatus('ready');
+  };
+  $('save').onclick = () => save().catch((e) => fail(e.message));
+  $('file').onchange = (e) => readFiles(e.target.files);
+  $('scatter').onclick = (e) => showNeighbors(e).catch((err) => fail(err.message));
+  const drop = $('drop');
+  document.addEventListener('dragover', (e) => { e.preventDefault(); drop.classList.add('over'); });
+  document.addEventListener('dragleave', () => drop.classList.remove('over'));
+  document.addEventListener('drop', (e) => {
+    e.preventDefault();
+    drop.classList.remove('over');
+    readFiles(e.dataTransfer.files);
+  });
+}
+
+async function main() {
+  wire();
+  render();
+  if (!navigator.gpu) return noWebGpu('this browser has no navigator.gpu');
+  if (!(await navigator.gpu.requestAdapter())) return noWebGpu('requestAdapter() returned no adapter');
+  worker = new Worker(new URL('./worker.js', import.meta.url), { type: 'module' });
+  worker.onmessage = ({ data }) => onMessage[data.type](data);
+  worker.onerror = (e) => fail(`the training worker failed: ${e.message}`);
+  worker.postMessage({ type: 'init' });
+}
+
+// The automation hook for tests and tutorials.
+window.dclPlayground = {
+  start,
+  pause: () => worker && worker.postMessage({ type: 'pause' }),
+  resume: () => worker && worker.postMessage({ type: 'resume' }),
+  state: () => structuredClone({ ...state }),
+  // [{name, bytes: ArrayBuffer}] -> the dataset's summary, or an error naming the bad file.
+  loadFiles: (files) => loadFiles(files.map((f) => ({ name: f.name, bytes: f.bytes.buffer ?? f.bytes }))),
+  save,
+  // The loss of two [n, d] embeddings through Burn on WebGPU (a number)...
+  loss: (z1, z2, n, d, kind = 'dcl', temperature = 0.1, sigma = 0.5) =>
+    ask({ type: 'loss', z1: Array.from(z1), z2: Array.from(z2), n, d, kind, temperature, sigma }),
+  // ...and through the fused WGSL kernel: {loss, gradZ1, gradZ2}.
+  fusedLoss: (z1, z2, n, d, kind = 'dcl', temperature = 0.1, sigma = 0.5) =>
+    ask({ type: 'loss', z1: Array.from(z1), z2: Array.from(z2), n, d, kind, temperature, sigma, fused: true }),
+};
+
+main().catch((e) => fail(String(e.message || e)));

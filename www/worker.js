@@ -1,0 +1,161 @@
+// The training loop, off the page's main thread. It owns the wasm module (Burn on WebGPU) and
+// talks to www/app.js by messages: the page stays responsive while a step runs on the GPU.
+import init, { initWebGpu, WebDataset, Playground, lossValue, fusedLoss } from './pkg/dcl.js';
+
+let dataset = null;
+let run = null;
+let paused = true;
+let looping = false;
+// Every call into the run goes through this chain: a step awaiting the GPU must not overlap
+// another call on the same run (save, neighbours, evaluation).
+let chain = Promise.resolve();
+const exclusive = (fn) => (chain = chain.then(fn, fn));
+
+const post = (message, transfer = []) => self.postMessage(message, transfer);
+const VIEW_PAIRS = 8;
+
+async function setup() {
+  if (!self.navigator.gpu) {
+    throw new Error('no-webgpu: this browser has no WebGPU (navigator.gpu is missing)');
+  }
+  const adapter = await self.navigator.gpu.requestAdapter();
+  if (!adapter) {
+    throw new Error('no-webgpu: WebGPU is present but requestAdapter() returned no adapter');
+  }
+  await init();
+  await initWebGpu();
+}
+
+async function fetchBytes(url) {
+  const response = await fetch(url);
+  if (!response.ok) throw new Error(`${url}: HTTP ${response.status}`);
+  return new Uint8Array(await response.arrayBuffer());
+}
+
+/// The dataset `dcl serve` found on disk (CIFAR-10 if present, else Fashion-MNIST or MNIST).
+async function loadServerData() {
+  const manifest = await (await fetch(new URL('../data/manifest.json', import.meta.url))).json();
+  if (!manifest.files) {
+    post({ type: 'dataset', summary: null, message: manifest.error });
+    return;
+  }
+  const contents = [];
+  for (const name of manifest.files) contents.push(await fetchBytes(new URL(`../data/${name}`, import.meta.url)));
+  useDataset(WebDataset.fromFiles(manifest.name, manifest.files, contents), 'served by dcl serve');
+}
+
+function useDataset(next, source) {
+  if (dataset) dataset.free();
+  dataset = next;
+  post({ type: 'dataset', summary: dataset.summary(), source });
+}
+
+/// One unit of work on the run, inside the exclusive chain: the next step, or the evaluation
+/// that closes an epoch.
+async function advance() {
+  if (run.finished()) return { done: true };
+  if (run.epochFinished()) {
+    run.endEpoch();
+    return { epoch: run.epoch(), evaluation: await run.evaluate() };
+  }
+  const pixels = run.upcomingViews(VIEW_PAIRS);
+  const started = performance.now();
+  const event = await run.step();
+  const imagesPerSec = (2 * run.batchSize()) / ((performance.now() - started) / 1000);
+  return { pixels, event, imagesPerSec };
+}
+
+async function loop() {
+  if (looping) return;
+  looping = true;
+  try {
+    while (run && !paused) {
+      const outcome = await exclusive(advance);
+      if (outcome.done) {
+        paused = true;
+        post({ type: 'status', status: 'done' });
+      } else if (outcome.evaluation) {
+        post({ type: 'epoch', epoch: outcome.epoch, ...outcome.evaluation });
+      } else {
+        post({ type: 'views', pixels: outcome.pixels }, [outcome.pixels.buffer]);
+        post({ type: 'step', ...outcome.event, imagesPerSec: outcome.imagesPerSec });
+      }
+      // Let queued messages (pause, save, clicks) in between steps.
+      await new Promise((resolve) => setTimeout(resolve, 0));
+    }
+  } catch (e) {
+    paused = true;
+    post({ type: 'error', message: String(e.message || e), paused: true });
+  } finally {
+    looping = false;
+  }
+}
+
+async function start(config) {
+  if (!dataset) throw new Error('no dataset loaded yet: pick a CIFAR-10 archive or wait for the default');
+  paused = true;
+  await chain;
+  if (run) run.free();
+  run = new Playground(dataset, config);
+  post({ type: 'started', stepsPerEpoch: run.stepsPerEpoch(), config });
+  const evaluation = await exclusive(() => run.evaluate());
+  post({ type: 'epoch', epoch: 0, ...evaluation });
+  paused = false;
+  post({ type: 'status', status: 'running' });
+  loop();
+}
+
+const handlers = {
+  async init() {
+    await setup();
+    post({ type: 'status', status: 'ready' });
+    await loadServerData();
+  },
+  async files({ id, name, files }) {
+    const next = WebDataset.fromFiles(
+      name,
+      files.map((f) => f.name),
+      files.map((f) => new Uint8Array(f.bytes)),
+    );
+    useDataset(next, 'from your file');
+    if (id !== undefined) post({ type: 'reply', id, value: dataset.summary() });
+  },
+  start: ({ config }) => start(config),
+  pause() {
+    paused = true;
+    post({ type: 'status', status: 'paused' });
+  },
+  resume() {
+    if (!run) return;
+    paused = false;
+    post({ type: 'status', status: 'running' });
+    loop();
+  },
+  async save({ id }) {
+    if (!run) throw new Error('nothing to save: start a run first');
+    const bytes = await exclusive(() => run.saveSafetensors());
+    post({ type: 'reply', id, value: bytes }, [bytes.buffer]);
+  },
+  async neighbors({ id, index, k }) {
+    if (!run) throw new Error('no run yet: start one, then click a point');
+    const value = await exclusive(() => {
+      const indices = Array.from(run.neighbors(index, k));
+      return { indices, images: indices.map((i) => run.testImage(i)) };
+    });
+    post({ type: 'reply', id, value });
+  },
+  async loss({ id, z1, z2, n, d, kind, temperature, sigma, fused }) {
+    const compute = fused ? fusedLoss : lossValue;
+    const value = await compute(new Float32Array(z1), new Float32Array(z2), n, d, kind, temperature, sigma);
+    post({ type: 'reply', id, value });
+  },
+};
+
+self.onmessage = async ({ data }) => {
+  try {
+    await handlers[data.type](data);
+  } catch (e) {
+    const message = String(e.message || e);
+    post(data.id !== undefined ? { type: 'reply', id: data.id, error: message } : { type: 'error', message });
+  }
+};
