@@ -249,6 +249,16 @@ impl<B: AutodiffBackend> Trainer<B> {
         })
     }
 
+    /// Replaces the weights (a saved `model.safetensors`, say) and starts the optimizer afresh.
+    pub fn load_encoder(&mut self, encoder: Encoder<B>) {
+        self.encoder = Some(encoder);
+        self.optimizer = EncoderOptimizer::<B>::new(
+            self.config.optimizer,
+            self.config.weight_decay,
+            self.config.momentum,
+        );
+    }
+
     pub fn end_epoch(&mut self) {
         self.epoch += 1;
         self.step_in_epoch = 0;

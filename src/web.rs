@@ -5,13 +5,15 @@
 use crate::backend::DeviceKind;
 use crate::data::preview::{image_rgb, view_rgb};
 use crate::data::{from_named_files, Dataset, Split, IMAGE_LEN};
-use crate::eval::{features, pca2, read_f32, Knn};
+use crate::eval::{knn_monitor_async, pca2, read_f32};
 use crate::gpu::{loss::FusedLoss, GpuContext};
 use crate::loss::{ContrastiveLoss, LossKind};
 use crate::model::ModelName;
 use crate::optim::OptimizerKind;
 use crate::train::{RunConfig, Trainer};
-use crate::weights::{safetensors_bytes, torchvision_tensors_async};
+use crate::weights::{
+    encoder_from_tensors, parse_safetensors, safetensors_bytes, torchvision_tensors_async,
+};
 use burn::backend::wgpu::{graphics, init_setup_async, WgpuDevice};
 use burn::backend::{Autodiff, WebGpu};
 use burn::module::AutodiffModule;
@@ -154,6 +156,25 @@ struct Evaluation {
     labels: Vec<u16>,
 }
 
+/// kNN top-1 and the scatter of the run's current encoder; keeps the test features for
+/// [`Playground::neighbors`].
+async fn evaluate(run: &mut Run) -> Result<Evaluation, JsValue> {
+    let backbone = run.trainer.encoder().valid().backbone;
+    let device = run.trainer.device().clone();
+    let (knn_top1, (_, queries)) =
+        knn_monitor_async(&backbone, &run.bank, &run.test, run.classes, &device)
+            .await
+            .map_err(js_error)?;
+    let dim = queries.len() / run.test.len().max(1);
+    let points = pca2(&queries, dim).into_iter().flatten().collect();
+    run.test_features = queries;
+    Ok(Evaluation {
+        knn_top1,
+        points,
+        labels: run.test.labels.clone(),
+    })
+}
+
 /// One training run in the page.
 #[wasm_bindgen]
 pub struct Playground {
@@ -292,36 +313,29 @@ impl Playground {
     /// of the test features: `{knnTop1, points, labels}`.
     pub fn evaluate(&self) -> Promise {
         with_run(&self.run, |run| async move {
+            let evaluation = evaluate(&mut run.borrow_mut()).await?;
+            to_js(&evaluation)
+        })
+    }
+
+    /// Loads a `model.safetensors` (saved by this page or by `dcl pretrain`) into the run, then
+    /// evaluates it: `{knnTop1, points, labels}`. Training continues from these weights.
+    #[wasm_bindgen(js_name = loadSafetensors)]
+    pub fn load_safetensors(&self, file: String, bytes: Vec<u8>) -> Promise {
+        with_run(&self.run, |run| async move {
             let mut run = run.borrow_mut();
-            let backbone = run.trainer.encoder().valid().backbone;
+            let model = run.trainer.config.model;
+            let (tensors, saved) = parse_safetensors(&file, &bytes).map_err(js_error)?;
+            if let Some(saved) = saved.filter(|&s| s != model) {
+                return Err(js_error(format!(
+                    "{file} holds a {saved}; this run trains a {model}: pick that model and start again"
+                )));
+            }
             let device = run.trainer.device().clone();
-            let bank = features(&backbone, &run.bank, &device)
-                .await
-                .map_err(js_error)?;
-            let queries = features(&backbone, &run.test, &device)
-                .await
-                .map_err(js_error)?;
-            let dim = bank.len() / run.bank.len().max(1);
-            let knn_top1 = Knn::default()
-                .top1::<WebGpu>(
-                    &bank,
-                    &run.bank.labels,
-                    &queries,
-                    &run.test.labels,
-                    dim,
-                    run.classes,
-                    &device,
-                )
-                .await
-                .map_err(js_error)?;
-            let points = pca2(&queries, dim).into_iter().flatten().collect();
-            let labels = run.test.labels.clone();
-            run.test_features = queries;
-            to_js(&Evaluation {
-                knn_top1,
-                points,
-                labels,
-            })
+            let encoder = encoder_from_tensors::<B>(model, tensors, &device)
+                .map_err(|e| js_error(format!("{file}: {e}")))?;
+            run.trainer.load_encoder(encoder);
+            to_js(&evaluate(&mut run).await?)
         })
     }
 

@@ -2,10 +2,11 @@
 //! safetensors with torchvision's ResNet names for everyone else.
 
 use crate::model::{BasicBlock, Encoder, ModelName};
-use burn::module::{Module, Param};
+use burn::module::{Module, Param, ParamId, RunningState};
 use burn::nn::BatchNorm;
 use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
-use burn::tensor::{backend::Backend, Tensor};
+use burn::tensor::{backend::Backend, Tensor, TensorData};
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
 
@@ -75,46 +76,78 @@ struct OnDevice<B: Backend> {
     flat: Tensor<B, 1>,
 }
 
-fn tensor<B: Backend, const D: usize>(name: String, t: Tensor<B, D>) -> OnDevice<B> {
+fn on_device<B: Backend, const D: usize>(name: String, t: Tensor<B, D>) -> OnDevice<B> {
     let shape = t.dims().to_vec();
     let flat = t.reshape([shape.iter().product::<usize>()]);
     OnDevice { name, shape, flat }
 }
 
-fn param<B: Backend, const D: usize>(name: String, p: &Param<Tensor<B, D>>) -> OnDevice<B> {
-    tensor(name, p.val())
+/// One tensor of the encoder, reached under its torchvision name.
+enum Slot<'a, B: Backend> {
+    Conv(&'a mut Param<Tensor<B, 4>>),
+    /// A Linear weight: Burn stores [in, out], PyTorch [out, in].
+    Linear(&'a mut Param<Tensor<B, 2>>),
+    Vector(&'a mut Param<Tensor<B, 1>>),
+    Running(&'a mut RunningState<Tensor<B, 1>>),
 }
 
-fn batch_norm<B: Backend>(prefix: &str, bn: &BatchNorm<B>, out: &mut Vec<OnDevice<B>>) {
-    out.push(param(format!("{prefix}.weight"), &bn.gamma));
-    out.push(param(format!("{prefix}.bias"), &bn.beta));
-    out.push(tensor(
+type Visitor<'v, B> = dyn FnMut(String, Slot<'_, B>) + 'v;
+
+fn visit_batch_norm<B: Backend>(prefix: &str, bn: &mut BatchNorm<B>, f: &mut Visitor<B>) {
+    f(format!("{prefix}.weight"), Slot::Vector(&mut bn.gamma));
+    f(format!("{prefix}.bias"), Slot::Vector(&mut bn.beta));
+    f(
         format!("{prefix}.running_mean"),
-        bn.running_mean.value(),
-    ));
-    out.push(tensor(
+        Slot::Running(&mut bn.running_mean),
+    );
+    f(
         format!("{prefix}.running_var"),
-        bn.running_var.value(),
-    ));
+        Slot::Running(&mut bn.running_var),
+    );
 }
 
-fn block<B: Backend>(prefix: &str, b: &BasicBlock<B>, out: &mut Vec<OnDevice<B>>) {
-    out.push(param(format!("{prefix}.conv1.weight"), &b.conv1.weight));
-    batch_norm(&format!("{prefix}.bn1"), &b.bn1, out);
-    out.push(param(format!("{prefix}.conv2.weight"), &b.conv2.weight));
-    batch_norm(&format!("{prefix}.bn2"), &b.bn2, out);
-    if let Some(d) = &b.downsample {
-        out.push(param(
+fn visit_block<B: Backend>(prefix: &str, b: &mut BasicBlock<B>, f: &mut Visitor<B>) {
+    f(
+        format!("{prefix}.conv1.weight"),
+        Slot::Conv(&mut b.conv1.weight),
+    );
+    visit_batch_norm(&format!("{prefix}.bn1"), &mut b.bn1, f);
+    f(
+        format!("{prefix}.conv2.weight"),
+        Slot::Conv(&mut b.conv2.weight),
+    );
+    visit_batch_norm(&format!("{prefix}.bn2"), &mut b.bn2, f);
+    if let Some(d) = &mut b.downsample {
+        f(
             format!("{prefix}.downsample.0.weight"),
-            &d.conv.weight,
-        ));
-        batch_norm(&format!("{prefix}.downsample.1"), &d.bn, out);
+            Slot::Conv(&mut d.conv.weight),
+        );
+        visit_batch_norm(&format!("{prefix}.downsample.1"), &mut d.bn, f);
     }
 }
 
-/// The encoder's tensors under torchvision's names (`conv1.weight`, `layer1.0.bn1.running_mean`,
-/// ...) and the head as `nn.Sequential(Linear, BatchNorm1d, ReLU, Linear)` under `head.*`.
-/// Linear weights are transposed to PyTorch's [out, in].
+/// Every tensor of the encoder under torchvision's names (`conv1.weight`,
+/// `layer1.0.bn1.running_mean`, ...), the head as `nn.Sequential(Linear, BatchNorm1d, ReLU,
+/// Linear)` under `head.*`. The one walk both saving and loading use.
+fn visit<B: Backend>(encoder: &mut Encoder<B>, f: &mut Visitor<B>) {
+    let r = &mut encoder.backbone;
+    f("conv1.weight".into(), Slot::Conv(&mut r.conv1.weight));
+    visit_batch_norm("bn1", &mut r.bn1, f);
+    for (s, stage) in r.layers.iter_mut().enumerate() {
+        for (i, b) in stage.iter_mut().enumerate() {
+            visit_block(&format!("layer{}.{i}", s + 1), b, f);
+        }
+    }
+    let h = &mut encoder.head;
+    f("head.0.weight".into(), Slot::Linear(&mut h.linear1.weight));
+    visit_batch_norm("head.1", &mut h.bn, f);
+    f("head.3.weight".into(), Slot::Linear(&mut h.linear2.weight));
+    if let Some(bias) = &mut h.linear2.bias {
+        f("head.3.bias".into(), Slot::Vector(bias));
+    }
+}
+
+/// The encoder's tensors under torchvision's names, in PyTorch layout (Linear weights [out, in]).
 pub fn torchvision_tensors<B: Backend>(encoder: &Encoder<B>) -> Vec<NamedTensor> {
     futures_lite::future::block_on(torchvision_tensors_async(encoder)).expect("weights read back")
 }
@@ -123,8 +156,17 @@ pub fn torchvision_tensors<B: Backend>(encoder: &Encoder<B>) -> Vec<NamedTensor>
 pub async fn torchvision_tensors_async<B: Backend>(
     encoder: &Encoder<B>,
 ) -> anyhow::Result<Vec<NamedTensor>> {
+    let mut pending = Vec::new();
+    visit(&mut encoder.clone(), &mut |name, slot| {
+        pending.push(match slot {
+            Slot::Conv(p) => on_device(name, p.val()),
+            Slot::Linear(p) => on_device(name, p.val().transpose()),
+            Slot::Vector(p) => on_device(name, p.val()),
+            Slot::Running(r) => on_device(name, r.value()),
+        })
+    });
     let mut out = Vec::new();
-    for t in on_device(encoder) {
+    for t in pending {
         out.push(NamedTensor {
             data: crate::eval::read_f32(t.flat).await?,
             name: t.name,
@@ -132,32 +174,6 @@ pub async fn torchvision_tensors_async<B: Backend>(
         });
     }
     Ok(out)
-}
-
-fn on_device<B: Backend>(encoder: &Encoder<B>) -> Vec<OnDevice<B>> {
-    let mut out = Vec::new();
-    let r = &encoder.backbone;
-    out.push(param("conv1.weight".into(), &r.conv1.weight));
-    batch_norm("bn1", &r.bn1, &mut out);
-    for (s, stage) in r.layers.iter().enumerate() {
-        for (i, b) in stage.iter().enumerate() {
-            block(&format!("layer{}.{i}", s + 1), b, &mut out);
-        }
-    }
-    let h = &encoder.head;
-    out.push(tensor(
-        "head.0.weight".into(),
-        h.linear1.weight.val().transpose(),
-    ));
-    batch_norm("head.1", &h.bn, &mut out);
-    out.push(tensor(
-        "head.3.weight".into(),
-        h.linear2.weight.val().transpose(),
-    ));
-    if let Some(bias) = &h.linear2.bias {
-        out.push(param("head.3.bias".into(), bias));
-    }
-    out
 }
 
 /// Serializes tensors in the safetensors format (8-byte header length, JSON header, raw LE data).
@@ -187,4 +203,114 @@ pub fn safetensors_bytes(tensors: &[NamedTensor], model: ModelName) -> Vec<u8> {
         out.extend(t.data.iter().flat_map(|v| v.to_le_bytes()));
     }
     out
+}
+
+/// The tensors of a safetensors file (F32 only, as `dcl` and PyTorch's `save_file` write them),
+/// and the model preset its metadata names, if any.
+pub fn parse_safetensors(
+    file: &str,
+    bytes: &[u8],
+) -> anyhow::Result<(Vec<NamedTensor>, Option<ModelName>)> {
+    let bad = |what: String| anyhow::anyhow!("{file}: not a usable safetensors file: {what}");
+    let header_len = bytes
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
+        .ok_or_else(|| bad("shorter than its 8-byte header length".into()))?;
+    let body_start = 8usize
+        .checked_add(header_len)
+        .filter(|&end| end <= bytes.len())
+        .ok_or_else(|| bad(format!("header of {header_len} bytes runs past the end")))?;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..body_start]).map_err(|e| bad(format!("header: {e}")))?;
+    let body = &bytes[body_start..];
+    let mut model = None;
+    let mut tensors = Vec::new();
+    for (name, info) in header {
+        if name == "__metadata__" {
+            model = info["model"].as_str().and_then(|m| m.parse().ok());
+            continue;
+        }
+        anyhow::ensure!(
+            info["dtype"] == "F32",
+            "{file}: tensor {name} is {}, only F32 is read",
+            info["dtype"]
+        );
+        let shape: Vec<usize> = serde_json::from_value(info["shape"].clone())
+            .map_err(|e| bad(format!("{name}: shape: {e}")))?;
+        let [start, end]: [usize; 2] = serde_json::from_value(info["data_offsets"].clone())
+            .map_err(|e| bad(format!("{name}: data_offsets: {e}")))?;
+        let numel: usize = shape.iter().product();
+        anyhow::ensure!(
+            start <= end && end <= body.len() && end - start == 4 * numel,
+            "{file}: tensor {name}: offsets {start}..{end} do not hold {numel} f32 values in a \
+             {}-byte body (truncated file?)",
+            body.len()
+        );
+        let data = body[start..end]
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        tensors.push(NamedTensor { name, shape, data });
+    }
+    Ok((tensors, model))
+}
+
+/// A loaded value as a parameter the optimizer can train (on autodiff backends).
+fn trainable<B: Backend, const D: usize>(id: ParamId, value: Tensor<B, D>) -> Param<Tensor<B, D>> {
+    Param::initialized(id, value.require_grad())
+}
+
+/// An encoder of preset `name` holding `tensors` (torchvision names and layouts). Missing, extra
+/// and mis-shaped tensors are all reported, by name, in one error.
+pub fn encoder_from_tensors<B: Backend>(
+    name: ModelName,
+    tensors: Vec<NamedTensor>,
+    device: &B::Device,
+) -> anyhow::Result<Encoder<B>> {
+    let mut by_name: HashMap<String, NamedTensor> =
+        tensors.into_iter().map(|t| (t.name.clone(), t)).collect();
+    let (mut missing, mut misshaped) = (Vec::new(), Vec::new());
+    let mut encoder = Encoder::new(name, device);
+    visit(&mut encoder, &mut |key, slot| {
+        let Some(t) = by_name.remove(&key) else {
+            return missing.push(key);
+        };
+        let expected = match &slot {
+            Slot::Conv(p) => p.val().dims().to_vec(),
+            Slot::Linear(p) => p.val().dims().iter().rev().copied().collect(),
+            Slot::Vector(p) => p.val().dims().to_vec(),
+            Slot::Running(r) => r.value().dims().to_vec(),
+        };
+        if t.shape != expected {
+            return misshaped.push(format!("{key} is {:?}, expected {expected:?}", t.shape));
+        }
+        let data = TensorData::new(t.data, t.shape);
+        match slot {
+            Slot::Conv(p) => *p = trainable(p.id, Tensor::from_data(data, device)),
+            Slot::Linear(p) => {
+                let value = Tensor::<B, 2>::from_data(data, device).transpose();
+                *p = trainable(p.id, value)
+            }
+            Slot::Vector(p) => *p = trainable(p.id, Tensor::from_data(data, device)),
+            Slot::Running(r) => *r = RunningState::new(Tensor::from_data(data, device)),
+        }
+    });
+    let mut extra: Vec<String> = by_name.into_keys().collect();
+    extra.sort();
+    let mut problems = Vec::new();
+    if !missing.is_empty() {
+        problems.push(format!("missing {}", missing.join(", ")));
+    }
+    if !extra.is_empty() {
+        problems.push(format!("unexpected {}", extra.join(", ")));
+    }
+    if !misshaped.is_empty() {
+        problems.push(format!("wrong shape: {}", misshaped.join("; ")));
+    }
+    anyhow::ensure!(
+        problems.is_empty(),
+        "these weights do not fit {name}: {}",
+        problems.join("; ")
+    );
+    Ok(encoder)
 }

@@ -7,3 +7,4 @@ mod data_readers;
 mod gpu_loss;
 mod loss_reference;
 mod training;
+mod weights;

@@ -170,6 +170,7 @@ function render() {
   $('pause').textContent = state.status === 'paused' ? 'Resume' : 'Pause';
   $('reset').disabled = !runs.length;
   $('save').disabled = !runs.length;
+  $('load').disabled = !runs.length;
   lineChart($('loss-chart'), runs.map((r) => ({ label: r.label, color: r.color, points: r.losses, width: 1 })), {
     xLabel: 'steps', yLabel: 'loss',
   });
@@ -280,6 +281,12 @@ async function save() {
   return bytes;
 }
 
+/// Loads a model.safetensors into the current run (paused first); resolves to its kNN top-1.
+function loadWeights(name, bytes) {
+  worker.postMessage({ type: 'pause' });
+  return ask({ type: 'load', name, bytes }, [bytes]);
+}
+
 async function showNeighbors(event) {
   if (!scatter || !scatter.screen) return;
   const rect = event.target.getBoundingClientRect();
@@ -307,6 +314,10 @@ function wire() {
     setStatus('ready');
   };
   $('save').onclick = () => save().catch((e) => fail(e.message));
+  $('load').onchange = async (e) => {
+    const file = e.target.files[0];
+    if (file) await loadWeights(file.name, await file.arrayBuffer()).catch((err) => fail(err.message));
+  };
   $('file').onchange = (e) => readFiles(e.target.files);
   $('scatter').onclick = (e) => showNeighbors(e).catch((err) => fail(err.message));
   const drop = $('drop');
@@ -339,6 +350,8 @@ window.dclPlayground = {
   // [{name, bytes: ArrayBuffer}] -> the dataset's summary, or an error naming the bad file.
   loadFiles: (files) => loadFiles(files.map((f) => ({ name: f.name, bytes: f.bytes.buffer ?? f.bytes }))),
   save,
+  // Bytes of a model.safetensors (ArrayBuffer or Uint8Array) into the current run -> kNN top-1.
+  loadWeights: (bytes, name = 'model.safetensors') => loadWeights(name, (bytes.buffer ?? bytes).slice(0)),
   // The loss of two [n, d] embeddings through Burn on WebGPU (a number)...
   loss: (z1, z2, n, d, kind = 'dcl', temperature = 0.1, sigma = 0.5) =>
     ask({ type: 'loss', z1: Array.from(z1), z2: Array.from(z2), n, d, kind, temperature, sigma }),

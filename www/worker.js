@@ -136,6 +136,12 @@ const handlers = {
     const bytes = await exclusive(() => run.saveSafetensors());
     post({ type: 'reply', id, value: bytes }, [bytes.buffer]);
   },
+  async load({ id, name, bytes }) {
+    if (!run) throw new Error('start a run with the same model first, then load weights into it');
+    const evaluation = await exclusive(() => run.loadSafetensors(name, new Uint8Array(bytes)));
+    post({ type: 'epoch', epoch: run.epoch(), ...evaluation });
+    post({ type: 'reply', id, value: evaluation.knnTop1 });
+  },
   async neighbors({ id, index, k }) {
     if (!run) throw new Error('no run yet: start one, then click a point');
     const value = await exclusive(() => {

@@ -86,6 +86,23 @@ test('the page trains on WebGPU: 20 steps, finite losses, the loss goes down', {
     assert.ok(last < first, `loss did not go down: first five ${first}, last five ${last}`);
     assert.ok(s.knnTop1.length >= 1 && s.knnTop1[0] > 0.1, `kNN at epoch 0: ${s.knnTop1}`);
     await page.screenshot({ path: join(OUT, 'playground.png'), fullPage: true });
+    // Save, load the file back into the run, save again: the same bytes, the CLI's format.
+    const trip = await page.evaluate(async () => {
+      const p = window.dclPlayground;
+      p.pause();
+      const saved = await p.save();
+      const knn = await p.loadWeights(saved);
+      const again = await p.save();
+      return {
+        same: saved.length === again.length && saved.every((v, i) => v === again[i]),
+        header: new TextDecoder().decode(saved.slice(8, 4000)),
+        knn,
+      };
+    });
+    assert.ok(trip.same, 'weights saved, loaded and saved again differ');
+    assert.match(trip.header, /"model":"resnet-mini"/);
+    assert.match(trip.header, /"layer1\.0\.bn1\.running_mean"/);
+    assert.ok(trip.knn > 0.1 && trip.knn <= 1, `kNN of the loaded weights: ${trip.knn}`);
     console.log(`# steps ${s.step}, loss ${first.toFixed(4)} -> ${last.toFixed(4)}, ${s.imagesPerSec.toFixed(2)} images/s`);
   } catch (e) {
     console.log(logs.slice(-20).join('\n'));
