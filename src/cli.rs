@@ -179,6 +179,25 @@ enum BenchCommand {
         #[arg(long, default_value_t = 5)]
         steps: usize,
     },
+    /// Forward + backward of the loss: the fused WGSL kernel vs Burn's composed reference.
+    Loss {
+        /// Only wgpu: both paths run on the same adapter.
+        #[arg(long, default_value = "wgpu")]
+        device: DeviceKind,
+        #[arg(long, value_delimiter = ',', default_value = "256,1024,4096,8192")]
+        n: Vec<usize>,
+        #[arg(long, default_value_t = 128)]
+        d: usize,
+        /// Timed repetitions after one warm-up; the median is reported.
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// Also run scripts/peer_bench_loss.py (PyTorch + lightly on the CPU) on the same sizes.
+        #[arg(long)]
+        peer: bool,
+        /// One JSON array instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -242,6 +261,17 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             println!("| {model} | {batch_size} | {device} | {ips:.1} |");
             Ok(())
         }
+        Command::Bench {
+            command:
+                BenchCommand::Loss {
+                    device,
+                    n,
+                    d,
+                    reps,
+                    peer,
+                    json,
+                },
+        } => bench_loss(device, &n, d, reps, peer, json),
     }
 }
 
@@ -585,4 +615,85 @@ impl BackendTask for BenchTask {
         }
         Ok((self.steps * self.batch_size) as f64 / started.elapsed().as_secs_f64())
     }
+}
+
+#[cfg(feature = "wgpu")]
+fn bench_loss(
+    device: DeviceKind,
+    sizes: &[usize],
+    d: usize,
+    reps: usize,
+    peer: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        device == DeviceKind::Wgpu,
+        "--device {device}: the fused kernel is WGSL; `dcl bench loss` runs on --device wgpu"
+    );
+    anyhow::ensure!(reps >= 1, "--reps must be at least 1");
+    let mut rows: Vec<serde_json::Value> = crate::gpu::bench::run(sizes, d, reps)?
+        .iter()
+        .map(|r| serde_json::to_value(r).expect("json"))
+        .collect();
+    if peer {
+        rows.extend(peer_loss_rows(sizes, d, reps)?);
+    }
+    if json {
+        println!("{}", serde_json::Value::Array(rows));
+        return Ok(());
+    }
+    println!("| N | D | path | ms (forward + backward) | peak memory (MiB) |");
+    println!("|---|---|---|---|---|");
+    for r in &rows {
+        let mib = r["peak_bytes"]
+            .as_u64()
+            .map(|b| format!("{:.1}", b as f64 / 1048576.0))
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "| {} | {} | {} | {:.1} | {mib} |",
+            r["n"],
+            r["d"],
+            r["path"].as_str().unwrap_or(""),
+            r["ms"].as_f64().unwrap_or(f64::NAN)
+        );
+    }
+    Ok(())
+}
+
+/// The PyTorch/lightly CPU figures for the same sizes, from the peer script (torch required).
+#[cfg(feature = "wgpu")]
+fn peer_loss_rows(
+    sizes: &[usize],
+    d: usize,
+    reps: usize,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    let sizes: Vec<String> = sizes.iter().map(|n| n.to_string()).collect();
+    let out = std::process::Command::new("python3")
+        .args(["scripts/peer_bench_loss.py", "--n", &sizes.join(","), "--d"])
+        .arg(d.to_string())
+        .arg("--reps")
+        .arg(reps.to_string())
+        .output()
+        .map_err(|e| anyhow::anyhow!("--peer: cannot run python3: {e}"))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "--peer: scripts/peer_bench_loss.py failed (pip install torch lightly): {}",
+        String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .last()
+            .unwrap_or("")
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn bench_loss(
+    _: DeviceKind,
+    _: &[usize],
+    _: usize,
+    _: usize,
+    _: bool,
+    _: bool,
+) -> anyhow::Result<()> {
+    anyhow::bail!("`dcl bench loss` needs the wgpu feature (a default feature)")
 }

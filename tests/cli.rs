@@ -249,3 +249,33 @@ fn data_get_without_internet_says_how_to_place_files() {
         "{err}"
     );
 }
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn bench_loss_reports_both_paths_and_the_fused_memory_stays_linear() {
+    let out = dcl(&[
+        "bench", "loss", "--n", "32,128", "--d", "16", "--reps", "1", "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    let peak = |n: u64, path: &str| {
+        let row = rows
+            .iter()
+            .find(|r| r["n"] == n && r["path"] == path)
+            .unwrap_or_else(|| panic!("no {path} row for n={n}: {rows:?}"));
+        assert_eq!(row["d"], 16);
+        assert!(row["ms"].as_f64().unwrap() > 0.0);
+        row["peak_bytes"].as_u64().unwrap()
+    };
+    // Four times the batch, four times the fused kernel's memory: O(N·D), no N x N matrix.
+    assert_eq!(peak(128, "fused"), 4 * peak(32, "fused") - 3 * 32);
+    assert!(peak(128, "reference") > 0);
+    let out = dcl(&["bench", "loss", "--device", "cpu"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--device wgpu"));
+}

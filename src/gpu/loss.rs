@@ -89,6 +89,14 @@ impl FusedLoss {
         }
     }
 
+    /// Device memory one call holds at its peak: its buffers plus the largest read-back staging
+    /// buffer. O(N·D): no 2N x 2N matrix exists anywhere.
+    pub fn peak_bytes(n: usize, d: usize) -> u64 {
+        let (rows, matrix) = (2 * n as u64, (2 * n * d * 4) as u64);
+        let buffers = 32 + 3 * matrix + 4 * (3 * rows + 2 * n as u64);
+        buffers + matrix
+    }
+
     /// Loss and gradients of `z1`, `z2` ([n, d], row-major).
     pub async fn compute(
         &self,
@@ -147,6 +155,10 @@ impl FusedLoss {
         let row_loss = gpu.storage("row_loss", rows as u64 * 4);
         let grad = gpu.storage("grad", matrix);
         let buffers = [&params, &z, &u, &norms, &pos, &w, &lse, &row_loss, &grad];
+        debug_assert_eq!(
+            buffers.iter().map(|b| b.size()).sum::<u64>() + matrix,
+            Self::peak_bytes(n, d)
+        );
         let entries: Vec<wgpu::BindGroupEntry> = buffers
             .iter()
             .enumerate()

@@ -1,5 +1,7 @@
 //! Plain wgpu (no Burn) and the WGSL kernels of `shaders/`: one context, pipelines built once.
 
+#[cfg(feature = "wgpu")]
+pub mod bench;
 pub mod loss;
 
 /// A wgpu device and queue. Native: Vulkan/Metal/DX12 (lavapipe on a machine without a GPU).

@@ -1,0 +1,102 @@
+//! `dcl bench loss`: the fused WGSL kernel against Burn's composed reference on the same wgpu
+//! adapter, forward + backward, with the memory each needs at its peak.
+
+use super::loss::FusedLoss;
+use super::GpuContext;
+use crate::loss::{ContrastiveLoss, LossKind};
+use burn::backend::wgpu::{WgpuDevice, WgpuRuntime};
+use burn::backend::{Autodiff, Wgpu};
+use burn::tensor::{Tensor, TensorData};
+use burn_cubecl::cubecl::Runtime;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use std::time::Instant;
+
+/// One row of the table.
+#[derive(Debug, Clone, Serialize)]
+pub struct LossBench {
+    pub n: usize,
+    pub d: usize,
+    pub path: &'static str,
+    /// Median of the timed repetitions, forward + backward + gradients read back.
+    pub ms: f64,
+    pub peak_bytes: u64,
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+/// Runs `f` once to warm up (kernel compilation, autotuning), then `reps` times; median ms.
+fn time(reps: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
+    f()?;
+    let mut ms = Vec::new();
+    for _ in 0..reps {
+        let start = Instant::now();
+        f()?;
+        ms.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(median(ms))
+}
+
+/// Burn's composed loss on the wgpu backend: forward, backward, both gradients read back.
+fn reference(loss: &ContrastiveLoss, z1: &[f32], z2: &[f32], n: usize, d: usize) {
+    type B = Autodiff<Wgpu>;
+    let device = WgpuDevice::default();
+    let view = |z: &[f32]| {
+        Tensor::<B, 2>::from_data(TensorData::new(z.to_vec(), [n, d]), &device).require_grad()
+    };
+    let (a, b) = (view(z1), view(z2));
+    let value = loss.forward(a.clone(), b.clone()).expect("valid shapes");
+    let grads = value.backward();
+    for t in [a, b] {
+        let _ = t.grad(&grads).expect("gradient").into_data();
+    }
+}
+
+/// The table rows for each N at D = `d`, DCL at t = 0.1.
+pub fn run(sizes: &[usize], d: usize, reps: usize) -> anyhow::Result<Vec<LossBench>> {
+    let gpu = GpuContext::blocking()?;
+    let kernel = FusedLoss::new(&gpu);
+    let loss = ContrastiveLoss::new(LossKind::Dcl, 0.1, 0.5)?;
+    let client = WgpuRuntime::client(&WgpuDevice::default());
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    let mut rows = Vec::new();
+    for &n in sizes {
+        let mut draw = || {
+            (0..n * d)
+                .map(|_| rng.gen_range(-1.0f32..1.0))
+                .collect::<Vec<_>>()
+        };
+        let (z1, z2) = (draw(), draw());
+        let ms = time(reps, || {
+            futures_lite::future::block_on(kernel.compute(&gpu, &loss, &z1, &z2, n, d)).map(drop)
+        })?;
+        rows.push(LossBench {
+            n,
+            d,
+            path: "fused",
+            ms,
+            peak_bytes: FusedLoss::peak_bytes(n, d),
+        });
+        // Burn's pools keep the pages they grew to: after a cleanup, what is reserved once the
+        // runs are done is the peak of the composed path.
+        client.memory_cleanup();
+        let ms = time(reps, || {
+            reference(&loss, &z1, &z2, n, d);
+            Ok(())
+        })?;
+        let usage = client
+            .memory_usage()
+            .map_err(|e| anyhow::anyhow!("Burn's memory report failed: {e:?}"))?;
+        rows.push(LossBench {
+            n,
+            d,
+            path: "reference",
+            ms,
+            peak_bytes: usage.bytes_reserved,
+        });
+    }
+    Ok(rows)
+}
