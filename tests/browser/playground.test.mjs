@@ -103,6 +103,19 @@ test('the page trains on WebGPU: 20 steps, finite losses, the loss goes down', {
     assert.match(trip.header, /"model":"resnet-mini"/);
     assert.match(trip.header, /"layer1\.0\.bn1\.running_mean"/);
     assert.ok(trip.knn > 0.1 && trip.knn <= 1, `kNN of the loaded weights: ${trip.knn}`);
+    // Clicking the scatter paints the clicked image and its nearest neighbours.
+    await page.click('#scatter', { position: { x: 210, y: 210 } });
+    const painted = async () => page.evaluate(() => {
+      const c = document.getElementById('neighbors');
+      const alpha = c.getContext('2d').getImageData(0, 0, c.width, c.height).data.filter((_, i) => i % 4 === 3);
+      return alpha.filter((a) => a > 0).length;
+    });
+    let pixels = 0;
+    for (let i = 0; i < 120 && pixels === 0; i++) {
+      await new Promise((r) => setTimeout(r, 500));
+      pixels = await painted();
+    }
+    assert.ok(pixels >= 8 * 44 * 44, `neighbours strip painted ${pixels} pixels`);
     console.log(`# steps ${s.step}, loss ${first.toFixed(4)} -> ${last.toFixed(4)}, ${s.imagesPerSec.toFixed(2)} images/s`);
   } catch (e) {
     console.log(logs.slice(-20).join('\n'));
