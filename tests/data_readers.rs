@@ -142,3 +142,52 @@ fn real_fashion_mnist_from_debian() {
     // The first training image is an ankle boot (label 9) in the official release.
     assert_eq!(ds.train.labels[0], 9);
 }
+
+#[test]
+fn in_memory_files_are_recognized_as_the_page_receives_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = write_cifar10(tmp.path(), 2, 3, 2);
+    let read = |name: &str| (name.to_string(), std::fs::read(dir.join(name)).unwrap());
+    let batches = vec![
+        read("test_batch.bin"),
+        read("data_batch_2.bin"),
+        read("data_batch_1.bin"),
+    ];
+    let ds = dcl::data::from_named_files("picked", batches).unwrap();
+    assert_eq!((ds.classes, ds.train.len(), ds.test.len()), (10, 6, 2));
+    assert_eq!(
+        ds.train.labels,
+        vec![0, 1, 2, 3, 4, 5],
+        "batches in official order"
+    );
+    let one = dcl::data::from_named_files("one", vec![read("data_batch_2.bin")]).unwrap();
+    assert_eq!((one.train.len(), one.train.labels[0]), (3, 3));
+
+    let pixels: Vec<u8> = (0..3 * 28 * 28).map(|i| (i % 251) as u8).collect();
+    let idx = vec![
+        ("t10k-labels-idx1-ubyte.gz".into(), idx_gz(&[1], &[9])),
+        (
+            "train-images-idx3-ubyte.gz".into(),
+            idx_gz(&[2, 28, 28], &pixels[..2 * 784]),
+        ),
+        ("train-labels-idx1-ubyte.gz".into(), idx_gz(&[2], &[4, 1])),
+        (
+            "t10k-images-idx3-ubyte.gz".into(),
+            idx_gz(&[1, 28, 28], &pixels[2 * 784..]),
+        ),
+    ];
+    let ds = dcl::data::from_named_files("fashion-mnist", idx).unwrap();
+    assert_eq!(
+        (ds.train.labels.clone(), ds.test.labels.clone()),
+        (vec![4, 1], vec![9])
+    );
+    assert_eq!(ds.source_shape, [1, 28, 28]);
+
+    let err = dcl::data::from_named_files(
+        "junk",
+        vec![("a.txt".into(), vec![1]), ("b.txt".into(), vec![2])],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("junk") && err.contains("2 files"), "{err}");
+}
