@@ -3,7 +3,7 @@
 
 const $ = (id) => document.getElementById(id);
 const CLASS_NAMES = {
-  'cifar-10': ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck'],
+  cifar10: ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck'],
   'fashion-mnist': ['T-shirt', 'trouser', 'pullover', 'dress', 'coat', 'sandal', 'shirt', 'sneaker', 'bag', 'boot'],
   mnist: ['0', '1', '2', '3', '4', '5', '6', '7', '8', '9'],
 };

@@ -7,6 +7,7 @@ import assert from 'node:assert/strict';
 import { spawn, execFileSync } from 'node:child_process';
 import { mkdirSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
+import { gzipSync } from 'node:zlib';
 import { join } from 'node:path';
 import { chromium } from 'playwright-core';
 
@@ -125,6 +126,33 @@ test('the page trains on WebGPU: 20 steps, finite losses, the loss goes down', {
   }
 });
 
+/// A ustar archive of (name, bytes) entries, gzipped: a small cifar-10-binary.tar.gz.
+function tarGz(entries) {
+  const blocks = [];
+  for (const [name, data] of entries) {
+    const header = Buffer.alloc(512);
+    const field = (text, offset) => header.write(text, offset, 'latin1');
+    field(name, 0);
+    field('0000644\0', 100);
+    field('0000000\0', 108);
+    field('0000000\0', 116);
+    field(data.length.toString(8).padStart(11, '0') + '\0', 124);
+    field('00000000000\0', 136);
+    field('        ', 148);
+    field('0', 156);
+    field('ustar\0' + '00', 257);
+    const sum = header.reduce((a, b) => a + b, 0);
+    field(sum.toString(8).padStart(6, '0') + '\0 ', 148);
+    blocks.push(header, data, Buffer.alloc((512 - (data.length % 512)) % 512));
+  }
+  blocks.push(Buffer.alloc(1024));
+  return gzipSync(Buffer.concat(blocks));
+}
+
+/// CIFAR-10 records: a label byte, then 3072 pixel bytes.
+const cifarBatch = (count, firstLabel) => Buffer.concat(Array.from({ length: count }, (_, i) =>
+  Buffer.concat([Buffer.from([(firstLabel + i) % 10]), Buffer.alloc(3072, i * 17)])));
+
 /// float32 data of a .npy written by `dcl loss --grad-out`.
 function readNpy(path) {
   const bytes = readFileSync(path);
@@ -171,6 +199,17 @@ test('the page\'s losses (Burn on WebGPU, and the fused WGSL kernel) equal the n
     });
     assert.match(error ?? 'no error', /data_batch_1\.bin.*truncated.*at byte 3073/);
     assert.match(await page.textContent('#banner'), /data_batch_1\.bin/);
+    // The official archive's layout, parsed in wasm by the core CIFAR reader.
+    const archive = tarGz([
+      ['cifar-10-batches-bin/data_batch_1.bin', cifarBatch(10, 0)],
+      ['cifar-10-batches-bin/test_batch.bin', cifarBatch(5, 3)],
+      ['cifar-10-batches-bin/batches.meta.txt', Buffer.from('airplane\n')],
+    ]);
+    const summary = await page.evaluate((bytes) => window.dclPlayground.loadFiles(
+      [{ name: 'cifar-10-binary.tar.gz', bytes: new Uint8Array(bytes) }]), [...archive]);
+    assert.deepEqual([summary.format, summary.trainImages, summary.testImages, summary.classes],
+      ['cifar10', 10, 5, 10]);
+    assert.equal((await pageState(page)).dataset.format, 'cifar10');
   } finally {
     await browser.close();
   }
