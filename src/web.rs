@@ -181,10 +181,6 @@ pub struct Playground {
     run: Rc<RefCell<Run>>,
 }
 
-fn first(split: &Split, n: usize) -> Split {
-    split.clone().truncated(n)
-}
-
 /// Runs `body` on the run unless a previous call is still in flight (the worker awaits each call;
 /// a second caller gets an error, not a panic).
 fn with_run<F, Fut>(run: &Rc<RefCell<Run>>, body: F) -> Promise
@@ -212,12 +208,10 @@ impl Playground {
                 .map_err(|e| js_error(format!("bad playground config: {e}")))?
         };
         let d = &dataset.inner;
-        let train = first(&d.train, page.subset);
+        let train = d.train.head(page.subset);
         // Without a test split, the monitor holds out nothing and queries the training images.
-        let test = first(
-            if d.test.is_empty() { &d.train } else { &d.test },
-            page.eval_images,
-        );
+        let held_out = if d.test.is_empty() { &d.train } else { &d.test };
+        let test = held_out.head(page.eval_images);
         let config = RunConfig {
             data: d.name.clone(),
             model: page.model,

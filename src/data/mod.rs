@@ -76,6 +76,15 @@ impl Split {
         &self.images[i * IMAGE_LEN..(i + 1) * IMAGE_LEN]
     }
 
+    /// A copy of the first `n` images (all when `n` is larger), without copying the rest.
+    pub fn head(&self, n: usize) -> Self {
+        let n = n.min(self.len());
+        Self {
+            images: self.images[..n * IMAGE_LEN].to_vec(),
+            labels: self.labels[..n].to_vec(),
+        }
+    }
+
     /// The first `n` images (all when `n` is larger), for toy runs.
     pub fn truncated(mut self, n: usize) -> Self {
         let n = n.min(self.len());
