@@ -2,7 +2,7 @@
 //! dataset it finds on disk, offered under `/data/`. Plain std networking: it serves one machine's
 //! browser, not the internet.
 
-use crate::data::discover::resolve;
+use crate::data::discover::{files_dir, resolve};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
@@ -35,12 +35,7 @@ fn offer(spec: &str) -> anyhow::Result<Offer> {
     if path.is_file() {
         files.insert(file_name(&path), path.clone());
     } else {
-        let dir = ["cifar-10-batches-bin", "cifar-100-binary"]
-            .iter()
-            .map(|d| path.join(d))
-            .find(|d| d.is_dir())
-            .unwrap_or_else(|| path.clone());
-        for entry in std::fs::read_dir(&dir)? {
+        for entry in std::fs::read_dir(files_dir(&path))? {
             let p = entry?.path();
             if p.is_file() && is_dataset_file(&file_name(&p)) {
                 files.insert(file_name(&p), p);

@@ -72,6 +72,16 @@ fn read(path: &Path) -> Result<Vec<u8>, DataError> {
         .map_err(|e| DataError::new(&path.display().to_string(), 0, format!("cannot read: {e}")))
 }
 
+/// The folder holding a dataset's files: the archive's extracted subfolder when `path` is its
+/// parent (`cifar-10-batches-bin`, `cifar-100-binary`), else `path` itself.
+pub fn files_dir(path: &Path) -> PathBuf {
+    ["cifar-10-batches-bin", "cifar-100-binary"]
+        .iter()
+        .map(|d| path.join(d))
+        .find(|d| d.is_dir())
+        .unwrap_or_else(|| path.to_path_buf())
+}
+
 /// Loads a dataset from a CIFAR archive, a CIFAR batch file or folder, or an IDX folder.
 pub fn load(spec: &str) -> anyhow::Result<Dataset> {
     let path = resolve(spec)?;
@@ -79,13 +89,7 @@ pub fn load(spec: &str) -> anyhow::Result<Dataset> {
     if path.is_file() {
         return Ok(cifar::from_file(&shown, read(&path)?)?);
     }
-    let dir = if path.join("cifar-10-batches-bin").is_dir() {
-        path.join("cifar-10-batches-bin")
-    } else if path.join("cifar-100-binary").is_dir() {
-        path.join("cifar-100-binary")
-    } else {
-        path.clone()
-    };
+    let dir = files_dir(&path);
     let entries: Vec<PathBuf> = fs::read_dir(&dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .collect();
