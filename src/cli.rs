@@ -3,7 +3,7 @@
 use crate::backend::{dispatch, BackendTask, DeviceKind};
 use crate::data::{discover, npy, preview, Dataset};
 use crate::eval::{knn_monitor, linear_probe};
-use crate::loss::{ContrastiveLoss, LossKind};
+use crate::loss::{ContrastiveLoss, LossKernel, LossKind};
 use crate::model::{param_counts, Encoder, ModelName};
 use crate::optim::OptimizerKind;
 use crate::run::{Checkpoint, RunDir};
@@ -64,6 +64,12 @@ enum Command {
         #[arg(long, default_value = ".")]
         root: std::path::PathBuf,
     },
+    /// Backbone features (or projections) of images by the WGSL inference engine, as `.npy`.
+    #[cfg(feature = "wgpu")]
+    Embed(EmbedArgs),
+    /// One image and its nearest neighbours by cosine similarity of features, as a PNG row.
+    #[cfg(feature = "wgpu")]
+    Neighbors(NeighborsArgs),
     /// Speed measurements.
     Bench {
         #[command(subcommand)]
@@ -109,6 +115,12 @@ struct PretrainArgs {
     /// Train on the first N training images only.
     #[arg(long)]
     limit: Option<usize>,
+    /// The random resized crop's smallest area fraction (SimCLR's 0.08; 0.2 suits short runs).
+    #[arg(long, default_value_t = 0.08)]
+    crop_min_scale: f32,
+    /// fused (the WGSL kernel; the default with --device wgpu) or reference (Burn's ops).
+    #[arg(long)]
+    loss_kernel: Option<LossKernel>,
     /// Continue the run in --out from its latest checkpoint (its config.toml wins over flags).
     #[arg(long)]
     resume: bool,
@@ -129,6 +141,54 @@ struct LossArgs {
     /// Write grad_z1.npy and grad_z2.npy here.
     #[arg(long)]
     grad_out: Option<PathBuf>,
+}
+
+/// What `dcl embed` and `dcl neighbors` read.
+#[cfg(feature = "wgpu")]
+#[derive(Args)]
+struct EngineInput {
+    /// A `model.safetensors` written by `dcl pretrain` (torchvision names).
+    #[arg(long)]
+    model: PathBuf,
+    /// A dataset path or name, or (embed only) a float32 `.npy` of shape [B, 3, H, W] used as is.
+    #[arg(long)]
+    data: String,
+    #[arg(long, value_enum, default_value = "test")]
+    split: crate::retrieval::SplitName,
+    /// The first N images of the split only.
+    #[arg(long)]
+    limit: Option<usize>,
+}
+
+#[cfg(feature = "wgpu")]
+#[derive(Args)]
+struct EmbedArgs {
+    #[command(flatten)]
+    input: EngineInput,
+    #[arg(long)]
+    out: PathBuf,
+    /// The projection head's 128-d output instead of the backbone features.
+    #[arg(long)]
+    projected: bool,
+    /// Scale every row to unit L2 norm (what cosine kNN uses).
+    #[arg(long)]
+    normalize: bool,
+}
+
+#[cfg(feature = "wgpu")]
+#[derive(Args)]
+struct NeighborsArgs {
+    #[command(flatten)]
+    input: EngineInput,
+    /// Index of the query image in the split.
+    #[arg(long)]
+    query: usize,
+    #[arg(short, long, default_value_t = 8)]
+    k: usize,
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 3)]
+    scale: usize,
 }
 
 #[derive(Subcommand)]
@@ -238,6 +298,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Data { command } => data(command),
+        #[cfg(feature = "wgpu")]
+        Command::Embed(args) => embed(args),
+        #[cfg(feature = "wgpu")]
+        Command::Neighbors(args) => neighbors(args),
         Command::Serve { port, data, root } => crate::serve::serve(&root, port, data.as_deref()),
         Command::Bench {
             command:
@@ -312,6 +376,79 @@ fn data(command: DataCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+#[cfg(feature = "wgpu")]
+fn embed(args: EmbedArgs) -> anyhow::Result<()> {
+    use crate::retrieval::{embed, load_engine, load_images};
+    let EngineInput {
+        model,
+        data,
+        split,
+        limit,
+    } = args.input;
+    let gpu = crate::gpu::GpuContext::blocking()?;
+    let engine = load_engine(&gpu, &model)?;
+    let (images, _) = load_images(&data, split, limit)?;
+    let out = embed(&gpu, &engine, &images, args.normalize)?;
+    let (rows, dim) = if args.projected {
+        (out.projections, crate::model::PROJECTION_DIM)
+    } else {
+        (out.features, engine.feature_dim())
+    };
+    write_atomic(&args.out, &npy::to_bytes(&[images.count, dim], &rows))?;
+    eprintln!(
+        "{} embeddings of width {dim} -> {}",
+        images.count,
+        args.out.display()
+    );
+    Ok(())
+}
+
+#[cfg(feature = "wgpu")]
+fn neighbors(args: NeighborsArgs) -> anyhow::Result<()> {
+    use crate::retrieval::{embed, load_engine, load_images, nearest, pick};
+    let EngineInput {
+        model,
+        data,
+        split,
+        limit,
+    } = args.input;
+    let gpu = crate::gpu::GpuContext::blocking()?;
+    let engine = load_engine(&gpu, &model)?;
+    let (images, dataset) = load_images(&data, split, limit)?;
+    let dataset = dataset.ok_or_else(|| {
+        anyhow::anyhow!("{data}: neighbors draws dataset images; pass a dataset, not a .npy")
+    })?;
+    anyhow::ensure!(
+        args.query < images.count,
+        "--query {} is past the {} images searched",
+        args.query,
+        images.count
+    );
+    let features = embed(&gpu, &engine, &images, true)?.features;
+    let found = nearest(&features, engine.feature_dim(), args.query, args.k);
+    let labels = &pick(&dataset, split).labels;
+    let mut row = vec![args.query];
+    row.extend(found.iter().map(|f| f.0));
+    let report: Vec<serde_json::Value> = found
+        .iter()
+        .map(|&(i, sim)| serde_json::json!({"index": i, "label": labels[i], "cosine": sim}))
+        .collect();
+    write_atomic(
+        &args.out,
+        &preview::row_png(
+            pick(&dataset, split),
+            dataset.source_shape,
+            &row,
+            args.scale,
+        )?,
+    )?;
+    println!(
+        "{}",
+        serde_json::json!({"query": args.query, "label": labels[args.query], "neighbors": report})
+    );
+    Ok(())
 }
 
 fn read_embeddings(path: &Path) -> anyhow::Result<npy::Array> {
@@ -401,6 +538,11 @@ fn pretrain(args: PretrainArgs) -> anyhow::Result<()> {
             seed: args.seed,
             device: args.device,
             limit: args.limit,
+            crop_min_scale: args.crop_min_scale,
+            loss_kernel: args.loss_kernel.unwrap_or(match args.device {
+                DeviceKind::Wgpu => LossKernel::Fused,
+                DeviceKind::Cpu | DeviceKind::Cuda => LossKernel::Reference,
+            }),
         }
     };
     // Validate before writing anything.
@@ -606,6 +748,8 @@ impl BackendTask for BenchTask {
             seed: 0,
             device: DeviceKind::Cpu,
             limit: None,
+            crop_min_scale: 0.08,
+            loss_kernel: LossKernel::Reference,
         };
         let mut trainer = Trainer::<B>::new(config, split, device)?;
         trainer.step()?; // warm-up: kernel compilation, allocator growth

@@ -14,6 +14,8 @@ pub mod gpu;
 pub mod loss;
 pub mod model;
 pub mod optim;
+#[cfg(feature = "wgpu")]
+pub mod retrieval;
 pub mod run;
 pub mod serve;
 pub mod train;

@@ -53,6 +53,37 @@ impl fmt::Display for LossKind {
     }
 }
 
+/// Which implementation computes the loss during training: `shaders/dcl_loss.wgsl` (one fused
+/// pass, O(N·D) memory) or Burn's composed tensor ops (any backend; the reference).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LossKernel {
+    Fused,
+    Reference,
+}
+
+impl FromStr for LossKernel {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "fused" => Ok(Self::Fused),
+            "reference" => Ok(Self::Reference),
+            other => Err(format!(
+                "unknown loss kernel '{other}': expected fused or reference"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for LossKernel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Fused => "fused",
+            Self::Reference => "reference",
+        })
+    }
+}
+
 /// A loss with its hyper-parameters, validated once.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ContrastiveLoss {

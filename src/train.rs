@@ -5,12 +5,12 @@
 use crate::augment::{view_pairs, ViewConfig};
 use crate::backend::DeviceKind;
 use crate::data::{Split, IMAGE_LEN, SIDE};
-use crate::loss::{ContrastiveLoss, LossKind};
+use crate::loss::{ContrastiveLoss, LossKernel, LossKind};
 use crate::model::{Encoder, ModelName};
 use crate::optim::{EncoderOptimizer, OptimizerKind};
 use crate::weights::{init_encoder, module_from_bytes, module_to_bytes};
 use burn::optim::GradientsParams;
-use burn::tensor::{backend::AutodiffBackend, Tensor, TensorData};
+use burn::tensor::{backend::AutodiffBackend, ElementConversion, Tensor, TensorData};
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
@@ -33,6 +33,22 @@ pub struct RunConfig {
     pub device: DeviceKind,
     /// Train on the first `limit` training images only (toy runs).
     pub limit: Option<usize>,
+    /// The random resized crop's smallest area fraction (SimCLR: 0.08). Short runs on small
+    /// datasets learn faster with gentler crops (MoCo's CIFAR recipe uses 0.2).
+    #[serde(default = "default_crop_min_scale")]
+    pub crop_min_scale: f32,
+    /// The fused WGSL kernel or Burn's composed ops (runs written before the kernel existed used
+    /// the latter).
+    #[serde(default = "default_loss_kernel")]
+    pub loss_kernel: LossKernel,
+}
+
+fn default_loss_kernel() -> LossKernel {
+    LossKernel::Reference
+}
+
+fn default_crop_min_scale() -> f32 {
+    ViewConfig::default().crop_scale.0
 }
 
 /// One optimization step, as reported to the event sink.
@@ -74,6 +90,9 @@ pub struct Trainer<B: AutodiffBackend> {
     views: ViewConfig,
     /// `None` only inside `step`, while the optimizer owns the weights.
     encoder: Option<Encoder<B>>,
+    /// The WGSL kernel and its device, made on the first fused step (making it must be awaited).
+    #[cfg(any(feature = "wgpu", feature = "webgpu"))]
+    fused: Option<FusedPath>,
     optimizer: EncoderOptimizer<B>,
     device: B::Device,
     train: Split,
@@ -82,6 +101,23 @@ pub struct Trainer<B: AutodiffBackend> {
     pub epoch: usize,
     /// Steps taken in the current epoch.
     pub step_in_epoch: usize,
+}
+
+/// The fused loss kernel on its own wgpu device: the embeddings cross to it through the host,
+/// a few hundred kilobytes a step.
+#[cfg(any(feature = "wgpu", feature = "webgpu"))]
+struct FusedPath {
+    gpu: crate::gpu::GpuContext,
+    kernel: crate::gpu::loss::FusedLoss,
+}
+
+#[cfg(any(feature = "wgpu", feature = "webgpu"))]
+impl FusedPath {
+    async fn new() -> anyhow::Result<Self> {
+        let gpu = crate::gpu::GpuContext::new().await?;
+        let kernel = crate::gpu::loss::FusedLoss::new(&gpu);
+        Ok(Self { gpu, kernel })
+    }
 }
 
 impl<B: AutodiffBackend> Trainer<B> {
@@ -103,13 +139,23 @@ impl<B: AutodiffBackend> Trainer<B> {
             "--lr {} must be > 0",
             config.lr
         );
+        anyhow::ensure!(
+            config.crop_min_scale > 0.0 && config.crop_min_scale <= 1.0,
+            "--crop-min-scale {} must be in (0, 1]",
+            config.crop_min_scale
+        );
         let encoder = init_encoder(config.model, config.seed, &device)?;
         let optimizer =
             EncoderOptimizer::<B>::new(config.optimizer, config.weight_decay, config.momentum);
         let mut trainer = Self {
             loss,
-            views: ViewConfig::default(),
+            views: ViewConfig {
+                crop_scale: (config.crop_min_scale, 1.0),
+                ..ViewConfig::default()
+            },
             encoder: Some(encoder),
+            #[cfg(any(feature = "wgpu", feature = "webgpu"))]
+            fused: None,
             optimizer,
             device,
             train,
@@ -212,18 +258,11 @@ impl<B: AutodiffBackend> Trainer<B> {
         let encoder = self.encoder.take().expect("encoder present");
         let z1 = encoder.forward(x1);
         let z2 = encoder.forward(x2);
-        let loss = match self.loss.forward(z1, z2) {
-            Ok(l) => l,
+        let (value, objective) = match self.loss_and_objective(z1, z2).await {
+            Ok(v) => v,
             Err(e) => {
                 self.encoder = Some(encoder);
-                return Err(e.into());
-            }
-        };
-        let value = match loss.clone().into_scalar_async().await {
-            Ok(v) => v.elem::<f64>(),
-            Err(e) => {
-                self.encoder = Some(encoder);
-                anyhow::bail!("the device failed while reading the loss back: {e:?}");
+                return Err(e);
             }
         };
         let (epoch, step) = (self.epoch, self.step_in_epoch);
@@ -237,7 +276,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             .into());
         }
         let lr = self.learning_rate(self.global_step());
-        let grads = GradientsParams::from_grads(loss.backward(), &encoder);
+        let grads = GradientsParams::from_grads(objective.backward(), &encoder);
         self.encoder = Some(self.optimizer.step(lr, encoder, grads));
         self.step_in_epoch += 1;
         Ok(StepEvent {
@@ -247,6 +286,59 @@ impl<B: AutodiffBackend> Trainer<B> {
             loss: value,
             lr,
         })
+    }
+
+    /// The loss value and the scalar whose gradient trains the encoder: the loss itself on the
+    /// reference path; on the fused path sum(z1·g1 + z2·g2) with the kernel's gradients g held
+    /// constant, which hands autodiff exactly dL/dz and leaves the encoder's backward to Burn.
+    async fn loss_and_objective(
+        &mut self,
+        z1: Tensor<B, 2>,
+        z2: Tensor<B, 2>,
+    ) -> anyhow::Result<(f64, Tensor<B, 1>)> {
+        if self.config.loss_kernel == LossKernel::Fused {
+            return self.fused_objective(z1, z2).await;
+        }
+        let loss = self.loss.forward(z1, z2)?;
+        let value = loss
+            .clone()
+            .into_scalar_async()
+            .await
+            .map_err(|e| anyhow::anyhow!("the device failed while reading the loss back: {e:?}"))?
+            .elem::<f64>();
+        Ok((value, loss))
+    }
+
+    #[cfg(any(feature = "wgpu", feature = "webgpu"))]
+    async fn fused_objective(
+        &mut self,
+        z1: Tensor<B, 2>,
+        z2: Tensor<B, 2>,
+    ) -> anyhow::Result<(f64, Tensor<B, 1>)> {
+        if self.fused.is_none() {
+            self.fused = Some(FusedPath::new().await?);
+        }
+        let fused = self.fused.as_ref().expect("made above");
+        let [n, d] = z1.dims();
+        let a = crate::eval::read_f32(z1.clone().detach()).await?;
+        let b = crate::eval::read_f32(z2.clone().detach()).await?;
+        let out = fused
+            .kernel
+            .compute(&fused.gpu, &self.loss, &a, &b, n, d)
+            .await?;
+        let constant =
+            |g: Vec<f32>| Tensor::<B, 2>::from_data(TensorData::new(g, [n, d]), &self.device);
+        let objective = (z1 * constant(out.grad_z1)).sum() + (z2 * constant(out.grad_z2)).sum();
+        Ok((out.loss as f64, objective))
+    }
+
+    #[cfg(not(any(feature = "wgpu", feature = "webgpu")))]
+    async fn fused_objective(
+        &mut self,
+        _z1: Tensor<B, 2>,
+        _z2: Tensor<B, 2>,
+    ) -> anyhow::Result<(f64, Tensor<B, 1>)> {
+        anyhow::bail!("--loss-kernel fused needs a build with the wgpu feature; use reference")
     }
 
     /// Replaces the weights (a saved `model.safetensors`, say) and starts the optimizer afresh.
@@ -299,8 +391,6 @@ impl<B: AutodiffBackend> Trainer<B> {
     }
 }
 
-use burn::tensor::ElementConversion;
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -323,6 +413,8 @@ mod tests {
             seed: 0,
             device: DeviceKind::Cpu,
             limit: None,
+            crop_min_scale: 0.08,
+            loss_kernel: crate::loss::LossKernel::Reference,
         };
         let split = Split {
             images: vec![0; 40 * IMAGE_LEN],

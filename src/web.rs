@@ -6,8 +6,8 @@ use crate::backend::DeviceKind;
 use crate::data::preview::{image_rgb, view_rgb};
 use crate::data::{from_named_files, Dataset, Split, IMAGE_LEN};
 use crate::eval::{knn_monitor_async, pca2, read_f32};
-use crate::gpu::{loss::FusedLoss, GpuContext};
-use crate::loss::{ContrastiveLoss, LossKind};
+use crate::gpu::{infer::InferenceEngine, loss::FusedLoss, GpuContext};
+use crate::loss::{ContrastiveLoss, LossKernel, LossKind};
 use crate::model::ModelName;
 use crate::optim::OptimizerKind;
 use crate::train::{RunConfig, Trainer};
@@ -114,6 +114,10 @@ struct PageConfig {
     subset: usize,
     /// Test images for the kNN monitor, the scatter and the neighbours view.
     eval_images: usize,
+    /// The random resized crop's smallest area fraction.
+    crop_min_scale: f32,
+    /// `fused` (the WGSL kernel on the page's WebGPU) or `reference` (Burn's ops).
+    loss_kernel: LossKernel,
 }
 
 impl Default for PageConfig {
@@ -133,6 +137,8 @@ impl Default for PageConfig {
             seed: 1,
             subset: 2000,
             eval_images: 500,
+            crop_min_scale: 0.08,
+            loss_kernel: LossKernel::Fused,
         }
     }
 }
@@ -228,6 +234,8 @@ impl Playground {
             seed: page.seed,
             device: DeviceKind::Wgpu,
             limit: Some(page.subset),
+            crop_min_scale: page.crop_min_scale,
+            loss_kernel: page.loss_kernel,
         };
         let trainer =
             Trainer::new(config, train.clone(), WgpuDevice::default()).map_err(js_error)?;
@@ -444,4 +452,68 @@ pub async fn fused_loss(
         .await
         .map_err(js_error)?;
     to_js(&out)
+}
+
+/// The WGSL inference engine (`shaders/resnet_infer.wgsl`) on the page's WebGPU, without Burn:
+/// what the tutorial embeds run a trained encoder with.
+#[wasm_bindgen]
+pub struct WebEncoder {
+    inner: Rc<(GpuContext, InferenceEngine)>,
+}
+
+#[wasm_bindgen]
+impl WebEncoder {
+    /// Loads a `model.safetensors` (torchvision names); a bad file is an error naming it.
+    #[wasm_bindgen(js_name = fromSafetensors)]
+    pub async fn from_safetensors(file: String, bytes: Vec<u8>) -> Result<WebEncoder, JsValue> {
+        let (tensors, _) = parse_safetensors(&file, &bytes).map_err(js_error)?;
+        let gpu = GpuContext::new().await.map_err(js_error)?;
+        let engine =
+            InferenceEngine::new(&gpu, &tensors).map_err(|e| js_error(format!("{file}: {e}")))?;
+        Ok(Self {
+            inner: Rc::new((gpu, engine)),
+        })
+    }
+
+    #[wasm_bindgen(getter, js_name = featureDim)]
+    pub fn feature_dim(&self) -> usize {
+        self.inner.1.feature_dim()
+    }
+
+    /// `{features, projections}` (flat, row-major) of normalized images [batch, 3, height,
+    /// width]; rows scaled to unit length when `normalized`.
+    pub fn embed(
+        &self,
+        images: Vec<f32>,
+        batch: usize,
+        height: usize,
+        width: usize,
+        normalized: bool,
+    ) -> Promise {
+        let inner = self.inner.clone();
+        future_to_promise(async move {
+            let (gpu, engine) = &*inner;
+            let out = if normalized {
+                engine
+                    .forward_normalized(gpu, &images, batch, height, width)
+                    .await
+            } else {
+                engine.forward(gpu, &images, batch, height, width).await
+            };
+            to_js(&out.map_err(js_error)?)
+        })
+    }
+}
+
+/// Stored 32x32 CHW image bytes (as `WebDataset` holds them) to the normalized input encoders take.
+#[wasm_bindgen(js_name = normalizeImages)]
+pub fn normalize_images(pixels: Vec<u8>) -> Result<Vec<f32>, JsValue> {
+    if pixels.len() % IMAGE_LEN != 0 {
+        return Err(js_error(format!(
+            "{} bytes are not whole 3x32x32 images",
+            pixels.len()
+        )));
+    }
+    let images: Vec<&[u8]> = pixels.chunks_exact(IMAGE_LEN).collect();
+    Ok(crate::augment::plain_batch(&images))
 }

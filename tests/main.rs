@@ -5,6 +5,8 @@ mod common;
 mod data_readers;
 #[cfg(feature = "wgpu")]
 mod gpu_loss;
+#[cfg(feature = "wgpu")]
+mod inference;
 mod loss_reference;
 mod training;
 mod weights;

@@ -92,6 +92,27 @@ pub fn grid_png(
     }
     let per_item = if views.is_some() { 2 } else { 1 };
     let cols = ((count as f64).sqrt().ceil() as usize).max(1) * per_item;
+    tiles_png(&tiles, cols, scale)
+}
+
+/// Images `indices` of `split` in one row, at their source size scaled `scale` times: a query
+/// and its nearest neighbours, say.
+pub fn row_png(
+    split: &super::Split,
+    source_shape: [usize; 3],
+    indices: &[usize],
+    scale: usize,
+) -> anyhow::Result<Vec<u8>> {
+    anyhow::ensure!(!indices.is_empty(), "no images to draw");
+    let tiles: Vec<Tile> = indices
+        .iter()
+        .map(|&i| source_tile(split.image(i), source_shape))
+        .collect();
+    tiles_png(&tiles, tiles.len(), scale)
+}
+
+/// Equal-sized tiles on a white canvas, `cols` per row, 2-pixel gaps.
+fn tiles_png(tiles: &[Tile], cols: usize, scale: usize) -> anyhow::Result<Vec<u8>> {
     let rows = tiles.len().div_ceil(cols);
     let gap = if tiles.len() > 1 { 2 } else { 0 };
     let (tw, th) = (tiles[0].width * scale, tiles[0].height * scale);

@@ -2,6 +2,8 @@
 
 #[cfg(feature = "wgpu")]
 pub mod bench;
+mod folding;
+pub mod infer;
 pub mod loss;
 
 /// A wgpu device and queue. Native: Vulkan/Metal/DX12 (lavapipe on a machine without a GPU).
