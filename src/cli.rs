@@ -239,6 +239,16 @@ enum BenchCommand {
         #[arg(long, default_value_t = 5)]
         steps: usize,
     },
+    /// Images/s of inference on wgpu: the WGSL engine vs Burn's eval-mode forward.
+    #[cfg(feature = "wgpu")]
+    Infer {
+        #[arg(long, default_value = "resnet-mini")]
+        model: ModelName,
+        #[arg(long, default_value_t = 64)]
+        batch_size: usize,
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+    },
     /// Forward + backward of the loss: the fused WGSL kernel vs Burn's composed reference.
     Loss {
         /// Only wgpu: both paths run on the same adapter.
@@ -336,6 +346,24 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     json,
                 },
         } => bench_loss(device, &n, d, reps, peer, json),
+        #[cfg(feature = "wgpu")]
+        Command::Bench {
+            command:
+                BenchCommand::Infer {
+                    model,
+                    batch_size,
+                    reps,
+                },
+        } => {
+            println!("| model | batch | path | images/s |\n|---|---|---|---|");
+            for row in crate::gpu::bench::infer(model, batch_size, reps)? {
+                println!(
+                    "| {model} | {} | {} | {:.1} |",
+                    row.batch, row.path, row.images_per_sec
+                );
+            }
+            Ok(())
+        }
     }
 }
 

@@ -92,6 +92,28 @@ impl WebDataset {
             shape: d.source_shape,
         })
     }
+
+    /// The first `count` test images (the training images if there is no test split), stored
+    /// 32x32 CHW bytes one after another: a retrieval gallery.
+    #[wasm_bindgen(js_name = galleryImages)]
+    pub fn gallery_images(&self, count: usize) -> Vec<u8> {
+        self.gallery().head(count).images
+    }
+
+    /// The labels of [`WebDataset::gallery_images`].
+    #[wasm_bindgen(js_name = galleryLabels)]
+    pub fn gallery_labels(&self, count: usize) -> Vec<u16> {
+        self.gallery().head(count).labels
+    }
+
+    fn gallery(&self) -> &Split {
+        let d = &self.inner;
+        if d.test.is_empty() {
+            &d.train
+        } else {
+            &d.test
+        }
+    }
 }
 
 /// What the page's controls set; anything left out takes the toy-run default.

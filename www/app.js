@@ -330,8 +330,22 @@ function wire() {
   });
 }
 
+/// A preset from the URL (`index.html#config={"loss":"dclw",...}`, as the `train` embed writes
+/// it) fills the form's matching fields.
+function applyPreset() {
+  const match = location.hash.match(/config=([^&]*)/);
+  if (!match) return;
+  const preset = JSON.parse(decodeURIComponent(match[1]));
+  for (const [key, value] of Object.entries(preset)) {
+    const field = $('config').elements[key];
+    if (!field) throw new Error(`preset field "${key}" is not a playground setting`);
+    field.value = value;
+  }
+}
+
 async function main() {
   wire();
+  applyPreset();
   render();
   if (!navigator.gpu) return noWebGpu('this browser has no navigator.gpu');
   if (!(await navigator.gpu.requestAdapter())) return noWebGpu('requestAdapter() returned no adapter');

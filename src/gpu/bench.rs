@@ -100,3 +100,49 @@ pub fn run(sizes: &[usize], d: usize, reps: usize) -> anyhow::Result<Vec<LossBen
     }
     Ok(rows)
 }
+
+/// One row of `dcl bench infer`: images/s of an eval-mode forward (features and projections
+/// read back) on the wgpu adapter.
+#[derive(Debug, Clone, Serialize)]
+pub struct InferBench {
+    pub path: &'static str,
+    pub batch: usize,
+    pub images_per_sec: f64,
+}
+
+/// The WGSL engine against Burn's eval-mode forward of the same weights on the same adapter.
+pub fn infer(
+    model: crate::model::ModelName,
+    batch: usize,
+    reps: usize,
+) -> anyhow::Result<Vec<InferBench>> {
+    use burn::module::AutodiffModule;
+    let device = WgpuDevice::default();
+    let encoder = crate::weights::init_encoder::<Autodiff<Wgpu>>(model, 0, &device)?.valid();
+    let tensors = crate::weights::torchvision_tensors(&encoder);
+    let gpu = GpuContext::blocking()?;
+    let engine = super::infer::InferenceEngine::new(&gpu, &tensors)?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let images: Vec<f32> = (0..batch * crate::data::IMAGE_LEN)
+        .map(|_| rng.gen_range(-2.0..2.0))
+        .collect();
+    let engine_ms = time(reps, || {
+        futures_lite::future::block_on(engine.forward(&gpu, &images, batch, 32, 32)).map(|_| ())
+    })?;
+    let burn_ms = time(reps, || {
+        let x = Tensor::<Wgpu, 4>::from_data(
+            TensorData::new(images.clone(), [batch, 3, 32, 32]),
+            &device,
+        );
+        let features = encoder.backbone.forward(x);
+        let _ = encoder.head.forward(features.clone()).into_data();
+        let _ = features.into_data();
+        Ok(())
+    })?;
+    let row = |path, ms: f64| InferBench {
+        path,
+        batch,
+        images_per_sec: batch as f64 / (ms / 1e3),
+    };
+    Ok(vec![row("wgsl-engine", engine_ms), row("burn", burn_ms)])
+}

@@ -4,8 +4,11 @@ use super::GpuContext;
 use crate::loss::{ContrastiveLoss, LossKind};
 
 const SHADER: &str = include_str!("../../shaders/dcl_loss.wgsl");
-const TILE: u32 = 16;
-/// The kernel keeps D/16 gradient values per thread in registers.
+/// Invocations per workgroup of the row passes (`WG` in the shader).
+const WG: u32 = 64;
+/// Rows per workgroup of the two big passes (`ROWS_PER_GROUP`): 8 per invocation.
+const ROWS_PER_GROUP: u32 = 512;
+/// The widest embedding the kernel is tested for (and the project promises).
 pub const MAX_DIM: usize = 512;
 
 /// The loss and its gradients with respect to both (unnormalized) views.
@@ -17,13 +20,14 @@ pub struct LossAndGrads {
     pub grad_z2: Vec<f32>,
 }
 
-/// The four pipelines of the kernel, compiled once and reused for every call.
+/// The five pipelines of the kernel, compiled once and reused for every call.
 pub struct FusedLoss {
     layout: wgpu::BindGroupLayout,
     normalize: wgpu::ComputePipeline,
     weights: wgpu::ComputePipeline,
     row_lse: wgpu::ComputePipeline,
     row_grad: wgpu::ComputePipeline,
+    finish: wgpu::ComputePipeline,
 }
 
 impl FusedLoss {
@@ -85,16 +89,22 @@ impl FusedLoss {
             weights: pipeline("weights"),
             row_lse: pipeline("row_lse"),
             row_grad: pipeline("row_grad"),
+            finish: pipeline("finish"),
             layout,
         }
     }
 
     /// Device memory one call holds at its peak: its buffers plus the largest read-back staging
-    /// buffer. O(N·D): no 2N x 2N matrix exists anywhere.
+    /// buffer. O(N·D): no 2N x 2N matrix exists anywhere. U and the gradient are stored with rows
+    /// padded to whole vec4s, the gradient with rows rounded up to a whole workgroup.
     pub fn peak_bytes(n: usize, d: usize) -> u64 {
-        let (rows, matrix) = (2 * n as u64, (2 * n * d * 4) as u64);
-        let buffers = 32 + 3 * matrix + 4 * (3 * rows + 2 * n as u64);
-        buffers + matrix
+        let (n, d) = (n as u64, d as u64);
+        let rows = 2 * n;
+        let row_bytes = d.div_ceil(4) * 16;
+        let padded_rows = rows.div_ceil(ROWS_PER_GROUP as u64) * ROWS_PER_GROUP as u64;
+        let buffers =
+            32 + rows * d * 4 + rows * row_bytes + 4 * (3 * rows + 2 * n) + padded_rows * row_bytes;
+        buffers + rows * row_bytes
     }
 
     /// Loss and gradients of `z1`, `z2` ([n, d], row-major).
@@ -128,14 +138,15 @@ impl FusedLoss {
         for v in [n as u32, d as u32, kind, rows as u32] {
             uniform.extend(v.to_le_bytes());
         }
+        let d4 = d.div_ceil(4);
         for v in [
             (1.0 / loss.temperature) as f32,
             (1.0 / loss.sigma) as f32,
             1e-12,
-            0.0,
         ] {
             uniform.extend(v.to_le_bytes());
         }
+        uniform.extend((d4 as u32).to_le_bytes());
         let params = gpu.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("params"),
             size: 32,
@@ -147,16 +158,18 @@ impl FusedLoss {
         let z = gpu.storage("z", matrix);
         let z_bytes: Vec<u8> = z1.iter().chain(z2).flat_map(|v| v.to_le_bytes()).collect();
         gpu.queue.write_buffer(&z, 0, &z_bytes);
-        let u = gpu.storage("u", matrix);
+        let padded = (rows * d4 * 16) as u64;
+        let u = gpu.storage("u", padded);
         let norms = gpu.storage("norms", rows as u64 * 4);
         let pos = gpu.storage("pos", n as u64 * 4);
         let w = gpu.storage("w", n as u64 * 4);
         let lse = gpu.storage("lse", rows as u64 * 4);
         let row_loss = gpu.storage("row_loss", rows as u64 * 4);
-        let grad = gpu.storage("grad", matrix);
+        let padded_rows = (rows as u32).div_ceil(ROWS_PER_GROUP) as usize * ROWS_PER_GROUP as usize;
+        let grad = gpu.storage("grad", (padded_rows * d4 * 16) as u64);
         let buffers = [&params, &z, &u, &norms, &pos, &w, &lse, &row_loss, &grad];
         debug_assert_eq!(
-            buffers.iter().map(|b| b.size()).sum::<u64>() + matrix,
+            buffers.iter().map(|b| b.size()).sum::<u64>() + padded,
             Self::peak_bytes(n, d)
         );
         let entries: Vec<wgpu::BindGroupEntry> = buffers
@@ -176,12 +189,14 @@ impl FusedLoss {
         {
             let mut pass = encoder.begin_compute_pass(&Default::default());
             pass.set_bind_group(0, &bind_group, &[]);
-            let row_groups = (rows as u32).div_ceil(TILE);
+            let row_groups = (rows as u32).div_ceil(WG);
+            let tile_groups = (rows as u32).div_ceil(ROWS_PER_GROUP);
             for (pipeline, groups) in [
-                (&self.normalize, (rows as u32).div_ceil(64)),
+                (&self.normalize, row_groups),
                 (&self.weights, 1),
-                (&self.row_lse, row_groups),
-                (&self.row_grad, row_groups),
+                (&self.row_lse, tile_groups),
+                (&self.row_grad, tile_groups),
+                (&self.finish, row_groups),
             ] {
                 pass.set_pipeline(pipeline);
                 pass.dispatch_workgroups(groups, 1, 1);
@@ -189,7 +204,16 @@ impl FusedLoss {
         }
         gpu.queue.submit([encoder.finish()]);
         let losses = gpu.read(&row_loss, rows).await?;
-        let mut grads = gpu.read(&grad, rows * d).await?;
+        let padded_grads = gpu.read(&grad, rows * d4 * 4).await?;
+        let mut grads: Vec<f32> = if d == d4 * 4 {
+            padded_grads
+        } else {
+            padded_grads
+                .chunks_exact(d4 * 4)
+                .flat_map(|row| &row[..d])
+                .copied()
+                .collect()
+        };
         let total: f64 = losses.iter().map(|&v| v as f64).sum::<f64>() / rows as f64;
         let grad_z2 = grads.split_off(n * d);
         Ok(LossAndGrads {

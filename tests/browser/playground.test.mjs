@@ -5,7 +5,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, execFileSync } from 'node:child_process';
-import { mkdirSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { gzipSync } from 'node:zlib';
 import { join } from 'node:path';
@@ -230,6 +230,95 @@ test('without WebGPU the page says so and what to do', { timeout: 120_000 }, asy
     const banner = await page.textContent('#banner');
     assert.match(banner, /Chrome or Edge/);
     assert.equal(await page.isDisabled('#start'), true);
+  } finally {
+    await browser.close();
+  }
+});
+
+/// The tutorial page: a model trained natively is loaded by the WGSL inference engine in the page,
+/// whose outputs equal the native `dcl embed`; the retrieval, loss-explorer and train embeds work.
+test('the tutorial\'s embeds: the WGSL engine in the page equals native `dcl embed`', { timeout: 900_000 }, async () => {
+  // A small model trained natively on a tiny CIFAR-10 archive, placed where the server sees it.
+  const dir = mkdtempSync(join(tmpdir(), 'dcl-tutorial-'));
+  const archive = join(dir, 'cifar-10-binary.tar.gz');
+  writeFileSync(archive, tarGz([
+    ['cifar-10-batches-bin/data_batch_1.bin', cifarBatch(20, 0)],
+    ['cifar-10-batches-bin/test_batch.bin', cifarBatch(5, 3)],
+  ]));
+  const run = join(OUT, 'tutorial-run');
+  rmSync(run, { recursive: true, force: true });
+  execFileSync(DCL, ['pretrain', '--data', archive, '--model', 'resnet-mini', '--batch-size', '10', '--epochs', '1',
+    '--optimizer', 'adam', '--lr', '0.001', '--device', 'cpu', '--seed', '3', '--out', run], { stdio: 'ignore' });
+  const model = join(run, 'model.safetensors');
+  // Native reference: features and projections of random normalized images.
+  const [b, side] = [4, 32];
+  let seed = 11;
+  const images = Array.from({ length: b * 3 * side * side }, () => ((seed = (seed * 1103515245 + 12345) % 2 ** 31) / 2 ** 31) * 4 - 2);
+  npy(join(dir, 'images.npy'), images, [b, 3, side, side]);
+  const native = {};
+  for (const [key, flags] of [['features', []], ['projections', ['--projected']]]) {
+    execFileSync(DCL, ['embed', '--model', model, '--data', join(dir, 'images.npy'), ...flags, '--out', join(dir, `${key}.npy`)], { stdio: 'ignore' });
+    native[key] = readNpy(join(dir, `${key}.npy`));
+  }
+
+  const { browser, page, logs } = await open(true);
+  try {
+    await page.goto(`${url}/www/tutorial.html?model=/${model}`);
+    const widget = (name) => page.evaluate((n) => document.querySelector(`[data-dcl="${n}"]`).dcl, name);
+    const waitWidget = async (name, timeoutMs) => {
+      const deadline = Date.now() + timeoutMs;
+      for (;;) {
+        const s = await widget(name);
+        if (s && s.status === 'ready') return s;
+        if (s && s.error) throw new Error(`${name}: ${s.error}`);
+        if (Date.now() > deadline) throw new Error(`${name}: not ready after ${timeoutMs / 1000} s; logs ${logs.join('\n')}`);
+        await new Promise((r) => setTimeout(r, 500));
+      }
+    };
+    // Exactness: the engine on the page's WebGPU vs the native engine (itself tested against Burn).
+    const got = await page.evaluate(async ([path, data, count]) => {
+      const { WebEncoder } = await import('/www/pkg/dcl.js');
+      const bytes = new Uint8Array(await (await fetch(path)).arrayBuffer());
+      const encoder = await WebEncoder.fromSafetensors('model.safetensors', bytes);
+      return encoder.embed(Float32Array.from(data), count, 32, 32, false);
+    }, [`/${model}`, images, b]);
+    for (const key of ['features', 'projections']) {
+      const want = native[key];
+      assert.equal(got[key].length, want.length, key);
+      const scale = Math.max(...want.map(Math.abs));
+      want.forEach((w, i) => assert.ok(Math.abs(got[key][i] - w) <= 1e-4 * scale, `${key}[${i}]: page ${got[key][i]} vs native ${w}`));
+    }
+
+    const explorer = await waitWidget('loss-explorer', 180_000);
+    for (const kind of ['dcl', 'dclw', 'infonce']) assert.ok(Number.isFinite(explorer.losses[kind]), kind);
+    // The explorer's numbers are the native loss of the same 2-D embeddings.
+    const z = [0, 1].map((v) => explorer.angles.flatMap((a) => [Math.cos(a[v]), Math.sin(a[v])]));
+    npy(join(dir, 'z1.npy'), z[0], [4, 2]);
+    npy(join(dir, 'z2.npy'), z[1], [4, 2]);
+    const nativeDcl = JSON.parse(execFileSync(DCL, ['loss', '--z1', join(dir, 'z1.npy'), '--z2', join(dir, 'z2.npy'),
+      '--kind', 'dcl', '--temperature', '0.5']).toString()).loss;
+    assert.ok(Math.abs(explorer.losses.dcl - nativeDcl) < 1e-4 * Math.abs(nativeDcl), `explorer ${explorer.losses.dcl} vs native ${nativeDcl}`);
+    // Dragging a positive onto its anchor lowers DCL's loss.
+    await page.evaluate(() => document.querySelector('[data-dcl="loss-explorer"]').dcl.set(0, 1, 0.3));
+    const moved = await widget('loss-explorer');
+    assert.ok(moved.losses.dcl < explorer.losses.dcl, `${moved.losses.dcl} !< ${explorer.losses.dcl}`);
+
+    const retrieval = await waitWidget('retrieval', 600_000);
+    assert.equal(retrieval.dim, 128);
+    assert.ok(retrieval.gallery > 8);
+    await page.evaluate(() => document.querySelector('[data-dcl="retrieval"]').dcl.pick(0));
+    const { neighbors } = await widget('retrieval');
+    assert.equal(neighbors.length, 8);
+    assert.ok(neighbors.every((n, i) => n.index !== 0 && n.cosine <= 1 + 1e-5 && (i === 0 || n.cosine <= neighbors[i - 1].cosine)));
+
+    const presetBatch = await page.evaluate(() => new Promise((resolve) => {
+      const frame = document.querySelector('[data-dcl="train"] iframe');
+      const read = () => frame.contentDocument?.querySelector('[name=batchSize]')?.value;
+      const poll = () => (read() === '16' ? resolve(read()) : setTimeout(poll, 200));
+      poll();
+    }));
+    assert.equal(presetBatch, '16');
+    await page.screenshot({ path: join(OUT, 'tutorial.png'), fullPage: true });
   } finally {
     await browser.close();
   }
