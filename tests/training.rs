@@ -173,47 +173,66 @@ fn wgpu_first_step_matches_cpu() {
     );
 }
 
-/// The fused WGSL loss trains the encoder as Burn's composed loss does: same seed, same batches,
-/// the same loss after 20 steps within 1e-3 relative (the bar).
+/// The fused WGSL loss trains the encoder as Burn's composed loss does: for 20 steps on the wgpu
+/// device, the fused path starts each step from the reference run's weights and optimizer state
+/// and must report the same loss and land on the same weights. (Comparing two free-running
+/// trajectories instead measures chaos: float32 rounding differences of 1e-7 grow about tenfold a
+/// step in this small-batch regime, on either path.)
 #[cfg(feature = "wgpu")]
 #[test]
 fn fused_loss_kernel_trains_like_the_reference_for_20_steps() {
     use burn::backend::Wgpu;
     use dcl::loss::LossKernel;
-    // Real images: the synthetic split's near-identical images give near-identical embeddings,
-    // where training amplifies float32 rounding (1e-6 apart in the gradients) chaotically.
+    // One batch of real images per epoch, so every step starts at an epoch boundary, where a
+    // trainer can be snapshot and restored.
     let images = dcl::data::discover::load(FASHION_MNIST)
         .unwrap()
         .train
-        .head(160);
-    let run = |kernel| {
-        let mut cfg = config(8, 1);
+        .head(8);
+    let make = |kernel| {
+        let mut cfg = config(8, 20);
         cfg.loss_kernel = kernel;
         cfg.optimizer = OptimizerKind::Sgd;
-        // A small step: with a large one, the rounding gap grows tenfold a step (measured).
-        cfg.lr = 0.005;
+        cfg.lr = 0.05;
         cfg.temperature = 0.5;
-        let mut t = Trainer::<Autodiff<Wgpu>>::new(cfg, images.clone(), Default::default())
-            .expect("wgpu needs a Vulkan adapter: apt install mesa-vulkan-drivers (lavapipe)");
-        (0..20).map(|_| t.step().unwrap().loss).collect::<Vec<_>>()
+        Trainer::<Autodiff<Wgpu>>::new(cfg, images.clone(), Default::default())
+            .expect("wgpu needs a Vulkan adapter: apt install mesa-vulkan-drivers (lavapipe)")
     };
-    let (fused, reference) = (run(LossKernel::Fused), run(LossKernel::Reference));
-    eprintln!("fused {fused:?}\nreference {reference:?}");
-    let relative = |step: usize| (fused[step] - reference[step]).abs() / reference[step].abs();
+    let (mut reference, mut fused) = (make(LossKernel::Reference), make(LossKernel::Fused));
+    let weights = |t: &Trainer<Autodiff<Wgpu>>| -> Vec<f32> {
+        dcl::weights::torchvision_tensors(t.encoder())
+            .into_iter()
+            .flat_map(|t| t.data)
+            .collect()
+    };
+    let mut losses = vec![];
+    for epoch in 0..20 {
+        let (w, o) = reference.snapshot().unwrap();
+        fused.restore(epoch, w, o).unwrap();
+        let (a, b) = (fused.step().unwrap().loss, reference.step().unwrap().loss);
+        assert!(
+            (a - b).abs() / b.abs() < 1e-5,
+            "step {epoch}: fused {a} vs reference {b}"
+        );
+        let (wa, wb) = (weights(&fused), weights(&reference));
+        let scale = wb.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let diff = wa
+            .iter()
+            .zip(&wb)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(
+            diff / scale < 1e-5,
+            "step {epoch}: weights differ by {diff} (of {scale})"
+        );
+        losses.push(b);
+        fused.end_epoch();
+        reference.end_epoch();
+    }
+    eprintln!("losses {losses:?}");
     assert!(
-        relative(0) < 1e-5,
-        "first step: fused {fused:?} vs {reference:?}"
+        losses[19] < losses[0],
+        "20 steps on one batch lower its loss: {losses:?}"
     );
-    assert!(
-        relative(19) < 1e-3,
-        "step 20: fused {fused:?} vs {reference:?}"
-    );
-    assert!(
-        (0..20).all(|s| relative(s) < 5e-3),
-        "fused {fused:?} vs reference {reference:?}"
-    );
-    // The run moved: 20 SGD steps changed the loss.
-    assert!((fused[19] - fused[0]).abs() > 1e-2);
 }
 
 #[test]
