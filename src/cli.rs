@@ -814,19 +814,23 @@ fn bench_loss(
         println!("{}", serde_json::Value::Array(rows));
         return Ok(());
     }
-    println!("| N | D | path | ms (forward + backward) | peak memory (MiB) |");
-    println!("|---|---|---|---|---|");
+    println!("| N | D | path | ms (forward + backward) | peak memory (MiB) | note |");
+    println!("|---|---|---|---|---|---|");
     for r in &rows {
         let mib = r["peak_bytes"]
             .as_u64()
             .map(|b| format!("{:.1}", b as f64 / 1048576.0))
             .unwrap_or_else(|| "-".into());
+        let ms = r["ms"]
+            .as_f64()
+            .map(|ms| format!("{ms:.1}"))
+            .unwrap_or_else(|| "-".into());
         println!(
-            "| {} | {} | {} | {:.1} | {mib} |",
+            "| {} | {} | {} | {ms} | {mib} | {} |",
             r["n"],
             r["d"],
             r["path"].as_str().unwrap_or(""),
-            r["ms"].as_f64().unwrap_or(f64::NAN)
+            r["error"].as_str().unwrap_or("")
         );
     }
     Ok(())

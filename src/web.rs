@@ -1,6 +1,11 @@
 //! The page's bindings (wasm32): the Web Worker in `www/worker.js` drives a [`Playground`] one
 //! step at a time on the browser's WebGPU, with the same readers, trainer, loss and model code as
 //! the native CLI. Every GPU read-back is awaited: a page cannot block on its GPU.
+//!
+//! A run's `RefCell` stays borrowed across those awaits on purpose: the worker sends every call
+//! into a run through one promise chain, so no second borrow can start while one is held (and a
+//! step must not interleave with a save anyway).
+#![allow(clippy::await_holding_refcell_ref)]
 
 use crate::backend::DeviceKind;
 use crate::data::preview::{image_rgb, view_rgb};
@@ -530,7 +535,7 @@ impl WebEncoder {
 /// Stored 32x32 CHW image bytes (as `WebDataset` holds them) to the normalized input encoders take.
 #[wasm_bindgen(js_name = normalizeImages)]
 pub fn normalize_images(pixels: Vec<u8>) -> Result<Vec<f32>, JsValue> {
-    if pixels.len() % IMAGE_LEN != 0 {
+    if !pixels.len().is_multiple_of(IMAGE_LEN) {
         return Err(js_error(format!(
             "{} bytes are not whole 3x32x32 images",
             pixels.len()

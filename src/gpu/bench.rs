@@ -18,9 +18,13 @@ pub struct LossBench {
     pub n: usize,
     pub d: usize,
     pub path: &'static str,
-    /// Median of the timed repetitions, forward + backward + gradients read back.
-    pub ms: f64,
-    pub peak_bytes: u64,
+    /// Median of the timed repetitions, forward + backward + gradients read back; `None` when
+    /// the path cannot run at this size.
+    pub ms: Option<f64>,
+    pub peak_bytes: Option<u64>,
+    /// Why the path cannot run at this size.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -77,9 +81,29 @@ pub fn run(sizes: &[usize], d: usize, reps: usize) -> anyhow::Result<Vec<LossBen
             n,
             d,
             path: "fused",
-            ms,
-            peak_bytes: FusedLoss::peak_bytes(n, d),
+            ms: Some(ms),
+            peak_bytes: Some(FusedLoss::peak_bytes(n, d)),
+            error: None,
         });
+        // The composed path materializes 2N x 2N similarities in one buffer: past the adapter's
+        // buffer limit it cannot run (lavapipe: 128 MiB, N = 8192 needs 256 MiB).
+        let matrix = 4 * (2 * n as u64).pow(2);
+        let limit = gpu.device.limits().max_storage_buffer_binding_size;
+        if matrix > limit {
+            rows.push(LossBench {
+                n,
+                d,
+                path: "reference",
+                ms: None,
+                peak_bytes: None,
+                error: Some(format!(
+                    "its 2N x 2N similarity matrix ({} MiB) exceeds the adapter's largest buffer ({} MiB)",
+                    matrix >> 20,
+                    limit >> 20
+                )),
+            });
+            continue;
+        }
         // Burn's pools keep the pages they grew to: after a cleanup, what is reserved once the
         // runs are done is the peak of the composed path.
         client.memory_cleanup();
@@ -94,8 +118,9 @@ pub fn run(sizes: &[usize], d: usize, reps: usize) -> anyhow::Result<Vec<LossBen
             n,
             d,
             path: "reference",
-            ms,
-            peak_bytes: usage.bytes_reserved,
+            ms: Some(ms),
+            peak_bytes: Some(usage.bytes_reserved),
+            error: None,
         });
     }
     Ok(rows)
