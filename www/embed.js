@@ -108,7 +108,9 @@ async function retrieval(el) {
   const [encoder, dataset] = await Promise.all([loadEncoder(modelUrl), loadServedDataset()]);
   const pixels = dataset.galleryImages(size);
   const count = pixels.length / 3072;
+  const started = performance.now();
   const features = await embedImages(encoder, normalizeImages(pixels), count);
+  const imagesPerSec = count / ((performance.now() - started) / 1000);
   const dim = encoder.featureDim;
   const picks = document.createElement('div');
   const results = document.createElement('div');
@@ -138,8 +140,8 @@ async function retrieval(el) {
     const chw = await pictureBytes(e.target.files[0]);
     show(await embedImages(encoder, normalizeImages(chw), 1), chw, -1);
   };
-  el.dcl = { status: 'ready', gallery: count, dim, features, pick: (i) => picks.children[i].onclick() };
-  note(el, `${count} gallery images embedded by the WGSL engine (${dim}-d features). Pick one:`);
+  el.dcl = { status: 'ready', gallery: count, dim, imagesPerSec, pick: (i) => picks.children[i].onclick() };
+  note(el, `${count} gallery images embedded by the WGSL engine (${dim}-d features, ${imagesPerSec.toFixed(0)} images/s). Pick one:`);
 }
 
 /// 2-D embeddings of a few samples: view 1 (anchors, filled) and view 2 (positives, rings).

@@ -306,6 +306,7 @@ test('the tutorial\'s embeds: the WGSL engine in the page equals native `dcl emb
     const retrieval = await waitWidget('retrieval', 600_000);
     assert.equal(retrieval.dim, 128);
     assert.ok(retrieval.gallery > 8);
+    console.log(`# WGSL engine in the page: ${retrieval.gallery} images at ${retrieval.imagesPerSec.toFixed(1)} images/s (first call, pipelines compiled)`);
     await page.evaluate(() => document.querySelector('[data-dcl="retrieval"]').dcl.pick(0));
     const { neighbors } = await widget('retrieval');
     assert.equal(neighbors.length, 8);
