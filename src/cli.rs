@@ -406,18 +406,26 @@ fn data(command: DataCommand) -> anyhow::Result<()> {
     }
 }
 
+/// The engine on this machine's adapter, and the images `--data` names.
+#[cfg(feature = "wgpu")]
+fn open_engine(
+    input: &EngineInput,
+) -> anyhow::Result<(
+    crate::gpu::GpuContext,
+    crate::gpu::infer::InferenceEngine,
+    crate::retrieval::Images,
+    Option<Dataset>,
+)> {
+    let gpu = crate::gpu::GpuContext::blocking()?;
+    let engine = crate::retrieval::load_engine(&gpu, &input.model)?;
+    let (images, dataset) = crate::retrieval::load_images(&input.data, input.split, input.limit)?;
+    Ok((gpu, engine, images, dataset))
+}
+
 #[cfg(feature = "wgpu")]
 fn embed(args: EmbedArgs) -> anyhow::Result<()> {
-    use crate::retrieval::{embed, load_engine, load_images};
-    let EngineInput {
-        model,
-        data,
-        split,
-        limit,
-    } = args.input;
-    let gpu = crate::gpu::GpuContext::blocking()?;
-    let engine = load_engine(&gpu, &model)?;
-    let (images, _) = load_images(&data, split, limit)?;
+    use crate::retrieval::embed;
+    let (gpu, engine, images, _) = open_engine(&args.input)?;
     let out = embed(&gpu, &engine, &images, args.normalize)?;
     let (rows, dim) = if args.projected {
         (out.projections, crate::model::PROJECTION_DIM)
@@ -435,16 +443,9 @@ fn embed(args: EmbedArgs) -> anyhow::Result<()> {
 
 #[cfg(feature = "wgpu")]
 fn neighbors(args: NeighborsArgs) -> anyhow::Result<()> {
-    use crate::retrieval::{embed, load_engine, load_images, nearest, pick};
-    let EngineInput {
-        model,
-        data,
-        split,
-        limit,
-    } = args.input;
-    let gpu = crate::gpu::GpuContext::blocking()?;
-    let engine = load_engine(&gpu, &model)?;
-    let (images, dataset) = load_images(&data, split, limit)?;
+    use crate::retrieval::{embed, nearest, pick};
+    let (gpu, engine, images, dataset) = open_engine(&args.input)?;
+    let (data, split) = (&args.input.data, args.input.split);
     let dataset = dataset.ok_or_else(|| {
         anyhow::anyhow!("{data}: neighbors draws dataset images; pass a dataset, not a .npy")
     })?;

@@ -107,15 +107,7 @@ pub fn embed(
         height,
         width,
     } = images;
-    futures_lite::future::block_on(async {
-        if normalized {
-            engine
-                .forward_normalized(gpu, data, *count, *height, *width)
-                .await
-        } else {
-            engine.forward(gpu, data, *count, *height, *width).await
-        }
-    })
+    futures_lite::future::block_on(engine.forward(gpu, data, [*count, *height, *width], normalized))
 }
 
 /// The `k` rows most cosine-similar to row `query` (itself excluded), best first, with their

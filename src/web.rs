@@ -520,13 +520,9 @@ impl WebEncoder {
         let inner = self.inner.clone();
         future_to_promise(async move {
             let (gpu, engine) = &*inner;
-            let out = if normalized {
-                engine
-                    .forward_normalized(gpu, &images, batch, height, width)
-                    .await
-            } else {
-                engine.forward(gpu, &images, batch, height, width).await
-            };
+            let out = engine
+                .forward(gpu, &images, [batch, height, width], normalized)
+                .await;
             to_js(&out.map_err(js_error)?)
         })
     }

@@ -278,7 +278,7 @@ fn check(arch: ([usize; 4], [usize; 4]), b: usize, h: usize, w: usize, normalize
     let engine = InferenceEngine::new(&gpu, &tensors).unwrap();
     assert_eq!(engine.feature_dim(), arch.0[3]);
     let images = random_images(b * 3 * h * w, 11);
-    let got = block_on(engine.forward(&gpu, &images, b, h, w)).unwrap();
+    let got = block_on(engine.forward(&gpu, &images, [b, h, w], false)).unwrap();
     let (features, projections) = Reference::new(&tensors).forward(arch.1, &images, b, h, w);
     let (ef, ep) = (
         relative_error(&got.features, &features),
@@ -290,9 +290,9 @@ fn check(arch: ([usize; 4], [usize; 4]), b: usize, h: usize, w: usize, normalize
         "features {ef:.2e}, projections {ep:.2e}"
     );
     if normalized {
-        let again = block_on(engine.forward(&gpu, &images, b, h, w)).unwrap();
+        let again = block_on(engine.forward(&gpu, &images, [b, h, w], false)).unwrap();
         assert_eq!(again, got, "a reused plan gives other results");
-        let unit = block_on(engine.forward_normalized(&gpu, &images, b, h, w)).unwrap();
+        let unit = block_on(engine.forward(&gpu, &images, [b, h, w], true)).unwrap();
         let d = arch.0[3];
         assert!(relative_error(&unit.features, &l2_normalized(&features, d)) < 1e-4);
         assert!(relative_error(&unit.projections, &l2_normalized(&projections, PROJ)) < 1e-4);
@@ -373,7 +373,7 @@ fn each_kind_of_bad_weight_is_reported_alone() {
 fn image_size_mismatch_is_an_error() {
     let gpu = gpu();
     let engine = InferenceEngine::new(&gpu, &random_weights(MINI, 1)).unwrap();
-    let err = block_on(engine.forward(&gpu, &[0.0; 100], 2, 8, 8)).unwrap_err();
+    let err = block_on(engine.forward(&gpu, &[0.0; 100], [2, 8, 8], false)).unwrap_err();
     assert!(err.to_string().contains("[B=2, 3, H=8, W=8]"), "{err}");
 }
 
@@ -417,7 +417,7 @@ fn matches_burn(model: ModelName, b: usize) {
     };
     let gpu = gpu();
     let engine = InferenceEngine::new(&gpu, &tensors).unwrap();
-    let got = block_on(engine.forward(&gpu, &images, b, 32, 32)).unwrap();
+    let got = block_on(engine.forward(&gpu, &images, [b, 32, 32], false)).unwrap();
     let (ef, ep) = (
         relative_error(&got.features, &burn(features)),
         relative_error(&got.projections, &burn(projections)),

@@ -152,7 +152,8 @@ pub fn infer(
         .map(|_| rng.gen_range(-2.0..2.0))
         .collect();
     let engine_ms = time(reps, || {
-        futures_lite::future::block_on(engine.forward(&gpu, &images, batch, 32, 32)).map(|_| ())
+        futures_lite::future::block_on(engine.forward(&gpu, &images, [batch, 32, 32], false))
+            .map(|_| ())
     })?;
     let burn_ms = time(reps, || {
         let x = Tensor::<Wgpu, 4>::from_data(

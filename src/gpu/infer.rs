@@ -92,60 +92,21 @@ struct Kernels {
 
 impl Kernels {
     fn new(gpu: &GpuContext) -> Self {
-        let module = gpu
-            .device
-            .create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: Some("resnet_infer.wgsl"),
-                source: wgpu::ShaderSource::Wgsl(SHADER.into()),
-            });
-        let entry = |binding, ty| wgpu::BindGroupLayoutEntry {
-            binding,
-            visibility: wgpu::ShaderStages::COMPUTE,
-            ty: wgpu::BindingType::Buffer {
-                ty,
-                has_dynamic_offset: false,
-                min_binding_size: None,
-            },
-            count: None,
-        };
-        let storage = |read_only| wgpu::BufferBindingType::Storage { read_only };
-        let mut entries = vec![entry(0, wgpu::BufferBindingType::Uniform)];
-        entries.extend((1..=4).map(|b| entry(b, storage(true))));
-        entries.push(entry(5, storage(false)));
-        let layout = gpu
-            .device
-            .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-                label: Some("resnet_infer"),
-                entries: &entries,
-            });
-        let pipeline_layout = gpu
-            .device
-            .create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
-                label: Some("resnet_infer"),
-                bind_group_layouts: &[Some(&layout)],
-                immediate_size: 0,
-            });
-        let pipeline = |entry: &str, constants: &[(&str, f64)]| {
-            gpu.device
-                .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                    label: Some(entry),
-                    layout: Some(&pipeline_layout),
-                    module: &module,
-                    entry_point: Some(entry),
-                    compilation_options: wgpu::PipelineCompilationOptions {
-                        constants,
-                        ..Default::default()
-                    },
-                    cache: None,
-                })
-        };
+        // src, weight, bias and residual are read; dst is written.
+        let program = gpu.program(
+            "resnet_infer.wgsl",
+            SHADER,
+            &[true, true, true, true, false],
+        );
+        let pipeline =
+            |entry: &str, constants: &[(&str, f64)]| program.pipeline(gpu, entry, constants);
         Self {
             conv2d: pipeline("conv2d", &[]),
             conv2d_narrow: pipeline("conv2d", &[("NARROW", 1.0)]),
             pool: pipeline("global_avg_pool", &[]),
             linear: pipeline("linear", &[]),
             normalize: pipeline("l2_normalize", &[]),
-            layout,
+            layout: program.layout,
         }
     }
 }
@@ -335,39 +296,21 @@ impl InferenceEngine {
         self.arch.feature_dim()
     }
 
-    /// Features and raw (unnormalized) projections of `images`, [batch, 3, height, width] NCHW.
+    /// Features and projections of `images`, [batch, 3, height, width] NCHW; with `normalized`,
+    /// every row of both outputs is scaled to unit L2 norm on the GPU (raw outputs otherwise).
     pub async fn forward(
         &self,
         gpu: &GpuContext,
         images: &[f32],
-        batch: usize,
-        height: usize,
-        width: usize,
+        [batch, height, width]: [usize; 3],
+        normalized: bool,
     ) -> anyhow::Result<Embeddings> {
         let shape = Shape {
             batch,
             height,
             width,
         };
-        self.run(gpu, images, shape, false).await
-    }
-
-    /// As [`InferenceEngine::forward`], with every row of both outputs scaled to unit L2 norm
-    /// on the GPU.
-    pub async fn forward_normalized(
-        &self,
-        gpu: &GpuContext,
-        images: &[f32],
-        batch: usize,
-        height: usize,
-        width: usize,
-    ) -> anyhow::Result<Embeddings> {
-        let shape = Shape {
-            batch,
-            height,
-            width,
-        };
-        self.run(gpu, images, shape, true).await
+        self.run(gpu, images, shape, normalized).await
     }
 
     async fn run(

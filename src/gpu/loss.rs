@@ -32,65 +32,20 @@ pub struct FusedLoss {
 
 impl FusedLoss {
     pub fn new(gpu: &GpuContext) -> Self {
-        let module = gpu
-            .device
-            .create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: Some("dcl_loss.wgsl"),
-                source: wgpu::ShaderSource::Wgsl(SHADER.into()),
-            });
-        let storage = |binding, read_only| wgpu::BindGroupLayoutEntry {
-            binding,
-            visibility: wgpu::ShaderStages::COMPUTE,
-            ty: wgpu::BindingType::Buffer {
-                ty: wgpu::BufferBindingType::Storage { read_only },
-                has_dynamic_offset: false,
-                min_binding_size: None,
-            },
-            count: None,
-        };
-        let mut entries = vec![wgpu::BindGroupLayoutEntry {
-            binding: 0,
-            visibility: wgpu::ShaderStages::COMPUTE,
-            ty: wgpu::BindingType::Buffer {
-                ty: wgpu::BufferBindingType::Uniform,
-                has_dynamic_offset: false,
-                min_binding_size: None,
-            },
-            count: None,
-        }];
-        entries.push(storage(1, true));
-        entries.extend((2..=8).map(|b| storage(b, false)));
-        let layout = gpu
-            .device
-            .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-                label: Some("dcl_loss"),
-                entries: &entries,
-            });
-        let pipeline_layout = gpu
-            .device
-            .create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
-                label: Some("dcl_loss"),
-                bind_group_layouts: &[Some(&layout)],
-                immediate_size: 0,
-            });
-        let pipeline = |entry: &str| {
-            gpu.device
-                .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                    label: Some(entry),
-                    layout: Some(&pipeline_layout),
-                    module: &module,
-                    entry_point: Some(entry),
-                    compilation_options: Default::default(),
-                    cache: None,
-                })
-        };
+        // z is read-only; u, norms, pos, w, lse, row_loss and grad are written.
+        let program = gpu.program(
+            "dcl_loss.wgsl",
+            SHADER,
+            &[true, false, false, false, false, false, false, false],
+        );
+        let pipeline = |entry: &str| program.pipeline(gpu, entry, &[]);
         Self {
             normalize: pipeline("normalize"),
             weights: pipeline("weights"),
             row_lse: pipeline("row_lse"),
             row_grad: pipeline("row_grad"),
             finish: pipeline("finish"),
-            layout,
+            layout: program.layout,
         }
     }
 

@@ -50,6 +50,49 @@ impl GpuContext {
         futures_lite::future::block_on(Self::new())
     }
 
+    /// A WGSL module and the one bind-group layout its entry points share: binding 0 a uniform
+    /// block, then one storage buffer per `read_only` flag.
+    pub(crate) fn program(&self, label: &str, source: &str, read_only: &[bool]) -> Program {
+        let module = self
+            .device
+            .create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(label),
+                source: wgpu::ShaderSource::Wgsl(source.into()),
+            });
+        let entry = |binding, ty| wgpu::BindGroupLayoutEntry {
+            binding,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty,
+                has_dynamic_offset: false,
+                min_binding_size: None,
+            },
+            count: None,
+        };
+        let mut entries = vec![entry(0, wgpu::BufferBindingType::Uniform)];
+        entries.extend(read_only.iter().zip(1..).map(|(&read_only, binding)| {
+            entry(binding, wgpu::BufferBindingType::Storage { read_only })
+        }));
+        let layout = self
+            .device
+            .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                label: Some(label),
+                entries: &entries,
+            });
+        let pipeline_layout = self
+            .device
+            .create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                label: Some(label),
+                bind_group_layouts: &[Some(&layout)],
+                immediate_size: 0,
+            });
+        Program {
+            module,
+            layout,
+            pipeline_layout,
+        }
+    }
+
     pub(crate) fn storage(&self, label: &str, bytes: u64) -> wgpu::Buffer {
         self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
@@ -97,5 +140,35 @@ impl GpuContext {
         drop(data);
         staging.unmap();
         Ok(out)
+    }
+}
+
+/// See [`GpuContext::program`].
+pub(crate) struct Program {
+    module: wgpu::ShaderModule,
+    pub layout: wgpu::BindGroupLayout,
+    pipeline_layout: wgpu::PipelineLayout,
+}
+
+impl Program {
+    /// The compute pipeline of `entry`, with WGSL override `constants`.
+    pub fn pipeline(
+        &self,
+        gpu: &GpuContext,
+        entry: &str,
+        constants: &[(&str, f64)],
+    ) -> wgpu::ComputePipeline {
+        gpu.device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(entry),
+                layout: Some(&self.pipeline_layout),
+                module: &self.module,
+                entry_point: Some(entry),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants,
+                    ..Default::default()
+                },
+                cache: None,
+            })
     }
 }
