@@ -34,23 +34,35 @@ ensure_wasm_tools() {
   fi
 }
 
-# The page's module: Burn on WebGPU plus the bindings in src/web.rs, as www/pkg/dcl.js + dcl_bg.wasm.
-build_wasm() {
-  ensure_wasm_tools
+# One wasm32 module of the crate with cargo features $1, bound for the web into $2 (dcl.js +
+# dcl_bg.wasm).
+wasm_module() {
   cargo rustc --release --lib --crate-type cdylib --target wasm32-unknown-unknown \
-    --no-default-features --features webgpu
-  wasm-bindgen --target web --no-typescript --out-dir www/pkg \
+    --no-default-features --features "$1"
+  wasm-bindgen --target web --no-typescript --out-dir "$2" \
     "$CARGO_TARGET_DIR/wasm32-unknown-unknown/release/dcl.wasm"
 }
 
-# Optional size pass with npm's binaryen (Debian's wasm-opt 108 writes modules Chromium rejects).
+# The playground's module (Burn on WebGPU plus every binding, www/pkg/) and the embeds' small
+# one (the WGSL engine and loss kernel without Burn, www/pkg-infer/, always size-optimized: it
+# takes seconds).
+build_wasm() {
+  ensure_wasm_tools
+  wasm_module webgpu www/pkg
+  wasm_module web-infer www/pkg-infer
+  shrink_wasm www/pkg-infer/dcl_bg.wasm
+}
+
+# Size pass with npm's binaryen (Debian's wasm-opt 108 writes modules Chromium rejects).
 shrink_wasm() {
   [ -x node_modules/.bin/wasm-opt ] || npm install --no-save --no-audit --no-fund binaryen@132 >/dev/null
   node_modules/.bin/wasm-opt -Oz --enable-bulk-memory --enable-reference-types --enable-multivalue \
-    --enable-nontrapping-float-to-int --enable-sign-ext --enable-mutable-globals \
-    www/pkg/dcl_bg.wasm -o www/pkg/dcl_bg.wasm
+    --enable-nontrapping-float-to-int --enable-sign-ext --enable-mutable-globals "$1" -o "$1"
 }
 
 wasm_size() {
-  echo "www/pkg/dcl_bg.wasm: $(stat -c %s www/pkg/dcl_bg.wasm) bytes, $(gzip -c www/pkg/dcl_bg.wasm | wc -c) gzipped"
+  local f
+  for f in www/pkg/dcl_bg.wasm www/pkg-infer/dcl_bg.wasm; do
+    echo "$f: $(stat -c %s "$f") bytes, $(gzip -9 -c "$f" | wc -c) gzipped"
+  done
 }

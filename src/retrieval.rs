@@ -5,7 +5,7 @@ use crate::augment::plain_batch;
 use crate::data::{discover, npy, Dataset, Split, SIDE};
 use crate::gpu::infer::{Embeddings, InferenceEngine};
 use crate::gpu::GpuContext;
-use crate::weights::parse_safetensors;
+use crate::safetensors::parse_safetensors;
 use std::path::Path;
 
 /// Which split of a dataset to embed.

@@ -154,7 +154,26 @@ fn matches_lightly_fixtures_loss_and_gradients() {
             rel(looped, expected) < 1e-10,
             "{what}: loop {looped} vs lightly {expected}"
         );
+        // So does the float64 host path (the loss explorer's CPU fallback), gradients included.
+        let host = loss.on_host(&z1, &z2, n, d).unwrap();
+        assert!(
+            rel(host.loss as f64, expected) < 1e-6,
+            "{what}: host {} vs lightly {expected}",
+            host.loss
+        );
+        assert!(
+            rel_vec(&widen(&host.grad_z1), &floats(&case["grad_z1"])) < 1e-6,
+            "{what}: host grad z1"
+        );
+        assert!(
+            rel_vec(&widen(&host.grad_z2), &floats(&case["grad_z2"])) < 1e-6,
+            "{what}: host grad z2"
+        );
     }
+}
+
+fn widen(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| f64::from(x)).collect()
 }
 
 fn random(rng: &mut impl Rng, len: usize) -> Vec<f64> {
@@ -171,8 +190,31 @@ fn matches_the_loop_reference_on_fresh_random_inputs() {
             let t = rng.gen_range(0.05..1.0);
             let (z1, z2) = (random(&mut rng, n * d), random(&mut rng, n * d));
             let loss = ContrastiveLoss::new(kind, t, 0.5).unwrap();
-            let (value, _, _) = burn_loss(&loss, &z1, &z2, n, d);
+            let (value, g1, g2) = burn_loss(&loss, &z1, &z2, n, d);
             let expected = loop_reference(kind, t, 0.5, &z1, &z2, n, d);
+            // The host path's analytic gradients against Burn's autodiff of the tensor code; not
+            // for D = 1, where every gradient is zero but for float32 rounding (a unit vector in
+            // one dimension cannot turn), scaled up by 1/|z|.
+            let host = loss.on_host(&z1, &z2, n, d).unwrap();
+            let max_abs = |v: &[f64]| v.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+            for (h, g) in [(&host.grad_z1, &g1), (&host.grad_z2, &g2)]
+                .into_iter()
+                .filter(|_| d > 1)
+            {
+                let err = widen(h)
+                    .iter()
+                    .zip(g)
+                    .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()));
+                assert!(
+                    err <= 1e-4 * max_abs(g),
+                    "{kind} n={n} d={d} t={t}: host gradients differ from autodiff by {err}"
+                );
+            }
+            assert!(
+                (host.loss as f64 - expected).abs() / expected.abs().max(1.0) < 1e-6,
+                "{kind} n={n} d={d} t={t}: host {} vs loop {expected}",
+                host.loss
+            );
             // In float32 the loss is a difference of logits of size 1/t, so its error scales
             // with 1/t, not with the loss: an InfoNCE loss near 0 (N = 2, D = 1) cancels.
             let scale = expected.abs().max(1.0 / t);

@@ -5,9 +5,8 @@ use burn::backend::{Autodiff, Flex};
 use burn::module::AutodiffModule;
 use burn::tensor::{Tensor, TensorData};
 use dcl::model::{Encoder, ModelName};
-use dcl::weights::{
-    encoder_from_tensors, init_encoder, parse_safetensors, safetensors_bytes, torchvision_tensors,
-};
+use dcl::safetensors::{parse_safetensors, safetensors_bytes};
+use dcl::weights::{encoder_from_tensors, init_encoder, torchvision_tensors};
 
 type B = Flex;
 
@@ -64,7 +63,7 @@ fn weights_that_do_not_fit_are_named() {
         .find(|t| t.name == "bn1.bias")
         .unwrap()
         .shape = vec![7];
-    tensors.push(dcl::weights::NamedTensor {
+    tensors.push(dcl::safetensors::NamedTensor {
         name: "fc.weight".into(),
         shape: vec![1],
         data: vec![0.0],

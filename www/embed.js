@@ -5,12 +5,14 @@
 //   <div data-dcl="loss-explorer"></div>
 //   <div data-dcl="train" data-config='{"loss": "dcl", "batchSize": 16}'></div>
 //
-// `retrieval` runs a trained encoder in the page (the WGSL inference engine, no Burn) over a
-// gallery of the dataset `dcl serve` offers; `loss-explorer` computes the three losses and their
-// gradients with the fused WGSL loss kernel while the reader drags embeddings around the circle;
-// `train` is the playground in a box. `?model=URL` on the page overrides every data-model.
-// Each widget also exposes `element.dcl` (its state) for scripts and tests.
-import init, { WebDataset, WebEncoder, normalizeImages, fusedLoss } from './pkg/dcl.js';
+// `retrieval` runs a trained encoder in the page (the WGSL inference engine) over a gallery of the
+// dataset `dcl serve` offers; `loss-explorer` computes the three losses and their gradients with
+// the fused WGSL loss kernel (in float64 on the CPU where the browser has no WebGPU) while the
+// reader drags embeddings around the circle; `train` is the playground in a box. `?model=URL` on
+// the page overrides every data-model. Each widget also exposes `element.dcl` (its state) for
+// scripts and tests. The module behind them is the small inference-only build (www/pkg-infer,
+// no Burn); only the `train` box loads the full playground.
+import init, { WebDataset, WebEncoder, normalizeImages, fusedLoss, hostLoss } from './pkg-infer/dcl.js';
 
 const ready = init();
 const PALETTE = ['#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#8c564b', '#e377c2', '#7f7f7f'];
@@ -147,7 +149,10 @@ async function retrieval(el) {
 /// 2-D embeddings of a few samples: view 1 (anchors, filled) and view 2 (positives, rings).
 const EXPLORER_ANGLES = [[0.3, 0.6], [2.2, 2.0], [3.6, 4.1], [5.0, 5.5]];
 
-async function lossExplorer(el) {
+/// `gpuProblem`: why WebGPU is unusable (the losses then come from the CPU), or null.
+async function lossExplorer(el, gpuProblem) {
+  const backend = gpuProblem ? 'cpu' : 'webgpu';
+  const lossOf = gpuProblem ? async (...args) => hostLoss(...args) : fusedLoss;
   const canvas = document.createElement('canvas');
   canvas.width = canvas.height = 320;
   const readout = document.createElement('pre');
@@ -181,12 +186,12 @@ async function lossExplorer(el) {
   async function compute() {
     const [z1, z2] = points();
     const results = {};
-    for (const kind of ['dcl', 'dclw', 'infonce']) results[kind] = await fusedLoss(z1, z2, n, 2, kind, temperature, 0.5);
+    for (const kind of ['dcl', 'dclw', 'infonce']) results[kind] = await lossOf(z1, z2, n, 2, kind, temperature, 0.5);
     draw(z1, z2, results[kindSelect.value]);
     readout.textContent = ['dcl', 'dclw', 'infonce']
       .map((k) => `${k.padEnd(8)} loss ${results[k].loss.toFixed(4)}`)
       .join('\n');
-    el.dcl = { ...api, status: 'ready', angles, losses: Object.fromEntries(Object.entries(results).map(([k, v]) => [k, v.loss])), gradients: results };
+    el.dcl = { ...api, status: 'ready', backend, angles, losses: Object.fromEntries(Object.entries(results).map(([k, v]) => [k, v.loss])), gradients: results };
   }
   function draw(z1, z2, out) {
     const ctx = canvas.getContext('2d');
@@ -237,7 +242,8 @@ async function lossExplorer(el) {
   el.dcl = { ...api, status: 'loading' };
   await ready;
   await update();
-  note(el, `Drag the dots. Filled: anchors (view 1); rings: their positives (view 2); same colour, same image. Arrows: -dL/dz, temperature ${temperature}.`);
+  const where = gpuProblem ? ' Computed on the CPU: this browser has no usable WebGPU.' : '';
+  note(el, `Drag the dots. Filled: anchors (view 1); rings: their positives (view 2); same colour, same image. Arrows: -dL/dz, temperature ${temperature}.${where}`);
 }
 
 function train(el) {
@@ -259,15 +265,14 @@ const WIDGETS = { retrieval, 'loss-explorer': lossExplorer, train };
 export async function mount(el) {
   const widget = WIDGETS[el.dataset.dcl];
   if (!widget) return note(el, `unknown data-dcl="${el.dataset.dcl}": expected ${Object.keys(WIDGETS).join(', ')}`, true);
-  if (widget !== train) {
-    const problem = await webGpuProblem();
-    if (problem) {
-      el.dcl = { status: 'no-webgpu', error: problem };
-      return note(el, problem, true);
-    }
+  // The playground in the box checks for itself; the explorer falls back to the CPU.
+  const problem = widget === train ? null : await webGpuProblem();
+  if (problem && widget === retrieval) {
+    el.dcl = { status: 'no-webgpu', error: problem };
+    return note(el, problem, true);
   }
   try {
-    await widget(el);
+    await widget(el, problem);
   } catch (e) {
     el.dcl = { status: 'error', error: String(e.message || e) };
     note(el, el.dcl.error, true);

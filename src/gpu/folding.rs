@@ -1,8 +1,8 @@
 //! Torchvision-named ResNet tensors: the architecture they describe, their validation, and
 //! BatchNorm folded into the preceding convolution or linear layer.
 
-use crate::model::{ResNetArch, PROJECTION_DIM};
-use crate::weights::NamedTensor;
+use crate::arch::{ResNetArch, PROJECTION_DIM};
+use crate::safetensors::NamedTensor;
 use std::collections::HashMap;
 
 /// PyTorch's and Burn's BatchNorm epsilon.

@@ -7,8 +7,8 @@
 
 use super::folding::{Checked, Folded};
 use super::GpuContext;
-use crate::model::{ResNetArch, PROJECTION_DIM};
-use crate::weights::NamedTensor;
+use crate::arch::{ResNetArch, PROJECTION_DIM};
+use crate::safetensors::NamedTensor;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use wgpu::util::DeviceExt;

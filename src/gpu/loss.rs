@@ -1,7 +1,7 @@
 //! Host side of `shaders/dcl_loss.wgsl`: the fused decoupled loss, forward and backward.
 
 use super::GpuContext;
-use crate::loss::{ContrastiveLoss, LossKind};
+use crate::loss::{ContrastiveLoss, LossAndGrads, LossKind};
 
 const SHADER: &str = include_str!("../../shaders/dcl_loss.wgsl");
 /// Invocations per workgroup of the row passes (`WG` in the shader).
@@ -10,15 +10,6 @@ const WG: u32 = 64;
 const ROWS_PER_GROUP: u32 = 512;
 /// The widest embedding the kernel is tested for (and the project promises).
 pub const MAX_DIM: usize = 512;
-
-/// The loss and its gradients with respect to both (unnormalized) views.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct LossAndGrads {
-    pub loss: f32,
-    pub grad_z1: Vec<f32>,
-    pub grad_z2: Vec<f32>,
-}
 
 /// The five pipelines of the kernel, compiled once and reused for every call.
 pub struct FusedLoss {

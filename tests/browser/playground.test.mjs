@@ -235,6 +235,51 @@ test('without WebGPU the page says so and what to do', { timeout: 120_000 }, asy
   }
 });
 
+/// The state (`element.dcl`) of the embed `name` once `done(state)` holds; its error, if any, throws.
+async function widgetState(page, name, done, timeoutMs, logs = []) {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const s = await page.evaluate((n) => document.querySelector(`[data-dcl="${n}"]`).dcl, name);
+    if (s && done(s)) return s;
+    if (s && s.error) throw new Error(`${name}: ${s.error}`);
+    if (Date.now() > deadline) throw new Error(`${name}: not ready after ${timeoutMs / 1000} s; logs ${logs.join('\n')}`);
+    await new Promise((r) => setTimeout(r, 300));
+  }
+}
+const ready = (s) => s.status === 'ready';
+
+/// Without WebGPU the tutorial's loss explorer computes on the CPU (the float64 host loss in the
+/// small module): the same losses and gradients as the native `dcl loss`; retrieval says why not.
+test('the loss explorer without WebGPU: the host loss equals native `dcl loss`', { timeout: 180_000 }, async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'dcl-explorer-'));
+  const { browser, page } = await open(false);
+  try {
+    await page.goto(`${url}/www/tutorial.html`);
+    const explorer = await widgetState(page, 'loss-explorer', ready, 90_000);
+    assert.equal(explorer.backend, 'cpu');
+    const z = [0, 1].map((v) => explorer.angles.flatMap((a) => [Math.cos(a[v]), Math.sin(a[v])]));
+    npy(join(dir, 'z1.npy'), z[0], [4, 2]);
+    npy(join(dir, 'z2.npy'), z[1], [4, 2]);
+    for (const kind of ['dcl', 'dclw', 'infonce']) {
+      const out = join(dir, kind);
+      const native = JSON.parse(execFileSync(DCL, ['loss', '--z1', join(dir, 'z1.npy'), '--z2', join(dir, 'z2.npy'),
+        '--kind', kind, '--temperature', '0.5', '--grad-out', out]).toString()).loss;
+      const inPage = explorer.gradients[kind];
+      assert.ok(Math.abs(inPage.loss - native) < 1e-5 * Math.abs(native), `${kind}: page ${inPage.loss} vs native ${native}`);
+      for (const [key, file] of [['gradZ1', 'grad_z1.npy'], ['gradZ2', 'grad_z2.npy']]) {
+        const want = readNpy(join(out, file));
+        const scale = Math.max(...want.map(Math.abs));
+        want.forEach((w, i) => assert.ok(Math.abs(inPage[key][i] - w) <= 1e-5 * scale, `${kind} ${key}[${i}]: page ${inPage[key][i]} vs native ${w}`));
+      }
+    }
+    const retrieval = await widgetState(page, 'retrieval', (r) => r.status === 'no-webgpu', 30_000);
+    assert.match(retrieval.error, /WebGPU/);
+  } finally {
+    await browser.close();
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
 /// The tutorial page: a model trained natively is loaded by the WGSL inference engine in the page,
 /// whose outputs equal the native `dcl embed`; the retrieval, loss-explorer and train embeds work.
 test('the tutorial\'s embeds: the WGSL engine in the page equals native `dcl embed`', { timeout: 900_000 }, async () => {
@@ -265,29 +310,48 @@ test('the tutorial\'s embeds: the WGSL engine in the page equals native `dcl emb
   try {
     await page.goto(`${url}/www/tutorial.html?model=/${model}`);
     const widget = (name) => page.evaluate((n) => document.querySelector(`[data-dcl="${n}"]`).dcl, name);
-    const waitWidget = async (name, timeoutMs) => {
-      const deadline = Date.now() + timeoutMs;
-      for (;;) {
-        const s = await widget(name);
-        if (s && s.status === 'ready') return s;
-        if (s && s.error) throw new Error(`${name}: ${s.error}`);
-        if (Date.now() > deadline) throw new Error(`${name}: not ready after ${timeoutMs / 1000} s; logs ${logs.join('\n')}`);
-        await new Promise((r) => setTimeout(r, 500));
-      }
-    };
-    // Exactness: the engine on the page's WebGPU vs the native engine (itself tested against Burn).
+    const waitWidget = (name, timeoutMs) => widgetState(page, name, ready, timeoutMs, logs);
+    // Exactness: the engine of the small inference-only module (the one the embeds load) on the
+    // page's WebGPU vs the native engine (itself tested against Burn).
     const got = await page.evaluate(async ([path, data, count]) => {
-      const { WebEncoder } = await import('/www/pkg/dcl.js');
+      const { default: init, WebEncoder } = await import('/www/pkg-infer/dcl.js');
+      await init();
       const bytes = new Uint8Array(await (await fetch(path)).arrayBuffer());
       const encoder = await WebEncoder.fromSafetensors('model.safetensors', bytes);
       return encoder.embed(Float32Array.from(data), count, 32, 32, false);
     }, [`/${model}`, images, b]);
-    for (const key of ['features', 'projections']) {
-      const want = native[key];
-      assert.equal(got[key].length, want.length, key);
+    const close = (key, got, want) => {
+      assert.equal(got.length, want.length, key);
       const scale = Math.max(...want.map(Math.abs));
-      want.forEach((w, i) => assert.ok(Math.abs(got[key][i] - w) <= 1e-4 * scale, `${key}[${i}]: page ${got[key][i]} vs native ${w}`));
-    }
+      want.forEach((w, i) => assert.ok(Math.abs(got[i] - w) <= 1e-4 * scale, `${key}[${i}]: page ${got[i]} vs native ${w}`));
+    };
+    for (const key of ['features', 'projections']) close(key, got[key], native[key]);
+
+    // Speed in the page: the WGSL engine (small module) and Burn's forward (the playground's
+    // module) on the same 64 images and the same WebGPU; each warmed up once, then timed. Burn's
+    // projections must equal the engine's.
+    const speed = await page.evaluate(async (path) => {
+      const small = await import('/www/pkg-infer/dcl.js');
+      const full = await import('/www/pkg/dcl.js');
+      await full.default();
+      await full.initWebGpu();
+      const bytes = new Uint8Array(await (await fetch(path)).arrayBuffer());
+      const engine = await small.WebEncoder.fromSafetensors('model.safetensors', bytes);
+      const burn = full.BurnEncoder.fromSafetensors('model.safetensors', bytes);
+      const count = 64;
+      const images = Float32Array.from({ length: count * 3 * 32 * 32 }, (_, i) => Math.sin(i * 0.37));
+      const rate = async (f) => {
+        const first = await f();
+        const t0 = performance.now();
+        await f();
+        return [first, count / ((performance.now() - t0) / 1000)];
+      };
+      const [fromEngine, engineRate] = await rate(async () => (await engine.embed(images, count, 32, 32, false)).projections);
+      const [fromBurn, burnRate] = await rate(() => burn.projections(images, count));
+      return { engine: Array.from(fromEngine), burn: Array.from(fromBurn), engineRate, burnRate };
+    }, `/${model}`);
+    close('burn vs engine projections', speed.burn, speed.engine);
+    console.log(`# resnet-mini forward in the page (SwiftShader WebGPU, batch 64): WGSL engine ${speed.engineRate.toFixed(1)} images/s, Burn ${speed.burnRate.toFixed(1)} images/s`);
 
     const explorer = await waitWidget('loss-explorer', 180_000);
     for (const kind of ['dcl', 'dclw', 'infonce']) assert.ok(Number.isFinite(explorer.losses[kind]), kind);

@@ -1,24 +1,22 @@
-//! The page's bindings (wasm32): the Web Worker in `www/worker.js` drives a [`Playground`] one
-//! step at a time on the browser's WebGPU, with the same readers, trainer, loss and model code as
-//! the native CLI. Every GPU read-back is awaited: a page cannot block on its GPU.
+//! The playground's bindings: the Web Worker in `www/worker.js` drives a [`Playground`] one step
+//! at a time on the browser's WebGPU, with the same trainer, loss and model code as the native CLI.
 //!
-//! A run's `RefCell` stays borrowed across those awaits on purpose: the worker sends every call
+//! A run's `RefCell` stays borrowed across GPU read-backs on purpose: the worker sends every call
 //! into a run through one promise chain, so no second borrow can start while one is held (and a
 //! step must not interleave with a save anyway).
 #![allow(clippy::await_holding_refcell_ref)]
 
+use super::{js_error, loss_and_shape, to_js, WebDataset};
 use crate::backend::DeviceKind;
 use crate::data::preview::{image_rgb, view_rgb};
-use crate::data::{from_named_files, Dataset, Split, IMAGE_LEN};
+use crate::data::{Split, IMAGE_LEN, SIDE};
 use crate::eval::{knn_monitor_async, pca2, read_f32};
-use crate::gpu::{infer::InferenceEngine, loss::FusedLoss, GpuContext};
-use crate::loss::{ContrastiveLoss, LossKernel, LossKind};
-use crate::model::ModelName;
+use crate::loss::{LossKernel, LossKind};
+use crate::model::{Encoder, ModelName};
 use crate::optim::OptimizerKind;
+use crate::safetensors::{parse_safetensors, safetensors_bytes};
 use crate::train::{RunConfig, Trainer};
-use crate::weights::{
-    encoder_from_tensors, parse_safetensors, safetensors_bytes, torchvision_tensors_async,
-};
+use crate::weights::{encoder_from_tensors, torchvision_tensors_async};
 use burn::backend::wgpu::{graphics, init_setup_async, WgpuDevice};
 use burn::backend::{Autodiff, WebGpu};
 use burn::module::AutodiffModule;
@@ -32,93 +30,11 @@ use wasm_bindgen_futures::future_to_promise;
 
 type B = Autodiff<WebGpu>;
 
-#[wasm_bindgen(start)]
-pub fn start() {
-    console_error_panic_hook::set_once();
-}
-
-fn js_error(e: impl std::fmt::Display) -> JsValue {
-    JsError::new(&e.to_string()).into()
-}
-
-fn to_js(value: &impl Serialize) -> Result<JsValue, JsValue> {
-    serde_wasm_bindgen::to_value(value).map_err(js_error)
-}
-
 /// Starts Burn on the browser's WebGPU adapter. The page checks `navigator.gpu` and
 /// `requestAdapter()` before calling this, so a missing adapter gets its message there.
 #[wasm_bindgen(js_name = initWebGpu)]
 pub async fn init_webgpu() {
     init_setup_async::<graphics::WebGpu>(&WgpuDevice::default(), Default::default()).await;
-}
-
-/// A dataset parsed in wasm by the core readers.
-#[wasm_bindgen]
-pub struct WebDataset {
-    inner: Dataset,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct DatasetSummary {
-    name: String,
-    format: crate::data::Format,
-    classes: usize,
-    train_images: usize,
-    test_images: usize,
-    shape: [usize; 3],
-}
-
-#[wasm_bindgen]
-impl WebDataset {
-    /// Files picked, dropped or fetched: a CIFAR archive, CIFAR batch files, or IDX files.
-    #[wasm_bindgen(js_name = fromFiles)]
-    pub fn from_files(
-        name: &str,
-        file_names: Vec<String>,
-        contents: Vec<js_sys::Uint8Array>,
-    ) -> Result<WebDataset, JsValue> {
-        let files = file_names
-            .into_iter()
-            .zip(contents.iter().map(|c| c.to_vec()))
-            .collect();
-        let inner = from_named_files(name, files).map_err(js_error)?;
-        Ok(Self { inner })
-    }
-
-    pub fn summary(&self) -> Result<JsValue, JsValue> {
-        let d = &self.inner;
-        to_js(&DatasetSummary {
-            name: d.name.clone(),
-            format: d.format,
-            classes: d.classes,
-            train_images: d.train.len(),
-            test_images: d.test.len(),
-            shape: d.source_shape,
-        })
-    }
-
-    /// The first `count` test images (the training images if there is no test split), stored
-    /// 32x32 CHW bytes one after another: a retrieval gallery.
-    #[wasm_bindgen(js_name = galleryImages)]
-    pub fn gallery_images(&self, count: usize) -> Vec<u8> {
-        self.gallery().head(count).images
-    }
-
-    /// The labels of [`WebDataset::gallery_images`].
-    #[wasm_bindgen(js_name = galleryLabels)]
-    pub fn gallery_labels(&self, count: usize) -> Vec<u16> {
-        self.gallery().head(count).labels
-    }
-
-    fn gallery(&self) -> &Split {
-        let d = &self.inner;
-        if d.test.is_empty() {
-            &d.train
-        } else {
-            &d.test
-        }
-    }
 }
 
 /// What the page's controls set; anything left out takes the toy-run default.
@@ -404,28 +320,6 @@ impl Playground {
     }
 }
 
-/// A loss of `kind` on two [n, d] embeddings given as flat arrays, checked before any GPU work.
-fn loss_and_shape(
-    z1: &[f32],
-    z2: &[f32],
-    n: usize,
-    d: usize,
-    kind: &str,
-    temperature: f64,
-    sigma: f64,
-) -> Result<ContrastiveLoss, JsValue> {
-    let kind: LossKind = kind.parse().map_err(js_error)?;
-    if z1.len() != n * d || z2.len() != n * d {
-        return Err(js_error(format!(
-            "z1 has {} and z2 {} numbers, expected n*d = {}",
-            z1.len(),
-            z2.len(),
-            n * d
-        )));
-    }
-    ContrastiveLoss::new(kind, temperature, sigma).map_err(js_error)
-}
-
 /// The decoupled loss (or InfoNCE) of two [n, d] embeddings on the page's WebGPU through Burn,
 /// for checking the page against the native `dcl loss` on the same numbers.
 #[wasm_bindgen(js_name = lossValue)]
@@ -445,98 +339,42 @@ pub async fn loss_value(
     Ok(read_f32(value).await.map_err(js_error)?[0] as f64)
 }
 
-thread_local! {
-    /// The WGSL loss kernel's device and pipelines, made on first use and kept.
-    static FUSED: RefCell<Option<Rc<(GpuContext, FusedLoss)>>> = const { RefCell::new(None) };
-}
-
-/// The fused WGSL kernel (`shaders/dcl_loss.wgsl`) on the page's WebGPU, without Burn:
-/// `{loss, gradZ1, gradZ2}`, the same numbers the native kernel and `dcl loss` give.
-#[wasm_bindgen(js_name = fusedLoss)]
-pub async fn fused_loss(
-    z1: Vec<f32>,
-    z2: Vec<f32>,
-    n: usize,
-    d: usize,
-    kind: &str,
-    temperature: f64,
-    sigma: f64,
-) -> Result<JsValue, JsValue> {
-    let loss = loss_and_shape(&z1, &z2, n, d, kind, temperature, sigma)?;
-    let kernel = match FUSED.with(|k| k.borrow().clone()) {
-        Some(k) => k,
-        None => {
-            let gpu = GpuContext::new().await.map_err(js_error)?;
-            let fused = FusedLoss::new(&gpu);
-            let kernel = Rc::new((gpu, fused));
-            FUSED.with(|k| *k.borrow_mut() = Some(kernel.clone()));
-            kernel
-        }
-    };
-    let out = kernel
-        .1
-        .compute(&kernel.0, &loss, &z1, &z2, n, d)
-        .await
-        .map_err(js_error)?;
-    to_js(&out)
-}
-
-/// The WGSL inference engine (`shaders/resnet_infer.wgsl`) on the page's WebGPU, without Burn:
-/// what the tutorial embeds run a trained encoder with.
+/// Burn's eval-mode forward of a trained encoder on the page's WebGPU: what the tutorial times
+/// beside the WGSL engine ([`super::WebEncoder`]) on the same images, and checks it against.
 #[wasm_bindgen]
-pub struct WebEncoder {
-    inner: Rc<(GpuContext, InferenceEngine)>,
+pub struct BurnEncoder {
+    encoder: Encoder<WebGpu>,
 }
 
 #[wasm_bindgen]
-impl WebEncoder {
-    /// Loads a `model.safetensors` (torchvision names); a bad file is an error naming it.
+impl BurnEncoder {
+    /// A `model.safetensors` written by `dcl` (its metadata names the preset).
     #[wasm_bindgen(js_name = fromSafetensors)]
-    pub async fn from_safetensors(file: String, bytes: Vec<u8>) -> Result<WebEncoder, JsValue> {
-        let (tensors, _) = parse_safetensors(&file, &bytes).map_err(js_error)?;
-        let gpu = GpuContext::new().await.map_err(js_error)?;
-        let engine =
-            InferenceEngine::new(&gpu, &tensors).map_err(|e| js_error(format!("{file}: {e}")))?;
-        Ok(Self {
-            inner: Rc::new((gpu, engine)),
-        })
+    pub fn from_safetensors(file: String, bytes: Vec<u8>) -> Result<BurnEncoder, JsValue> {
+        let (tensors, saved) = parse_safetensors(&file, &bytes).map_err(js_error)?;
+        let model = saved.ok_or_else(|| js_error(format!("{file} names no model preset")))?;
+        let encoder = encoder_from_tensors::<WebGpu>(model, tensors, &WgpuDevice::default())
+            .map_err(|e| js_error(format!("{file}: {e}")))?;
+        Ok(Self { encoder })
     }
 
-    #[wasm_bindgen(getter, js_name = featureDim)]
-    pub fn feature_dim(&self) -> usize {
-        self.inner.1.feature_dim()
-    }
-
-    /// `{features, projections}` (flat, row-major) of normalized images [batch, 3, height,
-    /// width]; rows scaled to unit length when `normalized`.
-    pub fn embed(
-        &self,
-        images: Vec<f32>,
-        batch: usize,
-        height: usize,
-        width: usize,
-        normalized: bool,
-    ) -> Promise {
-        let inner = self.inner.clone();
+    /// The 128-d projections (flat, row-major) of normalized images [batch, 3, 32, 32].
+    pub fn projections(&self, images: Vec<f32>, batch: usize) -> Promise {
+        let encoder = self.encoder.clone();
         future_to_promise(async move {
-            let (gpu, engine) = &*inner;
-            let out = engine
-                .forward(gpu, &images, [batch, height, width], normalized)
-                .await;
-            to_js(&out.map_err(js_error)?)
+            if images.len() != batch * IMAGE_LEN {
+                return Err(js_error(format!(
+                    "{} numbers are not {batch} images of 3x32x32",
+                    images.len()
+                )));
+            }
+            let shape = [batch, 3, SIDE, SIDE];
+            let x = Tensor::<WebGpu, 4>::from_data(
+                TensorData::new(images, shape),
+                &WgpuDevice::default(),
+            );
+            let out = read_f32(encoder.forward(x)).await.map_err(js_error)?;
+            Ok(js_sys::Float32Array::from(out.as_slice()).into())
         })
     }
-}
-
-/// Stored 32x32 CHW image bytes (as `WebDataset` holds them) to the normalized input encoders take.
-#[wasm_bindgen(js_name = normalizeImages)]
-pub fn normalize_images(pixels: Vec<u8>) -> Result<Vec<f32>, JsValue> {
-    if !pixels.len().is_multiple_of(IMAGE_LEN) {
-        return Err(js_error(format!(
-            "{} bytes are not whole 3x32x32 images",
-            pixels.len()
-        )));
-    }
-    let images: Vec<&[u8]> = pixels.chunks_exact(IMAGE_LEN).collect();
-    Ok(crate::augment::plain_batch(&images))
 }
