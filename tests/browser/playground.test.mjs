@@ -328,7 +328,7 @@ test('the tutorial\'s embeds: the WGSL engine in the page equals native `dcl emb
     for (const key of ['features', 'projections']) close(key, got[key], native[key]);
 
     // Speed in the page: the WGSL engine (small module) and Burn's forward (the playground's
-    // module) on the same 64 images and the same WebGPU; each warmed up once, then timed. Burn's
+    // module) on the same 64 images and the same WebGPU; each warmed up once, then the best of 3. Burn's
     // projections must equal the engine's.
     const speed = await page.evaluate(async (path) => {
       const small = await import('/www/pkg-infer/dcl.js');
@@ -342,9 +342,13 @@ test('the tutorial\'s embeds: the WGSL engine in the page equals native `dcl emb
       const images = Float32Array.from({ length: count * 3 * 32 * 32 }, (_, i) => Math.sin(i * 0.37));
       const rate = async (f) => {
         const first = await f();
-        const t0 = performance.now();
-        await f();
-        return [first, count / ((performance.now() - t0) / 1000)];
+        let best = Infinity;
+        for (let rep = 0; rep < 3; rep++) {
+          const t0 = performance.now();
+          await f();
+          best = Math.min(best, performance.now() - t0);
+        }
+        return [first, count / (best / 1000)];
       };
       const [fromEngine, engineRate] = await rate(async () => (await engine.embed(images, count, 32, 32, false)).projections);
       const [fromBurn, burnRate] = await rate(() => burn.projections(images, count));
