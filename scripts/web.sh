@@ -53,9 +53,10 @@ build_wasm() {
   shrink_wasm www/pkg-infer/dcl_bg.wasm
 }
 
-# Size pass with npm's binaryen (Debian's wasm-opt 108 writes modules Chromium rejects).
+# Size pass with npm's binaryen, pinned in package.json (Debian's wasm-opt 108 writes modules
+# Chromium rejects).
 shrink_wasm() {
-  [ -x node_modules/.bin/wasm-opt ] || npm install --no-save --no-audit --no-fund binaryen@132 >/dev/null
+  [ -x node_modules/.bin/wasm-opt ] || npm install --no-audit --no-fund >/dev/null
   node_modules/.bin/wasm-opt -Oz --enable-bulk-memory --enable-reference-types --enable-multivalue \
     --enable-nontrapping-float-to-int --enable-sign-ext --enable-mutable-globals "$1" -o "$1"
 }

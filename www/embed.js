@@ -152,7 +152,7 @@ const EXPLORER_ANGLES = [[0.3, 0.6], [2.2, 2.0], [3.6, 4.1], [5.0, 5.5]];
 /// `gpuProblem`: why WebGPU is unusable (the losses then come from the CPU), or null.
 async function lossExplorer(el, gpuProblem) {
   const backend = gpuProblem ? 'cpu' : 'webgpu';
-  const lossOf = gpuProblem ? async (...args) => hostLoss(...args) : fusedLoss;
+  const lossOf = gpuProblem ? hostLoss : fusedLoss;
   const canvas = document.createElement('canvas');
   canvas.width = canvas.height = 320;
   const readout = document.createElement('pre');
