@@ -1,11 +1,12 @@
 """PyTorch CPU peer of `dcl bench train`: images/s of one full SimCLR+DCL training step.
 
 Same model (ResNet BasicBlocks, CIFAR stem, same widths), same two-view batch, same loss (lightly's
-DCLLoss), same optimizer (SGD momentum), same thread count. Not run in CI. Usage:
+DCLLoss), same optimizer (SGD momentum), same thread count. Prints one JSON object; `dcl bench train --peer` runs it. Not run in CI. Usage:
     pip install torch numpy && pip install --no-deps lightly
     python scripts/peer_bench_train.py --model resnet-mini --batch-size 64 --threads 2
 """
 import argparse
+import json
 import time
 
 import torch
@@ -68,7 +69,8 @@ def main():
     for _ in range(args.steps):
         step()
     ips = args.steps * args.batch_size / (time.perf_counter() - start)
-    print(f"| {args.model} | {args.batch_size} | pytorch-cpu ({args.threads} threads) | {ips:.1f} |")
+    print(json.dumps({"model": args.model, "batch_size": args.batch_size, "threads": args.threads,
+                      "images_per_sec": ips, "torch": torch.__version__}))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,10 @@
 //! The one place that maps `--device cpu|wgpu|cuda` to a Burn backend.
 //!
-//! Code that trains or evaluates is generic over `B: AutodiffBackend`; it is written as a
-//! [`BackendTask`] and run here on the backend the user picked. The CPU device is Burn's `flex`
-//! backend (measured fastest of Burn's CPU backends here; see the README).
+//! Since Burn 0.22 a tensor's backend is a property of its `Device`, chosen at run time; code
+//! that trains or evaluates takes a `Device` and never names a backend. The CPU device is Burn's
+//! `flex` backend (measured fastest of Burn's CPU backends here; see the README).
 
-use burn::backend::{Autodiff, Flex};
-use burn::tensor::{backend::AutodiffBackend, Tensor};
+use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
@@ -42,59 +41,76 @@ impl fmt::Display for DeviceKind {
     }
 }
 
-pub type CpuBackend = Flex;
-
-/// Work to run on whichever backend the user picked.
-pub trait BackendTask {
-    type Output;
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> anyhow::Result<Self::Output>;
-}
-
-pub fn dispatch<T: BackendTask>(kind: DeviceKind, task: T) -> anyhow::Result<T::Output> {
-    match kind {
-        DeviceKind::Cpu => task.run::<Autodiff<Flex>>(Default::default()),
+/// The autodiff device for `--device`: Burn 0.22 picks the backend at run time, so the whole
+/// program runs on one tensor type and only this function knows which backends were built in.
+/// A GPU that cannot start is an error that says what to do, not a panic.
+pub fn device(kind: DeviceKind) -> anyhow::Result<Device> {
+    default_to_cpu();
+    let device = match kind {
+        DeviceKind::Cpu => Device::flex(),
         #[cfg(feature = "wgpu")]
-        DeviceKind::Wgpu => {
-            let device = burn::backend::wgpu::WgpuDevice::default();
-            probe::<burn::backend::Wgpu>(&device, "wgpu", "no Vulkan/Metal/DX12 adapter found \
-                (on a machine without a GPU, install Mesa's lavapipe: apt install mesa-vulkan-drivers)")?;
-            task.run::<Autodiff<burn::backend::Wgpu>>(device)
-        }
+        DeviceKind::Wgpu => probe(
+            Device::wgpu(burn::tensor::DeviceKind::default()),
+            "wgpu",
+            "no Vulkan/Metal/DX12 adapter found (on a machine without a GPU, install Mesa's \
+             lavapipe: apt install mesa-vulkan-drivers)",
+        )?,
         #[cfg(feature = "cuda")]
-        DeviceKind::Cuda => {
-            let device = burn::backend::cuda::CudaDevice::default();
-            probe::<burn::backend::Cuda>(
-                &device,
-                "cuda",
-                "no CUDA GPU or driver found \
-                (libcuda and NVRTC are loaded at run time; use --device cpu or wgpu here)",
-            )?;
-            task.run::<Autodiff<burn::backend::Cuda>>(device)
-        }
+        DeviceKind::Cuda => probe(
+            Device::cuda(0usize),
+            "cuda",
+            "no CUDA GPU or driver found (libcuda and NVRTC are loaded at run time; use --device \
+             cpu or wgpu here)",
+        )?,
         #[allow(unreachable_patterns)]
         other => anyhow::bail!(
             "--device {other}: this build has no {other} support; rebuild with `--features {other}`"
         ),
-    }
+    };
+    Ok(device.autodiff())
+}
+
+/// Whether `device` takes `model::conv`'s im2col + gemm convolution (the CPU device: Burn's
+/// flex backend) rather than Burn's own, which the GPU backends keep.
+pub fn has_fast_conv(device: &Device) -> bool {
+    matches!(
+        device.clone().inner().as_dispatch(),
+        burn::backend::DispatchDevice::Flex(_)
+    )
+}
+
+/// The CPU device without autodiff: seeded initialization and host-side helpers.
+pub fn cpu() -> Device {
+    default_to_cpu();
+    Device::flex()
+}
+
+/// Makes the CPU Burn's default device (`BURN_DEVICE`, unless the user set it). Burn builds loaded
+/// optimizer state on its default device before moving it to the weights' device; with `cuda`
+/// compiled in, that default is CUDA, which a machine without a GPU cannot start, so a resume
+/// would panic there. Done once, when the first device is made (before training threads start).
+fn default_to_cpu() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("BURN_DEVICE").is_none() {
+            std::env::set_var("BURN_DEVICE", "flex");
+        }
+    });
 }
 
 /// Burn panics when a GPU backend cannot start; turn that into an error that says what to do.
 #[allow(dead_code)]
-fn probe<B: burn::tensor::backend::Backend>(
-    device: &B::Device,
-    name: &str,
-    hint: &str,
-) -> anyhow::Result<()> {
+fn probe(device: Device, name: &str, hint: &str) -> anyhow::Result<Device> {
     let previous = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        Tensor::<B, 1>::ones([1], device)
+        Tensor::<1>::ones([1], &device)
             .into_data()
-            .to_vec::<f32>()
+            .try_to_vec::<f32>()
     }));
     std::panic::set_hook(previous);
     match result {
-        Ok(Ok(v)) if v == [1.0] => Ok(()),
+        Ok(Ok(v)) if v == [1.0] => Ok(device),
         Ok(_) => anyhow::bail!("--device {name}: the device returned wrong data on a self-test"),
         Err(panic) => {
             let detail = panic

@@ -1,6 +1,6 @@
 //! The `dcl` command line: pretrain, eval, loss, model, data, bench.
 
-use crate::backend::{dispatch, BackendTask, DeviceKind};
+use crate::backend::DeviceKind;
 use crate::data::{discover, npy, preview, Dataset};
 use crate::eval::{knn_monitor, linear_probe};
 use crate::loss::{ContrastiveLoss, LossKernel, LossKind};
@@ -11,8 +11,7 @@ use crate::safetensors::safetensors_bytes;
 use crate::train::{RunConfig, Trainer};
 use crate::weights::{module_from_bytes, torchvision_tensors, write_atomic};
 use burn::module::AutodiffModule;
-use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
 use clap::{Args, Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -239,6 +238,14 @@ enum BenchCommand {
         device: DeviceKind,
         #[arg(long, default_value_t = 5)]
         steps: usize,
+        /// CPU threads for dcl's kernels and the peer (default: every core).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Also run the PyTorch peer (scripts/peer_bench_train.py) and print the ratio.
+        #[arg(long)]
+        peer: bool,
+        #[arg(long)]
+        json: bool,
     },
     /// Images/s of inference on wgpu: the WGSL engine vs Burn's eval-mode forward.
     #[cfg(feature = "wgpu")]
@@ -285,14 +292,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let ckpt = dir
                 .latest_checkpoint()?
                 .ok_or_else(|| anyhow::anyhow!("{}: no checkpoint yet", run.display()))?;
-            let report = dispatch(
-                device,
-                EvalTask {
-                    config,
-                    ckpt,
-                    linear,
-                },
-            )?;
+            let report = EvalTask {
+                config,
+                ckpt,
+                linear,
+            }
+            .run(crate::backend::device(device)?)?;
             println!("{report}");
             Ok(())
         }
@@ -300,7 +305,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Model {
             command: ModelCommand::Info { name },
         } => {
-            let encoder = Encoder::<crate::backend::CpuBackend>::new(name, &Default::default());
+            let encoder = Encoder::new(name, &crate::backend::cpu());
             let counts = param_counts(&encoder, name);
             println!(
                 "{}",
@@ -321,19 +326,47 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     batch_size,
                     device,
                     steps,
+                    threads,
+                    peer,
+                    json,
                 },
         } => {
-            let ips = dispatch(
-                device,
-                BenchTask {
-                    model,
-                    batch_size,
-                    steps,
-                },
-            )?;
-            println!("| model | batch | device | images/s |");
-            println!("|---|---|---|---|");
-            println!("| {model} | {batch_size} | {device} | {ips:.1} |");
+            let threads = threads.unwrap_or_else(num_cpus);
+            anyhow::ensure!(
+                threads >= 1 && steps >= 1,
+                "--threads and --steps must be >= 1"
+            );
+            // Burn's CPU kernels (flex, gemm) run on rayon's global pool.
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build_global()
+                .map_err(|e| anyhow::anyhow!("--threads {threads}: {e}"))?;
+            let mut bench = BenchTask {
+                model,
+                batch_size,
+                steps,
+            }
+            .run(crate::backend::device(device)?)?;
+            bench["device"] = device.to_string().into();
+            bench["threads"] = threads.into();
+            if peer {
+                let args = [
+                    "--model".to_string(),
+                    model.to_string(),
+                    "--batch-size".into(),
+                    batch_size.to_string(),
+                    "--threads".into(),
+                    threads.to_string(),
+                    "--steps".into(),
+                    steps.to_string(),
+                ];
+                let pytorch = run_peer("scripts/peer_bench_train.py", &args)?;
+                let ratio = bench["images_per_sec"].as_f64().unwrap_or(0.0)
+                    / pytorch["images_per_sec"].as_f64().unwrap_or(f64::NAN);
+                bench["pytorch_images_per_sec"] = pytorch["images_per_sec"].clone();
+                bench["ratio"] = ratio.into();
+            }
+            print_train_bench(&bench, json);
             Ok(())
         }
         Command::Bench {
@@ -500,7 +533,6 @@ fn read_embeddings(path: &Path) -> anyhow::Result<npy::Array> {
 }
 
 fn loss(args: LossArgs) -> anyhow::Result<()> {
-    type B = burn::backend::Autodiff<crate::backend::CpuBackend>;
     let a = read_embeddings(&args.z1)?;
     let b = read_embeddings(&args.z2)?;
     anyhow::ensure!(
@@ -513,10 +545,10 @@ fn loss(args: LossArgs) -> anyhow::Result<()> {
     );
     let (n, d) = (a.shape[0], a.shape[1]);
     let criterion = ContrastiveLoss::new(args.kind, args.temperature, args.sigma)?;
-    let device = Default::default();
+    let device = crate::backend::cpu().autodiff();
     let tensor = |x: &npy::Array| {
         let data: Vec<f32> = x.data.iter().map(|&v| v as f32).collect();
-        Tensor::<B, 2>::from_data(TensorData::new(data, [n, d]), &device).require_grad()
+        Tensor::<2>::from_data(TensorData::new(data, [n, d]), &device).require_grad()
     };
     let (z1, z2) = (tensor(&a), tensor(&b));
     let value = criterion.forward(z1.clone(), z2.clone())?;
@@ -534,7 +566,7 @@ fn loss(args: LossArgs) -> anyhow::Result<()> {
                 .grad(&grads)
                 .expect("gradient of an input")
                 .into_data()
-                .to_vec::<f32>()
+                .try_to_vec::<f32>()
                 .expect("f32");
             write_atomic(&dir.join(name), &npy::to_bytes(&[n, d], &g))?;
         }
@@ -579,15 +611,14 @@ fn pretrain(args: PretrainArgs) -> anyhow::Result<()> {
     ContrastiveLoss::new(config.loss, config.temperature, config.sigma)?;
     let dataset = discover::load(&config.data)?;
     dir.write_config(&config)?;
-    dispatch(
-        config.device,
-        PretrainTask {
-            config,
-            dataset,
-            dir,
-            resume: args.resume,
-        },
-    )
+    let device = crate::backend::device(config.device)?;
+    PretrainTask {
+        config,
+        dataset,
+        dir,
+        resume: args.resume,
+    }
+    .run(device)
 }
 
 struct PretrainTask {
@@ -598,8 +629,8 @@ struct PretrainTask {
 }
 
 /// The kNN monitor event: accuracy on the test split, memory bank = un-augmented training split.
-fn knn_event<B: AutodiffBackend>(
-    trainer: &Trainer<B>,
+fn knn_event(
+    trainer: &Trainer,
     ds: &Dataset,
     train: &crate::data::Split,
     epoch: usize,
@@ -609,9 +640,8 @@ fn knn_event<B: AutodiffBackend>(
     serde_json::json!({ "event": "knn", "epoch": epoch, "knn_top1": top1 })
 }
 
-impl BackendTask for PretrainTask {
-    type Output = ();
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> anyhow::Result<()> {
+impl PretrainTask {
+    fn run(self, device: Device) -> anyhow::Result<()> {
         let Self {
             config,
             dataset,
@@ -622,7 +652,7 @@ impl BackendTask for PretrainTask {
             .train
             .clone()
             .truncated(config.limit.unwrap_or(usize::MAX));
-        let mut trainer = Trainer::<B>::new(config.clone(), train.clone(), device)?;
+        let mut trainer = Trainer::new(config.clone(), train.clone(), device)?;
         let has_test = !dataset.test.is_empty();
         match dir.latest_checkpoint()?.filter(|_| resume) {
             Some(ckpt) => {
@@ -684,7 +714,7 @@ impl BackendTask for PretrainTask {
     }
 }
 
-fn progress_bar<B: AutodiffBackend>(trainer: &Trainer<B>) -> indicatif::ProgressBar {
+fn progress_bar(trainer: &Trainer) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(trainer.steps_per_epoch() as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template(&format!(
@@ -704,9 +734,8 @@ struct EvalTask {
     linear: bool,
 }
 
-impl BackendTask for EvalTask {
-    type Output = serde_json::Value;
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> anyhow::Result<serde_json::Value> {
+impl EvalTask {
+    fn run(self, device: Device) -> anyhow::Result<serde_json::Value> {
         let Self {
             config,
             ckpt,
@@ -722,17 +751,13 @@ impl BackendTask for EvalTask {
             .train
             .clone()
             .truncated(config.limit.unwrap_or(usize::MAX));
-        let encoder = module_from_bytes(
-            Encoder::<B>::new(config.model, &device),
-            ckpt.weights,
-            &device,
-        )?;
+        let encoder = module_from_bytes(Encoder::new(config.model, &device), ckpt.weights)?;
         let backbone = encoder.valid().backbone;
         let (knn, (bank, queries)) = knn_monitor(&backbone, &train, &ds.test, ds.classes, &device);
         let dim = config.model.arch().feature_dim();
         let mut report = serde_json::json!({ "epoch": ckpt.epoch, "knn_top1": knn, "train_images": train.len(), "test_images": ds.test.len() });
         if linear {
-            let top1 = linear_probe::<B>(
+            let top1 = linear_probe(
                 (&bank, &train.labels),
                 (&queries, &ds.test.labels),
                 dim,
@@ -751,9 +776,10 @@ struct BenchTask {
     steps: usize,
 }
 
-impl BackendTask for BenchTask {
-    type Output = f64;
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> anyhow::Result<f64> {
+impl BenchTask {
+    /// Images/s over `steps` steps after one warm-up step, and the mean ms per step of each
+    /// phase (the device is synchronized at each phase's end, so GPU phases do not overlap).
+    fn run(self, device: Device) -> anyhow::Result<serde_json::Value> {
         use rand::{Rng, SeedableRng};
         let n = self.batch_size * (self.steps + 1);
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
@@ -781,14 +807,87 @@ impl BackendTask for BenchTask {
             crop_min_scale: 0.08,
             loss_kernel: LossKernel::Reference,
         };
-        let mut trainer = Trainer::<B>::new(config, split, device)?;
+        let mut trainer = Trainer::new(config, split, device.clone())?;
         trainer.step()?; // warm-up: kernel compilation, allocator growth
+        let mut phases: Vec<(&'static str, f64)> = Vec::new();
         let started = Instant::now();
+        let mut last = started;
         for _ in 0..self.steps {
-            trainer.step()?;
+            let mut mark = |phase: &'static str| {
+                let _ = device.sync();
+                let now = Instant::now();
+                let ms = (now - last).as_secs_f64() * 1e3 / self.steps as f64;
+                match phases.iter_mut().find(|(p, _)| *p == phase) {
+                    Some((_, total)) => *total += ms,
+                    None => phases.push((phase, ms)),
+                }
+                last = now;
+            };
+            futures_lite::future::block_on(trainer.step_marked(&mut mark))?;
         }
-        Ok((self.steps * self.batch_size) as f64 / started.elapsed().as_secs_f64())
+        let ips = (self.steps * self.batch_size) as f64 / started.elapsed().as_secs_f64();
+        let ms: serde_json::Map<String, serde_json::Value> = phases
+            .into_iter()
+            .map(|(p, ms)| (p.to_string(), ms.into()))
+            .collect();
+        Ok(serde_json::json!({
+            "model": self.model.to_string(),
+            "batch_size": self.batch_size,
+            "images_per_sec": ips,
+            "ms_per_step": ms,
+        }))
     }
+}
+
+fn num_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn print_train_bench(b: &serde_json::Value, json: bool) {
+    if json {
+        println!("{b}");
+        return;
+    }
+    let f = |v: &serde_json::Value| v.as_f64().map_or("-".into(), |x| format!("{x:.1}"));
+    let ms = &b["ms_per_step"];
+    println!("| model | batch | device | threads | dcl images/s | PyTorch images/s | ratio | ms/step: data | forward | backward | optimizer |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+        b["model"].as_str().unwrap_or(""),
+        b["batch_size"],
+        b["device"].as_str().unwrap_or(""),
+        b["threads"],
+        f(&b["images_per_sec"]),
+        f(&b["pytorch_images_per_sec"]),
+        b["ratio"]
+            .as_f64()
+            .map_or("-".into(), |r| format!("{r:.2}")),
+        f(&ms["data"]),
+        f(&ms["forward"]),
+        f(&ms["backward"]),
+        f(&ms["optimizer"]),
+    );
+}
+
+/// Runs a PyTorch peer script (torch required; never a runtime dependency of dcl) and parses the
+/// JSON it prints.
+fn run_peer(script: &str, args: &[String]) -> anyhow::Result<serde_json::Value> {
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .args(args)
+        .output()
+        .map_err(|e| anyhow::anyhow!("--peer: cannot run python3: {e}"))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "--peer: {script} failed (pip install torch && pip install --no-deps lightly): {}",
+        String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .last()
+            .unwrap_or("")
+    );
+    serde_json::from_slice(&out.stdout)
+        .map_err(|e| anyhow::anyhow!("--peer: {script} printed no JSON: {e}"))
 }
 
 #[cfg(feature = "wgpu")]
@@ -846,22 +945,18 @@ fn peer_loss_rows(
     reps: usize,
 ) -> anyhow::Result<Vec<serde_json::Value>> {
     let sizes: Vec<String> = sizes.iter().map(|n| n.to_string()).collect();
-    let out = std::process::Command::new("python3")
-        .args(["scripts/peer_bench_loss.py", "--n", &sizes.join(","), "--d"])
-        .arg(d.to_string())
-        .arg("--reps")
-        .arg(reps.to_string())
-        .output()
-        .map_err(|e| anyhow::anyhow!("--peer: cannot run python3: {e}"))?;
-    anyhow::ensure!(
-        out.status.success(),
-        "--peer: scripts/peer_bench_loss.py failed (pip install torch lightly): {}",
-        String::from_utf8_lossy(&out.stderr)
-            .lines()
-            .last()
-            .unwrap_or("")
-    );
-    Ok(serde_json::from_slice(&out.stdout)?)
+    let args = [
+        "--n".to_string(),
+        sizes.join(","),
+        "--d".into(),
+        d.to_string(),
+        "--reps".into(),
+        reps.to_string(),
+    ];
+    Ok(serde_json::from_value(run_peer(
+        "scripts/peer_bench_loss.py",
+        &args,
+    )?)?)
 }
 
 #[cfg(not(feature = "wgpu"))]

@@ -8,34 +8,35 @@ use crate::model::ResNet;
 use burn::module::AutodiffModule;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::{Linear, LinearConfig};
-use burn::optim::{AdamConfig, GradientsParams, Optimizer};
-use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::optim::{AdamConfig, GradientsParams};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 
 /// Reads a tensor back as f32s, without blocking (the page's GPU can only be awaited).
-pub async fn read_f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> anyhow::Result<Vec<f32>> {
+pub async fn read_f32<const D: usize>(t: Tensor<D>) -> anyhow::Result<Vec<f32>> {
     let data = t
         .into_data_async()
         .await
         .map_err(|e| anyhow::anyhow!("the device failed while reading a tensor back: {e:?}"))?;
     data.convert::<f32>()
-        .to_vec::<f32>()
+        .try_to_vec::<f32>()
         .map_err(|e| anyhow::anyhow!("unexpected tensor data: {e:?}"))
 }
 
 /// L2-normalized backbone features of every image of a split, without augmentation, row-major
-/// [len, dim]. Batch-norm runs in eval mode (pass a model on a non-autodiff backend).
-pub async fn features<B: Backend>(
-    backbone: &ResNet<B>,
+/// [len, dim]. Batch norm runs in eval mode: pass `valid()` weights; the images go to `device`
+/// without autodiff, which is what tells batch norm to use its running statistics.
+pub async fn features(
+    backbone: &ResNet,
     split: &Split,
-    device: &B::Device,
+    device: &Device,
 ) -> anyhow::Result<Vec<f32>> {
     const BATCH: usize = 500;
+    let device = &device.clone().inner();
     let mut out = Vec::new();
     for start in (0..split.len()).step_by(BATCH) {
         let end = (start + BATCH).min(split.len());
         let images: Vec<&[u8]> = (start..end).map(|i| split.image(i)).collect();
-        let x = Tensor::<B, 4>::from_data(
+        let x = Tensor::<4>::from_data(
             TensorData::new(plain_batch(&images), [end - start, 3, SIDE, SIDE]),
             device,
         );
@@ -64,7 +65,7 @@ impl Knn {
     /// Top-1 accuracy (0..1) of a weighted kNN vote: each of the k most cosine-similar bank
     /// samples votes for its class with weight exp(sim / temperature).
     #[allow(clippy::too_many_arguments)]
-    pub async fn top1<B: Backend>(
+    pub async fn top1(
         &self,
         bank: &[f32],
         bank_labels: &[u16],
@@ -72,19 +73,19 @@ impl Knn {
         query_labels: &[u16],
         dim: usize,
         classes: usize,
-        device: &B::Device,
+        device: &Device,
     ) -> anyhow::Result<f64> {
         const CHUNK: usize = 512;
+        let device = &device.clone().inner();
         let n_bank = bank_labels.len();
         let k = self.k.min(n_bank);
-        let bank_t =
-            Tensor::<B, 2>::from_data(TensorData::new(bank.to_vec(), [n_bank, dim]), device)
-                .transpose();
+        let bank_t = Tensor::<2>::from_data(TensorData::new(bank.to_vec(), [n_bank, dim]), device)
+            .transpose();
         let mut correct = 0usize;
         for (c, labels) in query_labels.chunks(CHUNK).enumerate() {
             let rows = labels.len();
             let q = &queries[c * CHUNK * dim..(c * CHUNK + rows) * dim];
-            let q = Tensor::<B, 2>::from_data(TensorData::new(q.to_vec(), [rows, dim]), device);
+            let q = Tensor::<2>::from_data(TensorData::new(q.to_vec(), [rows, dim]), device);
             let sims = read_f32(q.matmul(bank_t.clone())).await?;
             for (row, &label) in sims.chunks_exact(n_bank).zip(labels) {
                 if self.vote(row, bank_labels, k, classes) == label as usize {
@@ -114,24 +115,24 @@ impl Knn {
 
 /// Linear probe: multinomial logistic regression on frozen features, full-batch Adam, evaluated
 /// on the test features. Returns top-1 accuracy (0..1).
-pub fn linear_probe<B: AutodiffBackend>(
+pub fn linear_probe(
     train: (&[f32], &[u16]),
     test: (&[f32], &[u16]),
     dim: usize,
     classes: usize,
-    device: &B::Device,
+    device: &Device,
 ) -> f64 {
     let to_tensors = |(x, y): (&[f32], &[u16])| {
         let n = y.len();
-        let x = Tensor::<B, 2>::from_data(TensorData::new(x.to_vec(), [n, dim]), device);
+        let x = Tensor::<2>::from_data(TensorData::new(x.to_vec(), [n, dim]), device);
         let y: Vec<i64> = y.iter().map(|&l| l as i64).collect();
         (
             x,
-            Tensor::<B, 1, Int>::from_data(TensorData::new(y, [n]), device),
+            Tensor::<1, Int>::from_data(TensorData::new(y, [n]), device),
         )
     };
     let (x, y) = to_tensors(train);
-    let mut probe: Linear<B> = LinearConfig::new(dim, classes).init(device);
+    let mut probe: Linear = LinearConfig::new(dim, classes).init(device);
     let mut optim = AdamConfig::new().init();
     let ce = CrossEntropyLossConfig::new().init(device);
     for _ in 0..300 {
@@ -144,37 +145,36 @@ pub fn linear_probe<B: AutodiffBackend>(
     let probe = probe.valid();
     let xt = xt.inner().mul_scalar(10.0);
     let pred = probe.forward(xt).argmax(1).reshape([yt.dims()[0]]);
-    let correct = pred.equal(yt.inner()).int().sum().into_scalar();
-    use burn::tensor::ElementConversion;
-    correct.elem::<i64>() as f64 / test.1.len().max(1) as f64
+    let correct = pred.equal(yt.inner()).int().sum().into_scalar::<i64>();
+    correct as f64 / test.1.len().max(1) as f64
 }
 
 /// The kNN monitor on frozen backbone features: bank = `train` without augmentation, queries =
 /// `test`. Returns top-1 and the two feature matrices (for a linear probe).
-pub fn knn_monitor<B: Backend>(
-    backbone: &ResNet<B>,
+pub fn knn_monitor(
+    backbone: &ResNet,
     train: &Split,
     test: &Split,
     classes: usize,
-    device: &B::Device,
+    device: &Device,
 ) -> (f64, (Vec<f32>, Vec<f32>)) {
     let monitor = knn_monitor_async(backbone, train, test, classes, device);
     futures_lite::future::block_on(monitor).expect("kNN monitor")
 }
 
 /// [`knn_monitor`], awaited.
-pub async fn knn_monitor_async<B: Backend>(
-    backbone: &ResNet<B>,
+pub async fn knn_monitor_async(
+    backbone: &ResNet,
     train: &Split,
     test: &Split,
     classes: usize,
-    device: &B::Device,
+    device: &Device,
 ) -> anyhow::Result<(f64, (Vec<f32>, Vec<f32>))> {
     let bank = features(backbone, train, device).await?;
     let queries = features(backbone, test, device).await?;
     let dim = bank.len() / train.len().max(1);
     let top1 = Knn::default()
-        .top1::<B>(
+        .top1(
             &bank,
             &train.labels,
             &queries,

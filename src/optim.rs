@@ -1,17 +1,14 @@
-//! Optimizers for pretraining: SGD with momentum, LARS and Adam, behind one type so the trainer
-//! and its checkpoints need not care which.
+//! Optimizers for pretraining: SGD with momentum, LARS and Adam, behind Burn's one `ModuleOptimizer`
+//! type, so the trainer and its checkpoints need not care which.
 
 use crate::model::Encoder;
-use crate::weights::BytesRecorder;
 use burn::optim::decay::WeightDecayConfig;
-use burn::optim::momentum::MomentumConfig;
+use burn::optim::momentum::{Momentum, MomentumConfig, MomentumState};
 use burn::optim::{
-    adaptor::OptimizerAdaptor, Adam, AdamConfig, GradientsParams, Optimizer, Sgd, SgdConfig,
-    SimpleOptimizer,
+    AdamConfig, GradientsParams, LearningRate, ModuleOptimizer, Optimizer, OptimizerRecord,
+    SgdConfig,
 };
-use burn::record::{Record, Recorder};
-use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::Tensor;
+use burn::tensor::{Bytes, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::str::FromStr;
 
@@ -39,29 +36,38 @@ impl FromStr for OptimizerKind {
 
 /// LARS (You et al. 2017) as SimCLR uses it: SGD with momentum whose step for each weight
 /// matrix is scaled by `eta |w| / |g + wd w|`. Biases and batch-norm vectors are not adapted and
-/// not decayed, the usual exclusion.
-#[derive(Clone, Debug)]
+/// not decayed, the usual exclusion. The velocity is Burn's momentum (no dampening), so its state
+/// saves and loads like SGD's.
+#[derive(Clone)]
 pub struct Lars {
-    pub momentum: f64,
+    pub momentum: Momentum,
     pub weight_decay: f64,
     pub eta: f64,
 }
 
-#[derive(Record, Clone)]
-pub struct LarsState<B: Backend, const D: usize> {
-    pub velocity: Tensor<B, D>,
+impl Lars {
+    fn new(momentum: f64, weight_decay: f64) -> Self {
+        let config = MomentumConfig::new()
+            .with_momentum(momentum)
+            .with_dampening(0.0);
+        Self {
+            momentum: Momentum::new(&config),
+            weight_decay,
+            eta: 0.001,
+        }
+    }
 }
 
-impl<B: Backend> SimpleOptimizer<B> for Lars {
-    type State<const D: usize> = LarsState<B, D>;
+impl Optimizer for Lars {
+    type State<const D: usize> = MomentumState<D>;
 
     fn step<const D: usize>(
         &self,
-        lr: f64,
-        weight: Tensor<B, D>,
-        grad: Tensor<B, D>,
+        lr: LearningRate,
+        weight: Tensor<D>,
+        grad: Tensor<D>,
         state: Option<Self::State<D>>,
-    ) -> (Tensor<B, D>, Option<Self::State<D>>) {
+    ) -> (Tensor<D>, Option<Self::State<D>>) {
         let update = if D > 1 {
             let update = grad + weight.clone().mul_scalar(self.weight_decay);
             let w_norm = weight.clone().square().sum().sqrt();
@@ -76,80 +82,45 @@ impl<B: Backend> SimpleOptimizer<B> for Lars {
         } else {
             grad
         };
-        let velocity = match state {
-            Some(s) => s.velocity.mul_scalar(self.momentum) + update,
-            None => update,
-        };
-        let weight = weight - velocity.clone().mul_scalar(lr);
-        (weight, Some(LarsState { velocity }))
+        let (velocity, state) = self.momentum.transform(update, state);
+        (weight - velocity.mul_scalar(lr), Some(state))
     }
 
-    fn to_device<const D: usize>(state: Self::State<D>, device: &B::Device) -> Self::State<D> {
-        LarsState {
-            velocity: state.velocity.to_device(device),
-        }
+    fn to_device<const D: usize>(state: Self::State<D>, device: &Device) -> Self::State<D> {
+        state.to_device(device)
     }
 }
 
-type Adapted<O, B> = OptimizerAdaptor<O, Encoder<B>, B>;
+/// The encoder's optimizer: Burn's `ModuleOptimizer` holds any of the three.
+#[derive(Clone)]
+pub struct EncoderOptimizer(ModuleOptimizer);
 
-pub enum EncoderOptimizer<B: AutodiffBackend> {
-    Sgd(Adapted<Sgd<B::InnerBackend>, B>),
-    Lars(Adapted<Lars, B>),
-    Adam(Adapted<Adam, B>),
-}
-
-impl<B: AutodiffBackend> EncoderOptimizer<B> {
+impl EncoderOptimizer {
     pub fn new(kind: OptimizerKind, weight_decay: f64, momentum: f64) -> Self {
-        match kind {
-            OptimizerKind::Sgd => Self::Sgd(
-                SgdConfig::new()
-                    .with_momentum(Some(MomentumConfig::new().with_momentum(momentum)))
-                    .with_weight_decay(Some(WeightDecayConfig::new(weight_decay as f32)))
-                    .init(),
-            ),
-            OptimizerKind::Lars => Self::Lars(OptimizerAdaptor::from(Lars {
-                momentum,
-                weight_decay,
-                eta: 0.001,
-            })),
-            OptimizerKind::Adam => Self::Adam(
-                AdamConfig::new()
-                    .with_weight_decay(Some(WeightDecayConfig::new(weight_decay as f32)))
-                    .init(),
-            ),
-        }
+        let decay = Some(WeightDecayConfig::new(weight_decay as f32));
+        Self(match kind {
+            OptimizerKind::Sgd => SgdConfig::new()
+                .with_momentum(Some(MomentumConfig::new().with_momentum(momentum)))
+                .with_weight_decay(decay)
+                .init(),
+            OptimizerKind::Lars => ModuleOptimizer::from(Lars::new(momentum, weight_decay)),
+            OptimizerKind::Adam => AdamConfig::new().with_weight_decay(decay).init(),
+        })
     }
 
-    pub fn step(&mut self, lr: f64, encoder: Encoder<B>, grads: GradientsParams) -> Encoder<B> {
-        match self {
-            Self::Sgd(o) => o.step(lr, encoder, grads),
-            Self::Lars(o) => o.step(lr, encoder, grads),
-            Self::Adam(o) => o.step(lr, encoder, grads),
-        }
+    pub fn step(&mut self, lr: f64, encoder: Encoder, grads: GradientsParams) -> Encoder {
+        self.0.step(lr, encoder, grads)
     }
 
     /// The optimizer state (momenta, Adam moments) as bytes, for exact resume.
     pub fn to_bytes(&self) -> anyhow::Result<Vec<u8>> {
-        fn save<B: Backend, R: Record<B>>(r: R) -> anyhow::Result<Vec<u8>> {
-            Ok(Recorder::<B>::record(&BytesRecorder::default(), r, ())?)
-        }
-        match self {
-            Self::Sgd(o) => save::<B, _>(o.to_record()),
-            Self::Lars(o) => save::<B, _>(o.to_record()),
-            Self::Adam(o) => save::<B, _>(o.to_record()),
-        }
+        Ok(self.0.into_bytes()?.to_vec())
     }
 
-    pub fn from_bytes(self, bytes: Vec<u8>, device: &B::Device) -> anyhow::Result<Self> {
-        fn load<B: Backend, R: Record<B>>(bytes: Vec<u8>, device: &B::Device) -> anyhow::Result<R> {
-            Recorder::<B>::load(&BytesRecorder::default(), bytes, device)
-                .map_err(|e| anyhow::anyhow!("optimizer state does not fit: {e}"))
-        }
-        Ok(match self {
-            Self::Sgd(o) => Self::Sgd(o.load_record(load::<B, _>(bytes, device)?)),
-            Self::Lars(o) => Self::Lars(o.load_record(load::<B, _>(bytes, device)?)),
-            Self::Adam(o) => Self::Adam(o.load_record(load::<B, _>(bytes, device)?)),
-        })
+    /// Restores [`EncoderOptimizer::to_bytes`]; the state moves to `device` on the next step.
+    pub fn from_bytes(self, bytes: Vec<u8>) -> anyhow::Result<Self> {
+        let record = OptimizerRecord::from_bytes(Bytes::from_bytes_vec(bytes))
+            .map_err(|e| anyhow::anyhow!("optimizer state does not fit: {e}"))?;
+        Ok(Self(self.0.load_record(record)))
     }
 }

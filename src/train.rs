@@ -10,7 +10,7 @@ use crate::model::{Encoder, ModelName};
 use crate::optim::{EncoderOptimizer, OptimizerKind};
 use crate::weights::{init_encoder, module_from_bytes, module_to_bytes};
 use burn::optim::GradientsParams;
-use burn::tensor::{backend::AutodiffBackend, ElementConversion, Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
@@ -84,17 +84,17 @@ impl std::fmt::Display for TrainError {
 
 impl std::error::Error for TrainError {}
 
-pub struct Trainer<B: AutodiffBackend> {
+pub struct Trainer {
     pub config: RunConfig,
     loss: ContrastiveLoss,
     views: ViewConfig,
     /// `None` only inside `step`, while the optimizer owns the weights.
-    encoder: Option<Encoder<B>>,
+    encoder: Option<Encoder>,
     /// The WGSL kernel and its device, made on the first fused step (making it must be awaited).
     #[cfg(any(feature = "wgpu", feature = "webgpu"))]
     fused: Option<FusedPath>,
-    optimizer: EncoderOptimizer<B>,
-    device: B::Device,
+    optimizer: EncoderOptimizer,
+    device: Device,
     train: Split,
     order: Vec<usize>,
     /// Epochs completed so far.
@@ -120,8 +120,9 @@ impl FusedPath {
     }
 }
 
-impl<B: AutodiffBackend> Trainer<B> {
-    pub fn new(config: RunConfig, train: Split, device: B::Device) -> anyhow::Result<Self> {
+impl Trainer {
+    /// A trainer on `device`, which must have autodiff enabled (see `backend::device`).
+    pub fn new(config: RunConfig, train: Split, device: Device) -> anyhow::Result<Self> {
         let loss = ContrastiveLoss::new(config.loss, config.temperature, config.sigma)?;
         anyhow::ensure!(
             config.batch_size >= 2,
@@ -146,7 +147,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         );
         let encoder = init_encoder(config.model, config.seed, &device)?;
         let optimizer =
-            EncoderOptimizer::<B>::new(config.optimizer, config.weight_decay, config.momentum);
+            EncoderOptimizer::new(config.optimizer, config.weight_decay, config.momentum);
         let mut trainer = Self {
             loss,
             views: ViewConfig {
@@ -175,13 +176,13 @@ impl<B: AutodiffBackend> Trainer<B> {
         self.order.shuffle(&mut rng);
     }
 
-    pub fn encoder(&self) -> &Encoder<B> {
+    pub fn encoder(&self) -> &Encoder {
         self.encoder
             .as_ref()
             .expect("encoder present between steps")
     }
 
-    pub fn device(&self) -> &B::Device {
+    pub fn device(&self) -> &Device {
         &self.device
     }
 
@@ -231,7 +232,7 @@ impl<B: AutodiffBackend> Trainer<B> {
     }
 
     /// The two augmented views of the next batch, as [B, 3, 32, 32] tensors.
-    pub fn next_views(&self) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    pub fn next_views(&self) -> (Tensor<4>, Tensor<4>) {
         let b = self.config.batch_size;
         let (v1, v2) = self.upcoming_views(b);
         let tensor = |v: Vec<f32>| {
@@ -249,12 +250,22 @@ impl<B: AutodiffBackend> Trainer<B> {
 
     /// [`Trainer::step`] for callers that cannot block on the GPU (the page's worker).
     pub async fn step_async(&mut self) -> anyhow::Result<StepEvent> {
+        self.step_marked(&mut |_| {}).await
+    }
+
+    /// A step that calls `mark(phase)` as each phase ends: "data" (views made and uploaded),
+    /// "forward" (encoder and loss), "backward", "optimizer". Benchmarks time the phases with it.
+    pub async fn step_marked(
+        &mut self,
+        mark: &mut dyn FnMut(&'static str),
+    ) -> anyhow::Result<StepEvent> {
         anyhow::ensure!(
             !self.epoch_finished(),
             "epoch {} has no steps left: call end_epoch()",
             self.epoch
         );
         let (x1, x2) = self.next_views();
+        mark("data");
         let encoder = self.encoder.take().expect("encoder present");
         let z1 = encoder.forward(x1);
         let z2 = encoder.forward(x2);
@@ -265,6 +276,7 @@ impl<B: AutodiffBackend> Trainer<B> {
                 return Err(e);
             }
         };
+        mark("forward");
         let (epoch, step) = (self.epoch, self.step_in_epoch);
         if !value.is_finite() {
             self.encoder = Some(encoder);
@@ -277,7 +289,9 @@ impl<B: AutodiffBackend> Trainer<B> {
         }
         let lr = self.learning_rate(self.global_step());
         let grads = GradientsParams::from_grads(objective.backward(), &encoder);
+        mark("backward");
         self.encoder = Some(self.optimizer.step(lr, encoder, grads));
+        mark("optimizer");
         self.step_in_epoch += 1;
         Ok(StepEvent {
             event: "step",
@@ -293,28 +307,26 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// constant, which hands autodiff exactly dL/dz and leaves the encoder's backward to Burn.
     async fn loss_and_objective(
         &mut self,
-        z1: Tensor<B, 2>,
-        z2: Tensor<B, 2>,
-    ) -> anyhow::Result<(f64, Tensor<B, 1>)> {
+        z1: Tensor<2>,
+        z2: Tensor<2>,
+    ) -> anyhow::Result<(f64, Tensor<1>)> {
         if self.config.loss_kernel == LossKernel::Fused {
             return self.fused_objective(z1, z2).await;
         }
         let loss = self.loss.forward(z1, z2)?;
-        let value = loss
-            .clone()
-            .into_scalar_async()
-            .await
-            .map_err(|e| anyhow::anyhow!("the device failed while reading the loss back: {e:?}"))?
-            .elem::<f64>();
+        let value =
+            loss.clone().into_scalar_async::<f64>().await.map_err(|e| {
+                anyhow::anyhow!("the device failed while reading the loss back: {e:?}")
+            })?;
         Ok((value, loss))
     }
 
     #[cfg(any(feature = "wgpu", feature = "webgpu"))]
     async fn fused_objective(
         &mut self,
-        z1: Tensor<B, 2>,
-        z2: Tensor<B, 2>,
-    ) -> anyhow::Result<(f64, Tensor<B, 1>)> {
+        z1: Tensor<2>,
+        z2: Tensor<2>,
+    ) -> anyhow::Result<(f64, Tensor<1>)> {
         if self.fused.is_none() {
             self.fused = Some(FusedPath::new().await?);
         }
@@ -327,7 +339,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             .compute(&fused.gpu, &self.loss, &a, &b, n, d)
             .await?;
         let constant =
-            |g: Vec<f32>| Tensor::<B, 2>::from_data(TensorData::new(g, [n, d]), &self.device);
+            |g: Vec<f32>| Tensor::<2>::from_data(TensorData::new(g, [n, d]), &self.device);
         let objective = (z1 * constant(out.grad_z1)).sum() + (z2 * constant(out.grad_z2)).sum();
         Ok((out.loss as f64, objective))
     }
@@ -335,16 +347,16 @@ impl<B: AutodiffBackend> Trainer<B> {
     #[cfg(not(any(feature = "wgpu", feature = "webgpu")))]
     async fn fused_objective(
         &mut self,
-        _z1: Tensor<B, 2>,
-        _z2: Tensor<B, 2>,
-    ) -> anyhow::Result<(f64, Tensor<B, 1>)> {
+        _z1: Tensor<2>,
+        _z2: Tensor<2>,
+    ) -> anyhow::Result<(f64, Tensor<1>)> {
         anyhow::bail!("--loss-kernel fused needs a build with the wgpu feature; use reference")
     }
 
     /// Replaces the weights (a saved `model.safetensors`, say) and starts the optimizer afresh.
-    pub fn load_encoder(&mut self, encoder: Encoder<B>) {
+    pub fn load_encoder(&mut self, encoder: Encoder) {
         self.encoder = Some(encoder);
-        self.optimizer = EncoderOptimizer::<B>::new(
+        self.optimizer = EncoderOptimizer::new(
             self.config.optimizer,
             self.config.weight_decay,
             self.config.momentum,
@@ -377,13 +389,13 @@ impl<B: AutodiffBackend> Trainer<B> {
         optimizer: Vec<u8>,
     ) -> anyhow::Result<()> {
         let fresh = Encoder::new(self.config.model, &self.device);
-        self.encoder = Some(module_from_bytes(fresh, weights, &self.device)?);
-        let optim = EncoderOptimizer::<B>::new(
+        self.encoder = Some(module_from_bytes(fresh, weights)?);
+        let optim = EncoderOptimizer::new(
             self.config.optimizer,
             self.config.weight_decay,
             self.config.momentum,
         );
-        self.optimizer = optim.from_bytes(optimizer, &self.device)?;
+        self.optimizer = optim.from_bytes(optimizer)?;
         self.epoch = epoch;
         self.step_in_epoch = 0;
         self.shuffle();
@@ -394,9 +406,12 @@ impl<B: AutodiffBackend> Trainer<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::backend::{Autodiff, Flex};
 
-    fn trainer(warmup_epochs: f64) -> Trainer<Autodiff<Flex>> {
+    fn device() -> Device {
+        crate::backend::cpu().autodiff()
+    }
+
+    fn trainer(warmup_epochs: f64) -> Trainer {
         let config = RunConfig {
             data: "synthetic".into(),
             model: ModelName::ResNetMini,
@@ -420,7 +435,7 @@ mod tests {
             images: vec![0; 40 * IMAGE_LEN],
             labels: vec![0; 40],
         };
-        Trainer::new(config, split, Default::default()).unwrap()
+        Trainer::new(config, split, device()).unwrap()
     }
 
     #[test]
@@ -438,6 +453,38 @@ mod tests {
         assert!((t.learning_rate(0) - 0.5).abs() < 1e-12);
     }
 
+    /// A trainer restored from a snapshot takes the very step the original takes next, for each
+    /// optimizer (its momenta and moments travel in the snapshot).
+    #[test]
+    fn restore_then_step_equals_step() {
+        let device = device();
+        for optimizer in [OptimizerKind::Sgd, OptimizerKind::Adam, OptimizerKind::Lars] {
+            let mut config = trainer(0.0).config.clone();
+            config.optimizer = optimizer;
+            config.lr = 0.01;
+            let images: Vec<u8> = (0..8 * IMAGE_LEN).map(|i| (i * 37 % 251) as u8).collect();
+            let split = Split {
+                images,
+                labels: vec![0; 8],
+            };
+            let mut original = Trainer::new(config.clone(), split.clone(), device.clone()).unwrap();
+            original.step().unwrap();
+            original.step().unwrap();
+            original.end_epoch();
+            let (weights, state) = original.snapshot().unwrap();
+            let mut restored = Trainer::new(config, split, device.clone()).unwrap();
+            restored.restore(1, weights, state).unwrap();
+            let (a, b) = (original.step().unwrap(), restored.step().unwrap());
+            assert_eq!(a.loss, b.loss, "{optimizer:?}: the loss after restoring");
+            let (a, b) = (original.step().unwrap(), restored.step().unwrap());
+            assert_eq!(a.loss, b.loss, "{optimizer:?}: the loss one update later");
+            let tensors = |t: &Trainer| crate::weights::torchvision_tensors(t.encoder());
+            for (a, b) in tensors(&original).iter().zip(tensors(&restored)) {
+                assert_eq!(a.data, b.data, "{optimizer:?}: {}", a.name);
+            }
+        }
+    }
+
     #[test]
     fn rejects_batches_larger_than_the_data() {
         let mut config = trainer(0.0).config.clone();
@@ -446,9 +493,7 @@ mod tests {
             images: vec![0; 10 * IMAGE_LEN],
             labels: vec![0; 10],
         };
-        let err = Trainer::<Autodiff<Flex>>::new(config, split, Default::default())
-            .err()
-            .unwrap();
+        let err = Trainer::new(config, split, device()).err().unwrap();
         assert!(err.to_string().contains("fewer than one batch"), "{err}");
     }
 }

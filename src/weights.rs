@@ -5,47 +5,33 @@ use crate::model::{BasicBlock, Encoder, ModelName};
 use crate::safetensors::NamedTensor;
 use burn::module::{Module, Param, ParamId, RunningState};
 use burn::nn::BatchNorm;
-use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
-use burn::tensor::{backend::Backend, Tensor, TensorData};
+use burn::store::ModuleRecord;
+use burn::tensor::{Bytes, Device, Tensor, TensorData};
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
 
-pub type BytesRecorder = BinBytesRecorder<FullPrecisionSettings>;
-
-/// Serializes a module's record (weights and running statistics) in full precision.
-pub fn module_to_bytes<B: Backend, M: Module<B>>(module: M) -> anyhow::Result<Vec<u8>> {
-    Ok(BytesRecorder::default().record(module.into_record(), ())?)
+/// Serializes a module's record (weights and running statistics, burnpack format) as stored.
+pub fn module_to_bytes<M: Module>(module: M) -> anyhow::Result<Vec<u8>> {
+    let bytes = module.into_record().into_bytes()?;
+    Ok(bytes.to_vec())
 }
 
-/// Loads bytes from [`module_to_bytes`] into a module of the same architecture, on any backend.
-pub fn module_from_bytes<B: Backend, M: Module<B>>(
-    module: M,
-    bytes: Vec<u8>,
-    device: &B::Device,
-) -> anyhow::Result<M> {
-    let record = BytesRecorder::default()
-        .load(bytes, device)
-        .map_err(|e| anyhow::anyhow!("checkpoint does not fit this model: {e}"))?;
-    Ok(module.load_record(record))
+/// Loads bytes from [`module_to_bytes`] into a module of the same architecture, on the module's
+/// device (the record's tensors are copied there).
+pub fn module_from_bytes<M: Module>(module: M, bytes: Vec<u8>) -> anyhow::Result<M> {
+    let unfit = |e| anyhow::anyhow!("checkpoint does not fit this model: {e}");
+    let record = ModuleRecord::from_bytes(Bytes::from_bytes_vec(bytes)).map_err(unfit)?;
+    module.try_load_record(record).map_err(unfit)
 }
 
 /// A freshly initialized encoder, identical on every device for a given seed: it is drawn on the
 /// CPU backend and copied over, since each backend's random generator differs.
-pub fn init_encoder<B: Backend>(
-    name: ModelName,
-    seed: u64,
-    device: &B::Device,
-) -> anyhow::Result<Encoder<B>> {
-    use crate::backend::CpuBackend;
-    let cpu = Default::default();
-    CpuBackend::seed(&cpu, seed);
-    let reference = Encoder::<CpuBackend>::new(name, &cpu);
-    module_from_bytes(
-        Encoder::new(name, device),
-        module_to_bytes(reference)?,
-        device,
-    )
+pub fn init_encoder(name: ModelName, seed: u64, device: &Device) -> anyhow::Result<Encoder> {
+    let cpu = crate::backend::cpu();
+    cpu.seed(seed);
+    let reference = Encoder::new(name, &cpu);
+    module_from_bytes(Encoder::new(name, device), module_to_bytes(reference)?)
 }
 
 /// Writes `bytes` to `path` through a temporary file and a rename, so a crash never leaves a
@@ -64,30 +50,30 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 }
 
 /// A named tensor still on its device, flattened, waiting to be read back.
-struct OnDevice<B: Backend> {
+struct OnDevice {
     name: String,
     shape: Vec<usize>,
-    flat: Tensor<B, 1>,
+    flat: Tensor<1>,
 }
 
-fn on_device<B: Backend, const D: usize>(name: String, t: Tensor<B, D>) -> OnDevice<B> {
+fn on_device<const D: usize>(name: String, t: Tensor<D>) -> OnDevice {
     let shape = t.dims().to_vec();
     let flat = t.reshape([shape.iter().product::<usize>()]);
     OnDevice { name, shape, flat }
 }
 
 /// One tensor of the encoder, reached under its torchvision name.
-enum Slot<'a, B: Backend> {
-    Conv(&'a mut Param<Tensor<B, 4>>),
+enum Slot<'a> {
+    Conv(&'a mut Param<Tensor<4>>),
     /// A Linear weight: Burn stores [in, out], PyTorch [out, in].
-    Linear(&'a mut Param<Tensor<B, 2>>),
-    Vector(&'a mut Param<Tensor<B, 1>>),
-    Running(&'a mut RunningState<Tensor<B, 1>>),
+    Linear(&'a mut Param<Tensor<2>>),
+    Vector(&'a mut Param<Tensor<1>>),
+    Running(&'a mut RunningState<Tensor<1>>),
 }
 
-type Visitor<'v, B> = dyn FnMut(String, Slot<'_, B>) + 'v;
+type Visitor<'v> = dyn FnMut(String, Slot<'_>) + 'v;
 
-fn visit_batch_norm<B: Backend>(prefix: &str, bn: &mut BatchNorm<B>, f: &mut Visitor<B>) {
+fn visit_batch_norm(prefix: &str, bn: &mut BatchNorm, f: &mut Visitor) {
     f(format!("{prefix}.weight"), Slot::Vector(&mut bn.gamma));
     f(format!("{prefix}.bias"), Slot::Vector(&mut bn.beta));
     f(
@@ -100,7 +86,7 @@ fn visit_batch_norm<B: Backend>(prefix: &str, bn: &mut BatchNorm<B>, f: &mut Vis
     );
 }
 
-fn visit_block<B: Backend>(prefix: &str, b: &mut BasicBlock<B>, f: &mut Visitor<B>) {
+fn visit_block(prefix: &str, b: &mut BasicBlock, f: &mut Visitor) {
     f(
         format!("{prefix}.conv1.weight"),
         Slot::Conv(&mut b.conv1.weight),
@@ -123,7 +109,7 @@ fn visit_block<B: Backend>(prefix: &str, b: &mut BasicBlock<B>, f: &mut Visitor<
 /// Every tensor of the encoder under torchvision's names (`conv1.weight`,
 /// `layer1.0.bn1.running_mean`, ...), the head as `nn.Sequential(Linear, BatchNorm1d, ReLU,
 /// Linear)` under `head.*`. The one walk both saving and loading use.
-fn visit<B: Backend>(encoder: &mut Encoder<B>, f: &mut Visitor<B>) {
+fn visit(encoder: &mut Encoder, f: &mut Visitor) {
     let r = &mut encoder.backbone;
     f("conv1.weight".into(), Slot::Conv(&mut r.conv1.weight));
     visit_batch_norm("bn1", &mut r.bn1, f);
@@ -142,14 +128,12 @@ fn visit<B: Backend>(encoder: &mut Encoder<B>, f: &mut Visitor<B>) {
 }
 
 /// The encoder's tensors under torchvision's names, in PyTorch layout (Linear weights [out, in]).
-pub fn torchvision_tensors<B: Backend>(encoder: &Encoder<B>) -> Vec<NamedTensor> {
+pub fn torchvision_tensors(encoder: &Encoder) -> Vec<NamedTensor> {
     futures_lite::future::block_on(torchvision_tensors_async(encoder)).expect("weights read back")
 }
 
 /// [`torchvision_tensors`], awaited (the page reads its GPU this way).
-pub async fn torchvision_tensors_async<B: Backend>(
-    encoder: &Encoder<B>,
-) -> anyhow::Result<Vec<NamedTensor>> {
+pub async fn torchvision_tensors_async(encoder: &Encoder) -> anyhow::Result<Vec<NamedTensor>> {
     let mut pending = Vec::new();
     visit(&mut encoder.clone(), &mut |name, slot| {
         pending.push(match slot {
@@ -171,17 +155,17 @@ pub async fn torchvision_tensors_async<B: Backend>(
 }
 
 /// A loaded value as a parameter the optimizer can train (on autodiff backends).
-fn trainable<B: Backend, const D: usize>(id: ParamId, value: Tensor<B, D>) -> Param<Tensor<B, D>> {
+fn trainable<const D: usize>(id: ParamId, value: Tensor<D>) -> Param<Tensor<D>> {
     Param::initialized(id, value.require_grad())
 }
 
 /// An encoder of preset `name` holding `tensors` (torchvision names and layouts). Missing, extra
 /// and mis-shaped tensors are all reported, by name, in one error.
-pub fn encoder_from_tensors<B: Backend>(
+pub fn encoder_from_tensors(
     name: ModelName,
     tensors: Vec<NamedTensor>,
-    device: &B::Device,
-) -> anyhow::Result<Encoder<B>> {
+    device: &Device,
+) -> anyhow::Result<Encoder> {
     let mut by_name: HashMap<String, NamedTensor> =
         tensors.into_iter().map(|t| (t.name.clone(), t)).collect();
     let (mut missing, mut misshaped) = (Vec::new(), Vec::new());
@@ -203,7 +187,7 @@ pub fn encoder_from_tensors<B: Backend>(
         match slot {
             Slot::Conv(p) => *p = trainable(p.id, Tensor::from_data(data, device)),
             Slot::Linear(p) => {
-                let value = Tensor::<B, 2>::from_data(data, device).transpose();
+                let value = Tensor::<2>::from_data(data, device).transpose();
                 *p = trainable(p.id, value)
             }
             Slot::Vector(p) => *p = trainable(p.id, Tensor::from_data(data, device)),

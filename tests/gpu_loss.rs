@@ -1,12 +1,9 @@
 //! The fused WGSL loss kernel against the Burn reference, on lavapipe (or any wgpu adapter).
 
-use burn::backend::{Autodiff, Flex};
 use burn::tensor::{Tensor, TensorData};
 use dcl::gpu::{loss::FusedLoss, GpuContext};
 use dcl::loss::{ContrastiveLoss, LossKind};
 use rand::{Rng, SeedableRng};
-
-type B = Autodiff<Flex>;
 
 fn reference(
     loss: &ContrastiveLoss,
@@ -15,15 +12,21 @@ fn reference(
     n: usize,
     d: usize,
 ) -> (f32, Vec<f32>, Vec<f32>) {
-    let device = Default::default();
+    let device = dcl::backend::cpu().autodiff();
     let t = |z: &[f32]| {
-        Tensor::<B, 2>::from_data(TensorData::new(z.to_vec(), [n, d]), &device).require_grad()
+        Tensor::<2>::from_data(TensorData::new(z.to_vec(), [n, d]), &device).require_grad()
     };
     let (a, b) = (t(z1), t(z2));
     let l = loss.forward(a.clone(), b.clone()).unwrap();
     let value: f32 = l.clone().into_scalar();
     let grads = l.backward();
-    let g = |x: Tensor<B, 2>| x.grad(&grads).unwrap().into_data().to_vec::<f32>().unwrap();
+    let g = |x: Tensor<2>| {
+        x.grad(&grads)
+            .unwrap()
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap()
+    };
     (value, g(a), g(b))
 }
 

@@ -2,7 +2,6 @@
 //! eval-mode forward of trained encoders, and a naive CPU forward pass (f64, BatchNorm applied as
 //! written, not folded) on random weights with non-trivial BatchNorm statistics.
 
-use burn::backend::{Autodiff, Flex};
 use burn::module::AutodiffModule;
 use burn::tensor::{Tensor, TensorData};
 use dcl::data::Split;
@@ -380,7 +379,7 @@ fn image_size_mismatch_is_an_error() {
 
 /// An encoder after two Adam steps on the CPU: weights, BatchNorm affine parameters and running
 /// statistics all moved off their initial values.
-fn trained(model: ModelName) -> dcl::model::Encoder<Flex> {
+fn trained(model: ModelName) -> dcl::model::Encoder {
     let mut config = crate::training::config(4, 1);
     config.model = model;
     let images = (0..8 * dcl::data::IMAGE_LEN)
@@ -390,7 +389,7 @@ fn trained(model: ModelName) -> dcl::model::Encoder<Flex> {
         images,
         labels: vec![0; 8],
     };
-    let mut trainer = Trainer::<Autodiff<Flex>>::new(config, split, Default::default()).unwrap();
+    let mut trainer = Trainer::new(config, split, dcl::backend::cpu().autodiff()).unwrap();
     trainer.step().unwrap();
     trainer.step().unwrap();
     trainer.encoder().valid()
@@ -402,15 +401,15 @@ fn matches_burn(model: ModelName, b: usize) {
     let bytes = safetensors_bytes(&torchvision_tensors(&encoder), model);
     let (tensors, _) = parse_safetensors("model.safetensors", &bytes).unwrap();
     let images = random_images(b * 3 * 32 * 32, 5);
-    let x = Tensor::<Flex, 4>::from_data(
+    let x = Tensor::<4>::from_data(
         TensorData::new(images.clone(), [b, 3, 32, 32]),
-        &Default::default(),
+        &dcl::backend::cpu(),
     );
     let features = encoder.backbone.forward(x);
     let projections = encoder.head.forward(features.clone());
-    let burn = |t: Tensor<Flex, 2>| -> Vec<f64> {
+    let burn = |t: Tensor<2>| -> Vec<f64> {
         t.into_data()
-            .to_vec::<f32>()
+            .try_to_vec::<f32>()
             .unwrap()
             .into_iter()
             .map(f64::from)
@@ -469,14 +468,14 @@ fn embed_and_neighbors_commands() {
     let dataset = dcl::data::discover::load(data.to_str().unwrap()).unwrap();
     let pixels: Vec<&[u8]> = (0..12).map(|i| dataset.test.image(i)).collect();
     let images = dcl::augment::plain_batch(&pixels);
-    let x = Tensor::<Flex, 4>::from_data(
+    let x = Tensor::<4>::from_data(
         TensorData::new(images.clone(), [12, 3, 32, 32]),
-        &Default::default(),
+        &dcl::backend::cpu(),
     );
     let burn: Vec<f64> = encoder
         .forward(x)
         .into_data()
-        .to_vec::<f32>()
+        .try_to_vec::<f32>()
         .unwrap()
         .into_iter()
         .map(f64::from)

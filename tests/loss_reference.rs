@@ -1,13 +1,10 @@
 //! The loss family against (1) lightly 1.6's own numbers, (2) a loop-based float64 reference
 //! written from the paper's formula, independently of the vectorized code, and (3) its symmetries.
 
-use burn::backend::{Autodiff, Flex};
 use burn::tensor::{Tensor, TensorData};
 use dcl::loss::{ContrastiveLoss, LossKind};
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
-
-type B = Autodiff<Flex>;
 
 /// Loss and gradients of the vectorized Burn implementation, in float32.
 fn burn_loss(
@@ -17,20 +14,20 @@ fn burn_loss(
     n: usize,
     d: usize,
 ) -> (f64, Vec<f64>, Vec<f64>) {
-    let device = Default::default();
+    let device = dcl::backend::cpu().autodiff();
     let t = |z: &[f64]| {
         let v: Vec<f32> = z.iter().map(|&x| x as f32).collect();
-        Tensor::<B, 2>::from_data(TensorData::new(v, [n, d]), &device).require_grad()
+        Tensor::<2>::from_data(TensorData::new(v, [n, d]), &device).require_grad()
     };
     let (a, b) = (t(z1), t(z2));
     let l = loss.forward(a.clone(), b.clone()).unwrap();
     let value: f32 = l.clone().into_scalar();
     let grads = l.backward();
-    let g = |x: Tensor<B, 2>| -> Vec<f64> {
+    let g = |x: Tensor<2>| -> Vec<f64> {
         x.grad(&grads)
             .unwrap()
             .into_data()
-            .to_vec::<f32>()
+            .try_to_vec::<f32>()
             .unwrap()
             .into_iter()
             .map(f64::from)

@@ -2,7 +2,6 @@
 //! a non-finite loss stops the run without touching the weights.
 
 use crate::common::*;
-use burn::backend::{Autodiff, Flex};
 use dcl::backend::DeviceKind;
 use dcl::data::{discover, Split, IMAGE_LEN};
 use dcl::loss::LossKind;
@@ -156,16 +155,23 @@ fn synthetic_split(n: usize) -> Split {
     }
 }
 
+/// The autodiff CPU device the trainers here run on.
+fn cpu() -> burn::tensor::Device {
+    dcl::backend::cpu().autodiff()
+}
+
+#[cfg(feature = "wgpu")]
+fn wgpu() -> burn::tensor::Device {
+    dcl::backend::device(DeviceKind::Wgpu)
+        .expect("wgpu needs a Vulkan adapter: apt install mesa-vulkan-drivers (lavapipe)")
+}
+
 #[cfg(feature = "wgpu")]
 #[test]
 fn wgpu_first_step_matches_cpu() {
-    use burn::backend::Wgpu;
     let cfg = config(16, 1);
-    let mut cpu =
-        Trainer::<Autodiff<Flex>>::new(cfg.clone(), synthetic_split(32), Default::default())
-            .unwrap();
-    let mut gpu = Trainer::<Autodiff<Wgpu>>::new(cfg, synthetic_split(32), Default::default())
-        .expect("wgpu needs a Vulkan adapter: apt install mesa-vulkan-drivers (lavapipe)");
+    let mut cpu = Trainer::new(cfg.clone(), synthetic_split(32), cpu()).unwrap();
+    let mut gpu = Trainer::new(cfg, synthetic_split(32), wgpu()).unwrap();
     let (a, b) = (cpu.step().unwrap().loss, gpu.step().unwrap().loss);
     assert!(
         (a - b).abs() / a.abs() < 1e-3,
@@ -186,7 +192,6 @@ fn wgpu_first_step_matches_cpu() {
 #[cfg(feature = "wgpu")]
 #[test]
 fn fused_loss_kernel_trains_like_the_reference_for_20_steps() {
-    use burn::backend::Wgpu;
     use dcl::loss::LossKernel;
     // One batch of real images per epoch, so every step starts at an epoch boundary, where a
     // trainer can be snapshot and restored.
@@ -200,11 +205,10 @@ fn fused_loss_kernel_trains_like_the_reference_for_20_steps() {
         cfg.optimizer = OptimizerKind::Sgd;
         cfg.lr = 0.05;
         cfg.temperature = 0.5;
-        Trainer::<Autodiff<Wgpu>>::new(cfg, images.clone(), Default::default())
-            .expect("wgpu needs a Vulkan adapter: apt install mesa-vulkan-drivers (lavapipe)")
+        Trainer::new(cfg, images.clone(), wgpu()).unwrap()
     };
     let (mut reference, mut fused) = (make(LossKernel::Reference), make(LossKernel::Fused));
-    let weights = |t: &Trainer<Autodiff<Wgpu>>| -> Vec<f32> {
+    let weights = |t: &Trainer| -> Vec<f32> {
         dcl::weights::torchvision_tensors(t.encoder())
             .into_iter()
             .flat_map(|t| t.data)
@@ -242,13 +246,11 @@ fn fused_loss_kernel_trains_like_the_reference_for_20_steps() {
 
 #[test]
 fn non_finite_loss_stops_without_touching_the_weights() {
-    let mut trainer =
-        Trainer::<Autodiff<Flex>>::new(config(8, 1), synthetic_split(64), Default::default())
-            .unwrap();
+    let mut trainer = Trainer::new(config(8, 1), synthetic_split(64), cpu()).unwrap();
     trainer.config.lr = f64::INFINITY; // sabotage: the first update makes every weight non-finite
     trainer.step().unwrap();
     // Trainable weights only: batch-norm running statistics do see the failing forward pass.
-    let weights = |t: &Trainer<Autodiff<Flex>>| -> Vec<(String, Vec<f32>)> {
+    let weights = |t: &Trainer| -> Vec<(String, Vec<f32>)> {
         torchvision_tensors(t.encoder())
             .into_iter()
             .filter(|t| !t.name.contains("running_"))

@@ -4,10 +4,7 @@
 use super::loss::FusedLoss;
 use super::GpuContext;
 use crate::loss::{ContrastiveLoss, LossKind};
-use burn::backend::wgpu::{WgpuDevice, WgpuRuntime};
-use burn::backend::{Autodiff, Wgpu};
-use burn::tensor::{Tensor, TensorData};
-use burn_cubecl::cubecl::Runtime;
+use burn::tensor::{Device, DeviceKind, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use std::time::Instant;
@@ -45,11 +42,9 @@ fn time(reps: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Resul
 }
 
 /// Burn's composed loss on the wgpu backend: forward, backward, both gradients read back.
-fn reference(loss: &ContrastiveLoss, z1: &[f32], z2: &[f32], n: usize, d: usize) {
-    type B = Autodiff<Wgpu>;
-    let device = WgpuDevice::default();
+fn reference(device: &Device, loss: &ContrastiveLoss, z1: &[f32], z2: &[f32], n: usize, d: usize) {
     let view = |z: &[f32]| {
-        Tensor::<B, 2>::from_data(TensorData::new(z.to_vec(), [n, d]), &device).require_grad()
+        Tensor::<2>::from_data(TensorData::new(z.to_vec(), [n, d]), device).require_grad()
     };
     let (a, b) = (view(z1), view(z2));
     let value = loss.forward(a.clone(), b.clone()).expect("valid shapes");
@@ -64,7 +59,7 @@ pub fn run(sizes: &[usize], d: usize, reps: usize) -> anyhow::Result<Vec<LossBen
     let gpu = GpuContext::blocking()?;
     let kernel = FusedLoss::new(&gpu);
     let loss = ContrastiveLoss::new(LossKind::Dcl, 0.1, 0.5)?;
-    let client = WgpuRuntime::client(&WgpuDevice::default());
+    let device = Device::wgpu(DeviceKind::default()).autodiff();
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     let mut rows = Vec::new();
     for &n in sizes {
@@ -106,14 +101,14 @@ pub fn run(sizes: &[usize], d: usize, reps: usize) -> anyhow::Result<Vec<LossBen
         }
         // Burn's pools keep the pages they grew to: after a cleanup, what is reserved once the
         // runs are done is the peak of the composed path.
-        client.memory_cleanup();
+        device.memory_cleanup();
         let ms = time(reps, || {
-            reference(&loss, &z1, &z2, n, d);
+            reference(&device, &loss, &z1, &z2, n, d);
             Ok(())
         })?;
-        let usage = client
-            .memory_usage()
-            .map_err(|e| anyhow::anyhow!("Burn's memory report failed: {e:?}"))?;
+        let usage = device
+            .memory_pool_usage()
+            .ok_or_else(|| anyhow::anyhow!("Burn's wgpu device gave no memory report"))?;
         rows.push(LossBench {
             n,
             d,
@@ -141,9 +136,8 @@ pub fn infer(
     batch: usize,
     reps: usize,
 ) -> anyhow::Result<Vec<InferBench>> {
-    use burn::module::AutodiffModule;
-    let device = WgpuDevice::default();
-    let encoder = crate::weights::init_encoder::<Autodiff<Wgpu>>(model, 0, &device)?.valid();
+    let device = Device::wgpu(DeviceKind::default());
+    let encoder = crate::weights::init_encoder(model, 0, &device)?;
     let tensors = crate::weights::torchvision_tensors(&encoder);
     let gpu = GpuContext::blocking()?;
     let engine = super::infer::InferenceEngine::new(&gpu, &tensors)?;
@@ -156,10 +150,8 @@ pub fn infer(
             .map(|_| ())
     })?;
     let burn_ms = time(reps, || {
-        let x = Tensor::<Wgpu, 4>::from_data(
-            TensorData::new(images.clone(), [batch, 3, 32, 32]),
-            &device,
-        );
+        let x =
+            Tensor::<4>::from_data(TensorData::new(images.clone(), [batch, 3, 32, 32]), &device);
         let features = encoder.backbone.forward(x);
         let _ = encoder.head.forward(features.clone()).into_data();
         let _ = features.into_data();

@@ -131,7 +131,9 @@ impl GpuContext {
         rx.recv()
             .await?
             .map_err(|e| anyhow::anyhow!("GPU read-back failed: {e}"))?;
-        let data = slice.get_mapped_range();
+        let data = slice
+            .get_mapped_range()
+            .map_err(|e| anyhow::anyhow!("GPU read-back failed: {e:?}"))?;
         let out = data
             .chunks_exact(4)
             .take(len)

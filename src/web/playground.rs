@@ -17,10 +17,8 @@ use crate::optim::OptimizerKind;
 use crate::safetensors::{parse_safetensors, safetensors_bytes};
 use crate::train::{RunConfig, Trainer};
 use crate::weights::{encoder_from_tensors, torchvision_tensors_async};
-use burn::backend::wgpu::{graphics, init_setup_async, WgpuDevice};
-use burn::backend::{Autodiff, WebGpu};
 use burn::module::AutodiffModule;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
 use js_sys::Promise;
 use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
@@ -28,13 +26,17 @@ use std::rc::Rc;
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::future_to_promise;
 
-type B = Autodiff<WebGpu>;
+/// Burn's device on the browser's WebGPU adapter, without autodiff. Valid once
+/// [`init_webgpu`] has run (the page awaits it before anything else).
+fn webgpu() -> Device {
+    Device::wgpu(burn::tensor::DeviceKind::default())
+}
 
 /// Starts Burn on the browser's WebGPU adapter. The page checks `navigator.gpu` and
 /// `requestAdapter()` before calling this, so a missing adapter gets its message there.
 #[wasm_bindgen(js_name = initWebGpu)]
 pub async fn init_webgpu() {
-    init_setup_async::<graphics::WebGpu>(&WgpuDevice::default(), Default::default()).await;
+    Device::wgpu_async(burn::tensor::DeviceKind::default()).await;
 }
 
 /// What the page's controls set; anything left out takes the toy-run default.
@@ -87,7 +89,7 @@ impl Default for PageConfig {
 }
 
 struct Run {
-    trainer: Trainer<B>,
+    trainer: Trainer,
     /// The kNN bank: the training subset, without augmentation.
     bank: Split,
     test: Split,
@@ -180,8 +182,7 @@ impl Playground {
             crop_min_scale: page.crop_min_scale,
             loss_kernel: page.loss_kernel,
         };
-        let trainer =
-            Trainer::new(config, train.clone(), WgpuDevice::default()).map_err(js_error)?;
+        let trainer = Trainer::new(config, train.clone(), webgpu().autodiff()).map_err(js_error)?;
         Ok(Self {
             run: Rc::new(RefCell::new(Run {
                 trainer,
@@ -277,7 +278,7 @@ impl Playground {
                 )));
             }
             let device = run.trainer.device().clone();
-            let encoder = encoder_from_tensors::<B>(model, tensors, &device)
+            let encoder = encoder_from_tensors(model, tensors, &device)
                 .map_err(|e| js_error(format!("{file}: {e}")))?;
             run.trainer.load_encoder(encoder);
             to_js(&evaluate(&mut run).await?)
@@ -333,8 +334,8 @@ pub async fn loss_value(
     sigma: f64,
 ) -> Result<f64, JsValue> {
     let loss = loss_and_shape(&z1, &z2, n, d, kind, temperature, sigma)?;
-    let device = WgpuDevice::default();
-    let tensor = |z: Vec<f32>| Tensor::<WebGpu, 2>::from_data(TensorData::new(z, [n, d]), &device);
+    let device = webgpu();
+    let tensor = |z: Vec<f32>| Tensor::<2>::from_data(TensorData::new(z, [n, d]), &device);
     let value = loss.forward(tensor(z1), tensor(z2)).map_err(js_error)?;
     Ok(read_f32(value).await.map_err(js_error)?[0] as f64)
 }
@@ -343,7 +344,7 @@ pub async fn loss_value(
 /// beside the WGSL engine ([`super::WebEncoder`]) on the same images, and checks it against.
 #[wasm_bindgen]
 pub struct BurnEncoder {
-    encoder: Encoder<WebGpu>,
+    encoder: Encoder,
 }
 
 #[wasm_bindgen]
@@ -353,7 +354,7 @@ impl BurnEncoder {
     pub fn from_safetensors(file: String, bytes: Vec<u8>) -> Result<BurnEncoder, JsValue> {
         let (tensors, saved) = parse_safetensors(&file, &bytes).map_err(js_error)?;
         let model = saved.ok_or_else(|| js_error(format!("{file} names no model preset")))?;
-        let encoder = encoder_from_tensors::<WebGpu>(model, tensors, &WgpuDevice::default())
+        let encoder = encoder_from_tensors(model, tensors, &webgpu())
             .map_err(|e| js_error(format!("{file}: {e}")))?;
         Ok(Self { encoder })
     }
@@ -369,10 +370,7 @@ impl BurnEncoder {
                 )));
             }
             let shape = [batch, 3, SIDE, SIDE];
-            let x = Tensor::<WebGpu, 4>::from_data(
-                TensorData::new(images, shape),
-                &WgpuDevice::default(),
-            );
+            let x = Tensor::<4>::from_data(TensorData::new(images, shape), &webgpu());
             let out = read_f32(encoder.forward(x)).await.map_err(js_error)?;
             Ok(js_sys::Float32Array::from(out.as_slice()).into())
         })

@@ -7,22 +7,18 @@ use burn::module::{Module, RunningState};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Initializer, Linear, LinearConfig, PaddingConfig2d};
 use burn::tensor::activation::relu;
-use burn::tensor::{backend::Backend, Tensor};
+use burn::tensor::{Device, Tensor};
 use serde::Serialize;
 
 pub use crate::arch::{ModelName, ResNetArch, PROJECTION_DIM};
 
-fn conv3x3<B: Backend>(c_in: usize, c_out: usize, stride: usize, device: &B::Device) -> Conv2d<B> {
+mod conv;
+
+fn conv3x3(c_in: usize, c_out: usize, stride: usize, device: &Device) -> Conv2d {
     conv(c_in, c_out, 3, stride, device)
 }
 
-fn conv<B: Backend>(
-    c_in: usize,
-    c_out: usize,
-    kernel: usize,
-    stride: usize,
-    device: &B::Device,
-) -> Conv2d<B> {
+fn conv(c_in: usize, c_out: usize, kernel: usize, stride: usize, device: &Device) -> Conv2d {
     Conv2dConfig::new([c_in, c_out], [kernel, kernel])
         .with_stride([stride, stride])
         .with_padding(PaddingConfig2d::Explicit(
@@ -40,7 +36,29 @@ fn conv<B: Backend>(
         .init(device)
 }
 
-fn bn<B: Backend>(channels: usize, device: &B::Device) -> BatchNorm<B> {
+/// A bias-free convolution's forward pass: on the CPU device through [`conv::conv2d`] (im2col
+/// and gemm, backward included), elsewhere Burn's own.
+fn conv_forward(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    let geometry = match (conv.padding.clone(), conv.stride, conv.kernel_size) {
+        (PaddingConfig2d::Explicit(t, l, b, r), [s, s2], [k, k2])
+            if [l, b, r] == [t; 3] && s == s2 && k == k2 && conv.bias.is_none() =>
+        {
+            (conv.groups == 1 && conv.dilation == [1, 1]).then_some(conv::Geometry {
+                stride: s,
+                padding: t,
+            })
+        }
+        _ => None,
+    };
+    match geometry {
+        Some(geometry) if crate::backend::has_fast_conv(&x.device()) => {
+            conv::conv2d(x, conv.weight.val(), geometry)
+        }
+        _ => conv.forward(x),
+    }
+}
+
+fn bn(channels: usize, device: &Device) -> BatchNorm {
     BatchNormConfig::new(channels).init(device)
 }
 
@@ -48,31 +66,35 @@ fn bn<B: Backend>(channels: usize, device: &B::Device) -> BatchNorm<B> {
 /// statistics with gradient while training, biased variance into the running averages; running
 /// statistics in eval), but applied as `x * scale + shift` with the coefficients laid out
 /// [B, C, 1, 1], contiguous. Burn's own version broadcasts [1, C, 1, 1] tensors, which burn-flex
-/// 0.21 walks one element at a time: a perf profile of a `resnet-mini` training step on the CPU
-/// put half of the step there. This layout takes flex's SIMD per-row path.
-fn batch_norm<B: Backend>(bn: &BatchNorm<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+/// 0.21 walked one element at a time (half of a `resnet-mini` step on the CPU in a perf profile);
+/// this layout takes flex's SIMD per-row path. The projection head's BatchNorm1d runs here too,
+/// as [B, C, 1, 1], so that every running statistic is committed the same way.
+fn batch_norm(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
     let [b, c, h, w] = x.dims();
     // Per channel: the mean over images of the mean over pixels, [1, C].
-    let channel_mean = |t: Tensor<B, 4>| {
+    let channel_mean = |t: Tensor<4>| {
         t.reshape([b, c, h * w])
             .mean_dim(2)
             .reshape([b, c])
             .mean_dim(0)
     };
-    let per_image = |t: Tensor<B, 2>| t.repeat_dim(0, b).reshape([b, c, 1, 1]);
-    let (mean, var) = if B::ad_enabled(&x.device()) {
+    let per_image = |t: Tensor<2>| t.repeat_dim(0, b).reshape([b, c, 1, 1]);
+    let (mean, var) = if x.device().is_autodiff() {
         let mean = channel_mean(x.clone());
         let var = channel_mean((x.clone() - per_image(mean.clone())).square());
-        let running = |state: &RunningState<Tensor<B, 1>>, batch: &Tensor<B, 2>| {
+        let running = |state: &RunningState<Tensor<1>>, batch: &Tensor<2>| {
             let old = state.value_sync().to_device(&x.device());
             let new = batch.clone().detach().reshape([c]).mul_scalar(bn.momentum);
             state.update(old.mul_scalar(1.0 - bn.momentum).add(new).detach());
+            // Burn keeps an update pending until the next read, and saving or evaluating reads
+            // the value without it: commit it now, so what is saved is what was computed.
+            state.value_sync();
         };
         running(&bn.running_mean, &mean);
         running(&bn.running_var, &var);
         (mean, var)
     } else {
-        let stat = |state: &RunningState<Tensor<B, 1>>| state.value().reshape([1, c]);
+        let stat = |state: &RunningState<Tensor<1>>| state.value().reshape([1, c]);
         (stat(&bn.running_mean), stat(&bn.running_var))
     };
     let scale = bn.gamma.val().reshape([1, c]) / var.add_scalar(bn.epsilon).sqrt();
@@ -82,22 +104,22 @@ fn batch_norm<B: Backend>(bn: &BatchNorm<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
 
 /// The 1x1 strided projection of the residual when a block changes shape.
 #[derive(Module, Debug)]
-pub struct Downsample<B: Backend> {
-    pub conv: Conv2d<B>,
-    pub bn: BatchNorm<B>,
+pub struct Downsample {
+    pub conv: Conv2d,
+    pub bn: BatchNorm,
 }
 
 #[derive(Module, Debug)]
-pub struct BasicBlock<B: Backend> {
-    pub conv1: Conv2d<B>,
-    pub bn1: BatchNorm<B>,
-    pub conv2: Conv2d<B>,
-    pub bn2: BatchNorm<B>,
-    pub downsample: Option<Downsample<B>>,
+pub struct BasicBlock {
+    pub conv1: Conv2d,
+    pub bn1: BatchNorm,
+    pub conv2: Conv2d,
+    pub bn2: BatchNorm,
+    pub downsample: Option<Downsample>,
 }
 
-impl<B: Backend> BasicBlock<B> {
-    fn new(c_in: usize, c_out: usize, stride: usize, device: &B::Device) -> Self {
+impl BasicBlock {
+    fn new(c_in: usize, c_out: usize, stride: usize, device: &Device) -> Self {
         let downsample = (stride != 1 || c_in != c_out).then(|| Downsample {
             conv: conv(c_in, c_out, 1, stride, device),
             bn: bn(c_out, device),
@@ -111,27 +133,27 @@ impl<B: Backend> BasicBlock<B> {
         }
     }
 
-    fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let identity = match &self.downsample {
-            Some(d) => batch_norm(&d.bn, d.conv.forward(x.clone())),
+            Some(d) => batch_norm(&d.bn, conv_forward(&d.conv, x.clone())),
             None => x.clone(),
         };
-        let out = relu(batch_norm(&self.bn1, self.conv1.forward(x)));
-        let out = batch_norm(&self.bn2, self.conv2.forward(out));
+        let out = relu(batch_norm(&self.bn1, conv_forward(&self.conv1, x)));
+        let out = batch_norm(&self.bn2, conv_forward(&self.conv2, out));
         relu(out + identity)
     }
 }
 
 /// The backbone: images [B, 3, H, W] to features [B, widths[3]].
 #[derive(Module, Debug)]
-pub struct ResNet<B: Backend> {
-    pub conv1: Conv2d<B>,
-    pub bn1: BatchNorm<B>,
-    pub layers: Vec<Vec<BasicBlock<B>>>,
+pub struct ResNet {
+    pub conv1: Conv2d,
+    pub bn1: BatchNorm,
+    pub layers: Vec<Vec<BasicBlock>>,
 }
 
-impl<B: Backend> ResNet<B> {
-    pub fn new(arch: ResNetArch, device: &B::Device) -> Self {
+impl ResNet {
+    pub fn new(arch: ResNetArch, device: &Device) -> Self {
         let mut c_in = arch.widths[0];
         let layers = (0..4)
             .map(|stage| {
@@ -153,8 +175,8 @@ impl<B: Backend> ResNet<B> {
         }
     }
 
-    pub fn forward(&self, images: Tensor<B, 4>) -> Tensor<B, 2> {
-        let mut x = relu(batch_norm(&self.bn1, self.conv1.forward(images)));
+    pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
+        let mut x = relu(batch_norm(&self.bn1, conv_forward(&self.conv1, images)));
         for block in self.layers.iter().flatten() {
             x = block.forward(x);
         }
@@ -166,14 +188,14 @@ impl<B: Backend> ResNet<B> {
 
 /// SimCLR's projection head: Linear-BN-ReLU-Linear to 128-d.
 #[derive(Module, Debug)]
-pub struct ProjectionHead<B: Backend> {
-    pub linear1: Linear<B>,
-    pub bn: BatchNorm<B>,
-    pub linear2: Linear<B>,
+pub struct ProjectionHead {
+    pub linear1: Linear,
+    pub bn: BatchNorm,
+    pub linear2: Linear,
 }
 
-impl<B: Backend> ProjectionHead<B> {
-    pub fn new(d_in: usize, device: &B::Device) -> Self {
+impl ProjectionHead {
+    pub fn new(d_in: usize, device: &Device) -> Self {
         Self {
             linear1: LinearConfig::new(d_in, d_in).with_bias(false).init(device),
             bn: bn(d_in, device),
@@ -181,21 +203,23 @@ impl<B: Backend> ProjectionHead<B> {
         }
     }
 
-    pub fn forward(&self, features: Tensor<B, 2>) -> Tensor<B, 2> {
-        self.linear2
-            .forward(relu(self.bn.forward(self.linear1.forward(features))))
+    pub fn forward(&self, features: Tensor<2>) -> Tensor<2> {
+        let hidden = self.linear1.forward(features);
+        let [b, c] = hidden.dims();
+        let hidden = batch_norm(&self.bn, hidden.reshape([b, c, 1, 1])).reshape([b, c]);
+        self.linear2.forward(relu(hidden))
     }
 }
 
 /// Backbone plus projection head: what self-supervised pretraining trains.
 #[derive(Module, Debug)]
-pub struct Encoder<B: Backend> {
-    pub backbone: ResNet<B>,
-    pub head: ProjectionHead<B>,
+pub struct Encoder {
+    pub backbone: ResNet,
+    pub head: ProjectionHead,
 }
 
-impl<B: Backend> Encoder<B> {
-    pub fn new(name: ModelName, device: &B::Device) -> Self {
+impl Encoder {
+    pub fn new(name: ModelName, device: &Device) -> Self {
         let arch = name.arch();
         Self {
             backbone: ResNet::new(arch, device),
@@ -204,7 +228,7 @@ impl<B: Backend> Encoder<B> {
     }
 
     /// The embedding the contrastive loss sees.
-    pub fn forward(&self, images: Tensor<B, 4>) -> Tensor<B, 2> {
+    pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
         self.head.forward(self.backbone.forward(images))
     }
 }
@@ -220,7 +244,7 @@ pub struct ParamCounts {
 }
 
 /// Trainable parameters only: batch-norm running statistics are buffers, as PyTorch counts them.
-pub fn param_counts<B: Backend>(encoder: &Encoder<B>, name: ModelName) -> ParamCounts {
+pub fn param_counts(encoder: &Encoder, name: ModelName) -> ParamCounts {
     let tensors = crate::weights::torchvision_tensors(encoder);
     let count = |head: bool| -> usize {
         tensors
@@ -242,29 +266,26 @@ pub fn param_counts<B: Backend>(encoder: &Encoder<B>, name: ModelName) -> ParamC
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::backend::{Autodiff, Flex};
     use burn::module::{AutodiffModule, Param};
-    use burn::tensor::{Distribution, ElementConversion};
-
-    type A = Autodiff<Flex>;
+    use burn::tensor::Distribution;
 
     /// A batch norm with the given affine parameters and fresh running statistics.
-    fn batch_norm_with(gamma: &Tensor<A, 1>, beta: &Tensor<A, 1>) -> BatchNorm<A> {
-        let mut bn = bn::<A>(gamma.dims()[0], &gamma.device());
+    fn batch_norm_with(gamma: &Tensor<1>, beta: &Tensor<1>) -> BatchNorm {
+        let mut bn = bn(gamma.dims()[0], &gamma.device());
         bn.gamma = Param::from_tensor(gamma.clone().require_grad());
         bn.beta = Param::from_tensor(beta.clone().require_grad());
         bn
     }
 
-    fn max_diff<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> f32 {
-        (a - b).abs().max().into_scalar().elem()
+    fn max_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
+        (a - b).abs().max().into_scalar::<f32>()
     }
 
     #[test]
     fn batch_norm_equals_burns_in_training_and_in_eval() {
-        let device = Default::default();
+        let device = crate::backend::cpu().autodiff();
         let random = |shape: [usize; 4], mean, std| {
-            Tensor::<A, 4>::random(shape, Distribution::Normal(mean, std), &device)
+            Tensor::<4>::random(shape, Distribution::Normal(mean, std), &device)
         };
         let gamma = random([1, 1, 1, 5], 1.0, 0.5).reshape([5]);
         let beta = random([1, 1, 1, 5], 0.0, 0.5).reshape([5]);
@@ -280,13 +301,13 @@ mod tests {
 
         let grads_ours = (y_ours * weights.clone()).sum().backward();
         let grads_burn = (y_burn * weights).sum().backward();
-        let grad = |t: &Tensor<A, 4>, g| t.grad(g).unwrap();
+        let grad = |t: &Tensor<4>, g| t.grad(g).unwrap();
         assert!(max_diff(grad(&x, &grads_ours), grad(&x, &grads_burn)) < 1e-5);
         for (a, b) in [(&ours.gamma, &burns.gamma), (&ours.beta, &burns.beta)] {
             let (ga, gb) = (a.grad(&grads_ours).unwrap(), b.grad(&grads_burn).unwrap());
             assert!(max_diff(ga, gb) < 1e-4);
         }
-        let stats = |bn: &BatchNorm<A>| [bn.running_mean.value(), bn.running_var.value()];
+        let stats = |bn: &BatchNorm| [bn.running_mean.value_sync(), bn.running_var.value_sync()];
         for (a, b) in stats(&ours).into_iter().zip(stats(&burns)) {
             assert!(max_diff(a, b) < 1e-6);
         }

@@ -1,0 +1,460 @@
+//! 2-D convolution on the CPU device as im2col + gemm, with its own backward pass.
+//!
+//! Burn 0.22.0-pre.3's flex backend takes the convolution's gradients the generic way: the input
+//! gradient as a transposed convolution whose col2im scatter runs on one thread, one image after
+//! another, and the weight gradient as a convolution of the swapped input with the output
+//! gradient as a Ho x Wo kernel (gemm shapes with N = 9, a tenth of peak). A perf profile of a
+//! `resnet-mini` training step put a quarter of it in those two outside gemm. Here each image is
+//! one rayon task: im2col, then one gemm forward; im2col, two gemms and col2im backward, the
+//! weight gradient summed over per-thread partials. Only the CPU device takes this path (see
+//! `backend::has_fast_conv`); it is tested equal to Burn's `conv2d` in value and gradients.
+
+use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::Autodiff;
+use burn::backend::{backend_extension, tensor::FloatTensor, Backend, Dispatch};
+use burn::tensor::{Bytes, DType, Shape, Tensor};
+use burn_flex::{Flex, FlexTensor, Layout};
+use rayon::prelude::*;
+
+/// How many partial sums the weight gradient is split into: the parallelism of the backward
+/// pass (more than the cores of most CPUs), bounded so that the partials' memory stays small.
+const WEIGHT_GRAD_GROUPS: usize = 8;
+
+/// Stride and zero padding, the same on both axes (all this project's convolutions).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Geometry {
+    pub stride: usize,
+    pub padding: usize,
+}
+
+/// `conv2d(x, weight)` without bias: x [B, C, H, W], weight [Co, C, k, k] -> [B, Co, Ho, Wo].
+pub fn conv2d(x: Tensor<4>, weight: Tensor<4>, geometry: Geometry) -> Tensor<4> {
+    let [stride, padding] = [geometry.stride, geometry.padding].map(|v| v as u32);
+    Tensor::from_dispatch(<Dispatch as ConvBackend>::im2col_conv2d(
+        x.into_dispatch(),
+        weight.into_dispatch(),
+        stride,
+        padding,
+    ))
+}
+
+#[backend_extension(Flex, Autodiff)]
+pub trait ConvBackend: Backend {
+    fn im2col_conv2d(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        stride: u32,
+        padding: u32,
+    ) -> FloatTensor<Self>;
+}
+
+impl ConvBackend for Flex {
+    fn im2col_conv2d(x: FlexTensor, weight: FlexTensor, stride: u32, padding: u32) -> FlexTensor {
+        Plan::new(&x, &weight, stride, padding).forward(&x, &weight)
+    }
+}
+
+impl<C: CheckpointStrategy> ConvBackend for Autodiff<Flex, C> {
+    fn im2col_conv2d(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        stride: u32,
+        padding: u32,
+    ) -> FloatTensor<Self> {
+        let plan = Plan::new(&x.primitive, &weight.primitive, stride, padding);
+        let output = plan.forward(&x.primitive, &weight.primitive);
+        match ConvGrad
+            .prepare::<C>([x.node.clone(), weight.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((plan, x.primitive, weight.primitive), output),
+            OpsKind::UnTracked(prep) => prep.finish(output),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct ConvGrad;
+
+impl Backward<Flex, 2> for ConvGrad {
+    type State = (Plan, FlexTensor, FlexTensor);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [x_node, w_node] = ops.parents;
+        let (plan, x, weight) = ops.state;
+        let output_grad = grads.consume::<Flex>(&ops.node);
+        let (x_grad, w_grad) = plan.backward(&x, &weight, &output_grad, x_node.is_some());
+        if let (Some(node), Some(grad)) = (x_node, x_grad) {
+            grads.register::<Flex>(node.id, grad);
+        }
+        if let Some(node) = w_node {
+            grads.register::<Flex>(node.id, w_grad);
+        }
+    }
+}
+
+/// The shapes of one convolution; every buffer below is row-major f32.
+#[derive(Clone, Copy, Debug)]
+struct Plan {
+    batch: usize,
+    c_in: usize,
+    height: usize,
+    width: usize,
+    c_out: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    h_out: usize,
+    w_out: usize,
+}
+
+impl Plan {
+    fn new(x: &FlexTensor, weight: &FlexTensor, stride: u32, padding: u32) -> Self {
+        let [batch, c_in, height, width] = dims(x);
+        let [c_out, w_in, kernel, kernel_w] = dims(weight);
+        assert!(
+            w_in == c_in && kernel == kernel_w && stride >= 1,
+            "im2col conv2d: input {:?} and weight {:?} do not fit",
+            x.layout().shape(),
+            weight.layout().shape()
+        );
+        let (stride, padding) = (stride as usize, padding as usize);
+        let out = |n: usize| (n + 2 * padding - kernel) / stride + 1;
+        Self {
+            batch,
+            c_in,
+            height,
+            width,
+            c_out,
+            kernel,
+            stride,
+            padding,
+            h_out: out(height),
+            w_out: out(width),
+        }
+    }
+
+    /// Rows of an image's column matrix: one per (input channel, kernel row, kernel column).
+    fn patch(&self) -> usize {
+        self.c_in * self.kernel * self.kernel
+    }
+
+    fn pixels_out(&self) -> usize {
+        self.h_out * self.w_out
+    }
+
+    fn image_in(&self) -> usize {
+        self.c_in * self.height * self.width
+    }
+
+    fn image_out(&self) -> usize {
+        self.c_out * self.pixels_out()
+    }
+
+    fn forward(&self, x: &FlexTensor, weight: &FlexTensor) -> FlexTensor {
+        let (x, weight) = (f32s(x), f32s(weight));
+        let mut y = vec![0f32; self.batch * self.image_out()];
+        y.par_chunks_mut(self.image_out())
+            .zip(x.par_chunks(self.image_in()))
+            .for_each_init(
+                || vec![0f32; self.patch() * self.pixels_out()],
+                |cols, (y, x)| {
+                    self.im2col(x, cols);
+                    // y [Co, P] = W [Co, CKK] · cols [CKK, P]
+                    gemm(
+                        y,
+                        self.c_out,
+                        self.pixels_out(),
+                        self.patch(),
+                        false,
+                        Mat::rows(&weight, self.patch()),
+                        Mat::rows(cols, self.pixels_out()),
+                    );
+                },
+            );
+        tensor(y, [self.batch, self.c_out, self.h_out, self.w_out])
+    }
+
+    /// The gradients of the input (when asked) and of the weight.
+    fn backward(
+        &self,
+        x: &FlexTensor,
+        weight: &FlexTensor,
+        output_grad: &FlexTensor,
+        want_x: bool,
+    ) -> (Option<FlexTensor>, FlexTensor) {
+        let (x, weight, dy) = (f32s(x), f32s(weight), f32s(output_grad));
+        let (patch, pixels) = (self.patch(), self.pixels_out());
+        let mut dx = vec![0f32; if want_x { x.len() } else { 0 }];
+        // The first convolution's input (the images) needs no gradient: skip its col2im.
+        let mut dx_images: Vec<Option<&mut [f32]>> = match want_x {
+            true => dx.chunks_mut(self.image_in()).map(Some).collect(),
+            false => (0..self.batch).map(|_| None).collect(),
+        };
+        // The weight gradient is summed over images in a fixed order, whatever the thread count:
+        // each group of images its own partial sum, the partials added in order (so a run repeats
+        // bit for bit, and resume is exact).
+        let group = self.batch.div_ceil(WEIGHT_GRAD_GROUPS);
+        let partials: Vec<Vec<f32>> = dx_images
+            .par_chunks_mut(group)
+            .zip(x.par_chunks(group * self.image_in()))
+            .zip(dy.par_chunks(group * self.image_out()))
+            .map(|((dx, x), dy)| {
+                let (mut dw, mut cols) =
+                    (vec![0f32; self.c_out * patch], vec![0f32; patch * pixels]);
+                let images = x.chunks(self.image_in()).zip(dy.chunks(self.image_out()));
+                for ((x, dy), dx) in images.zip(dx) {
+                    self.im2col(x, &mut cols);
+                    // dW [Co, CKK] += dY [Co, P] · cols^T [P, CKK]
+                    gemm(
+                        &mut dw,
+                        self.c_out,
+                        patch,
+                        pixels,
+                        true,
+                        Mat::rows(dy, pixels),
+                        Mat::cols(&cols, pixels),
+                    );
+                    if let Some(dx) = dx {
+                        // dcols [CKK, P] = W^T [CKK, Co] · dY [Co, P], then scattered back.
+                        gemm(
+                            &mut cols,
+                            patch,
+                            pixels,
+                            self.c_out,
+                            false,
+                            Mat::cols(&weight, patch),
+                            Mat::rows(dy, pixels),
+                        );
+                        self.col2im(&cols, dx);
+                    }
+                }
+                dw
+            })
+            .collect();
+        let mut dw = vec![0f32; self.c_out * patch];
+        for partial in partials {
+            dw.iter_mut().zip(partial).for_each(|(a, b)| *a += b);
+        }
+        let k = self.kernel;
+        let dx = want_x.then(|| tensor(dx, [self.batch, self.c_in, self.height, self.width]));
+        (dx, tensor(dw, [self.c_out, self.c_in, k, k]))
+    }
+
+    /// Calls `f(row of the column matrix, output row, input row)` for every output row `oh` whose
+    /// input row `ih = oh * stride + ki - padding` lies inside the image, and `ow`'s likewise.
+    fn for_each_tap(&self, mut f: impl FnMut(usize, usize, usize, usize, usize)) {
+        let (k, s, p) = (self.kernel, self.stride, self.padding);
+        for c in 0..self.c_in {
+            for ki in 0..k {
+                for kj in 0..k {
+                    let row = (c * k + ki) * k + kj;
+                    for oh in 0..self.h_out {
+                        let Some(ih) = (oh * s + ki).checked_sub(p).filter(|&i| i < self.height)
+                        else {
+                            continue;
+                        };
+                        // Output columns whose input column iw = ow * s + kj - p is inside.
+                        let first = p.saturating_sub(kj).div_ceil(s);
+                        let last = (self.width + p - kj).div_ceil(s).min(self.w_out);
+                        if first < last {
+                            f(row, oh, c * self.height + ih, first, last);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// One image [C, H, W] to its column matrix [C*k*k, Ho*Wo] (zero where the patch is padding).
+    fn im2col(&self, x: &[f32], cols: &mut [f32]) {
+        cols.fill(0.0);
+        let (s, p, w, wo) = (self.stride, self.padding, self.width, self.w_out);
+        let pixels = self.pixels_out();
+        self.for_each_tap(|row, oh, in_row, first, last| {
+            let kj = row % self.kernel;
+            let out = &mut cols[row * pixels + oh * wo..][..wo];
+            let input = &x[in_row * w..][..w];
+            for ow in first..last {
+                out[ow] = input[ow * s + kj - p];
+            }
+        });
+    }
+
+    /// The adjoint of [`Plan::im2col`]: adds each column-matrix entry back onto its input pixel.
+    fn col2im(&self, cols: &[f32], dx: &mut [f32]) {
+        let (s, p, w, wo) = (self.stride, self.padding, self.width, self.w_out);
+        let pixels = self.pixels_out();
+        self.for_each_tap(|row, oh, in_row, first, last| {
+            let kj = row % self.kernel;
+            let grad = &cols[row * pixels + oh * wo..][..wo];
+            let out = &mut dx[in_row * w..][..w];
+            for ow in first..last {
+                out[ow * s + kj - p] += grad[ow];
+            }
+        });
+    }
+}
+
+/// A matrix operand: its data and the strides of its columns and rows.
+struct Mat<'a> {
+    data: &'a [f32],
+    col_stride: isize,
+    row_stride: isize,
+}
+
+impl<'a> Mat<'a> {
+    /// Row-major with `width` columns.
+    fn rows(data: &'a [f32], width: usize) -> Self {
+        Self {
+            data,
+            col_stride: 1,
+            row_stride: width as isize,
+        }
+    }
+
+    /// The transpose of a row-major matrix with `width` columns.
+    fn cols(data: &'a [f32], width: usize) -> Self {
+        Self {
+            data,
+            col_stride: width as isize,
+            row_stride: 1,
+        }
+    }
+}
+
+/// dst [m, n] (row-major) = lhs [m, k] · rhs [k, n], or += when `accumulate`. Single-threaded:
+/// the parallelism is across images.
+fn gemm(dst: &mut [f32], m: usize, n: usize, k: usize, accumulate: bool, lhs: Mat, rhs: Mat) {
+    assert!(dst.len() >= m * n && lhs.data.len() >= m * k && rhs.data.len() >= k * n);
+    // SAFETY: the asserts above bound every index gemm derives from (m, n, k) and the strides,
+    // which describe row-major matrices of those shapes or their transposes.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.col_stride,
+            lhs.row_stride,
+            rhs.data.as_ptr(),
+            rhs.col_stride,
+            rhs.row_stride,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+fn dims(t: &FlexTensor) -> [usize; 4] {
+    let shape = t.layout().shape();
+    assert_eq!(shape.num_dims(), 4, "im2col conv2d takes 4-d tensors");
+    [shape[0], shape[1], shape[2], shape[3]]
+}
+
+/// The tensor's values, contiguous (a copy only when it is a strided view).
+fn f32s(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
+    assert_eq!(t.dtype(), DType::F32, "im2col conv2d runs in f32");
+    match t.as_slice::<f32>() {
+        Some(values) => std::borrow::Cow::Borrowed(values),
+        None => std::borrow::Cow::Owned(t.to_contiguous().storage::<f32>().to_vec()),
+    }
+}
+
+fn tensor(values: Vec<f32>, shape: [usize; 4]) -> FlexTensor {
+    FlexTensor::new(
+        Bytes::from_elems(values),
+        Layout::contiguous(Shape::from(shape.to_vec())),
+        DType::F32,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::ops::ConvOptions;
+    use burn::tensor::Distribution;
+
+    fn max_diff(a: Tensor<4>, b: Tensor<4>) -> f32 {
+        (a - b).abs().max().into_scalar::<f32>()
+    }
+
+    /// Value and both gradients against Burn's `conv2d`, for every kernel/stride/padding the
+    /// ResNets use and a few they do not, on odd image sizes.
+    #[test]
+    fn equals_burns_conv2d_with_gradients() {
+        let device = crate::backend::cpu().autodiff();
+        device.seed(7);
+        let random =
+            |shape: [usize; 4]| Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+        for (kernel, stride, padding, x_grad) in [
+            (3, 1, 1, true),
+            (3, 2, 1, true),
+            (1, 2, 0, true),
+            (1, 1, 0, true),
+            (3, 1, 0, true),
+            (5, 2, 2, true),
+            (3, 1, 1, false),
+        ] {
+            let x = random([3, 4, 9, 7]);
+            let x = if x_grad { x.require_grad() } else { x };
+            let weight = random([5, 4, kernel, kernel]).require_grad();
+            let geometry = Geometry { stride, padding };
+            let ours = conv2d(x.clone(), weight.clone(), geometry);
+            let options = ConvOptions::new([stride; 2], [padding; 2], [1, 1], 1);
+            let burns = burn::tensor::module::conv2d(x.clone(), weight.clone(), None, options);
+            assert_eq!(ours.dims(), burns.dims(), "k{kernel} s{stride} p{padding}");
+            assert!(max_diff(ours.clone(), burns.clone()) < 1e-4);
+            let r = random(ours.dims());
+            let (g_ours, g_burn) = (
+                (ours * r.clone()).sum().backward(),
+                (burns * r).sum().backward(),
+            );
+            let (w_ours, w_burn) = (weight.grad(&g_ours).unwrap(), weight.grad(&g_burn).unwrap());
+            assert!(
+                max_diff(w_ours, w_burn) < 1e-3,
+                "weight gradient, k{kernel} s{stride} p{padding}"
+            );
+            match x_grad {
+                true => {
+                    let (a, b) = (x.grad(&g_ours).unwrap(), x.grad(&g_burn).unwrap());
+                    assert!(
+                        max_diff(a, b) < 1e-4,
+                        "input gradient, k{kernel} s{stride} p{padding}"
+                    );
+                }
+                false => assert!(x.grad(&g_ours).is_none()),
+            }
+        }
+    }
+
+    /// Without autodiff (evaluation) the same forward runs.
+    #[test]
+    fn runs_without_autodiff() {
+        let device = crate::backend::cpu();
+        let x = Tensor::<4>::ones([2, 3, 5, 5], &device);
+        let weight = Tensor::<4>::ones([2, 3, 3, 3], &device);
+        let y = conv2d(
+            x,
+            weight,
+            Geometry {
+                stride: 1,
+                padding: 1,
+            },
+        );
+        let values: Vec<f32> = y.into_data().try_to_vec().unwrap();
+        // A corner sees 2x2 of the 3x3 window, the centre all of it, over 3 channels.
+        assert_eq!((values[0], values[6]), (12.0, 27.0));
+    }
+}
