@@ -244,25 +244,29 @@ impl Plan {
         (dx, tensor(dw, [self.c_out, self.c_in, k, k]))
     }
 
-    /// Calls `f(row of the column matrix, output row, input row)` for every output row `oh` whose
-    /// input row `ih = oh * stride + ki - padding` lies inside the image, and `ow`'s likewise.
-    fn for_each_tap(&self, mut f: impl FnMut(usize, usize, usize, usize, usize)) {
+    /// Calls `f(cols_at, x_at, len)` for each run of the column matrix that comes from the image:
+    /// `len` entries from `cols_at` on, taken from the input pixels `x_at, x_at + stride, ...`
+    /// (the rest of the column matrix is padding, zero).
+    fn for_each_run(&self, mut f: impl FnMut(usize, usize, usize)) {
         let (k, s, p) = (self.kernel, self.stride, self.padding);
+        let (w, wo, pixels) = (self.width, self.w_out, self.pixels_out());
         for c in 0..self.c_in {
             for ki in 0..k {
                 for kj in 0..k {
                     let row = (c * k + ki) * k + kj;
+                    // Output columns whose input column ow * s + kj - p lies inside the image.
+                    let first = p.saturating_sub(kj).div_ceil(s);
+                    let last = (w + p - kj).div_ceil(s).min(wo);
+                    if first >= last {
+                        continue;
+                    }
                     for oh in 0..self.h_out {
                         let Some(ih) = (oh * s + ki).checked_sub(p).filter(|&i| i < self.height)
                         else {
                             continue;
                         };
-                        // Output columns whose input column iw = ow * s + kj - p is inside.
-                        let first = p.saturating_sub(kj).div_ceil(s);
-                        let last = (self.width + p - kj).div_ceil(s).min(self.w_out);
-                        if first < last {
-                            f(row, oh, c * self.height + ih, first, last);
-                        }
+                        let x_at = (c * self.height + ih) * w + first * s + kj - p;
+                        f(row * pixels + oh * wo + first, x_at, last - first);
                     }
                 }
             }
@@ -272,28 +276,34 @@ impl Plan {
     /// One image [C, H, W] to its column matrix [C*k*k, Ho*Wo] (zero where the patch is padding).
     fn im2col(&self, x: &[f32], cols: &mut [f32]) {
         cols.fill(0.0);
-        let (s, p, w, wo) = (self.stride, self.padding, self.width, self.w_out);
-        let pixels = self.pixels_out();
-        self.for_each_tap(|row, oh, in_row, first, last| {
-            let kj = row % self.kernel;
-            let out = &mut cols[row * pixels + oh * wo..][..wo];
-            let input = &x[in_row * w..][..w];
-            for ow in first..last {
-                out[ow] = input[ow * s + kj - p];
+        let s = self.stride;
+        self.for_each_run(|at, x_at, len| {
+            let out = &mut cols[at..at + len];
+            match s {
+                1 => out.copy_from_slice(&x[x_at..x_at + len]),
+                _ => out
+                    .iter_mut()
+                    .zip(x[x_at..].iter().step_by(s))
+                    .for_each(|(o, i)| *o = *i),
             }
         });
     }
 
     /// The adjoint of [`Plan::im2col`]: adds each column-matrix entry back onto its input pixel.
     fn col2im(&self, cols: &[f32], dx: &mut [f32]) {
-        let (s, p, w, wo) = (self.stride, self.padding, self.width, self.w_out);
-        let pixels = self.pixels_out();
-        self.for_each_tap(|row, oh, in_row, first, last| {
-            let kj = row % self.kernel;
-            let grad = &cols[row * pixels + oh * wo..][..wo];
-            let out = &mut dx[in_row * w..][..w];
-            for ow in first..last {
-                out[ow * s + kj - p] += grad[ow];
+        let s = self.stride;
+        self.for_each_run(|at, x_at, len| {
+            let grad = &cols[at..at + len];
+            match s {
+                1 => dx[x_at..x_at + len]
+                    .iter_mut()
+                    .zip(grad)
+                    .for_each(|(d, g)| *d += g),
+                _ => dx[x_at..]
+                    .iter_mut()
+                    .step_by(s)
+                    .zip(grad)
+                    .for_each(|(d, g)| *d += g),
             }
         });
     }
