@@ -90,7 +90,10 @@ pub fn cpu() -> Device {
 /// compiled in, that default is CUDA, which a machine without a GPU cannot start, so a resume
 /// would panic there. Done once, when the first device is made (before training threads start).
 fn default_to_cpu() {
+    // The page (wasm32) has neither CUDA nor environment variables.
+    #[cfg(not(target_family = "wasm"))]
     static ONCE: std::sync::Once = std::sync::Once::new();
+    #[cfg(not(target_family = "wasm"))]
     ONCE.call_once(|| {
         if std::env::var_os("BURN_DEVICE").is_none() {
             std::env::set_var("BURN_DEVICE", "flex");
