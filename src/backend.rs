@@ -5,41 +5,19 @@
 //! `flex` backend (measured fastest of Burn's CPU backends here; see the README).
 
 use burn::tensor::{Device, Tensor};
-use serde::{Deserialize, Serialize};
-use std::fmt;
-use std::str::FromStr;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceKind {
     Cpu,
     Wgpu,
     Cuda,
 }
 
-impl FromStr for DeviceKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "cpu" => Ok(Self::Cpu),
-            "wgpu" => Ok(Self::Wgpu),
-            "cuda" => Ok(Self::Cuda),
-            other => Err(format!(
-                "unknown device '{other}': expected cpu, wgpu or cuda"
-            )),
-        }
-    }
-}
-
-impl fmt::Display for DeviceKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Cpu => "cpu",
-            Self::Wgpu => "wgpu",
-            Self::Cuda => "cuda",
-        })
-    }
-}
+choice!(
+    DeviceKind,
+    "device",
+    [Cpu = "cpu", Wgpu = "wgpu", Cuda = "cuda"]
+);
 
 /// The autodiff device for `--device`: Burn 0.22 picks the backend at run time, so the whole
 /// program runs on one tensor type and only this function knows which backends were built in.
@@ -47,7 +25,7 @@ impl fmt::Display for DeviceKind {
 pub fn device(kind: DeviceKind) -> anyhow::Result<Device> {
     default_to_cpu();
     let device = match kind {
-        DeviceKind::Cpu => Device::flex(),
+        DeviceKind::Cpu => cpu(),
         #[cfg(feature = "wgpu")]
         DeviceKind::Wgpu => probe(
             Device::wgpu(burn::tensor::DeviceKind::default()),
@@ -125,4 +103,15 @@ fn probe(device: Device, name: &str, hint: &str) -> anyhow::Result<Device> {
             anyhow::bail!("--device {name}: {hint}. ({first})")
         }
     }
+}
+
+/// Reads a tensor back as f32s, without blocking (the page's GPU can only be awaited).
+pub async fn read_f32<const D: usize>(t: Tensor<D>) -> anyhow::Result<Vec<f32>> {
+    let data = t
+        .into_data_async()
+        .await
+        .map_err(|e| anyhow::anyhow!("the device failed while reading a tensor back: {e:?}"))?;
+    data.convert::<f32>()
+        .try_to_vec::<f32>()
+        .map_err(|e| anyhow::anyhow!("unexpected tensor data: {e:?}"))
 }

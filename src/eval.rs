@@ -2,6 +2,7 @@
 //! MoCo and lightly's benchmarks) and a linear probe.
 
 use crate::augment::plain_batch;
+use crate::backend::read_f32;
 use crate::data::{Split, SIDE};
 use crate::loss::l2_normalize;
 use crate::model::ResNet;
@@ -10,17 +11,6 @@ use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::{Linear, LinearConfig};
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::{Device, Int, Tensor, TensorData};
-
-/// Reads a tensor back as f32s, without blocking (the page's GPU can only be awaited).
-pub async fn read_f32<const D: usize>(t: Tensor<D>) -> anyhow::Result<Vec<f32>> {
-    let data = t
-        .into_data_async()
-        .await
-        .map_err(|e| anyhow::anyhow!("the device failed while reading a tensor back: {e:?}"))?;
-    data.convert::<f32>()
-        .try_to_vec::<f32>()
-        .map_err(|e| anyhow::anyhow!("unexpected tensor data: {e:?}"))
-}
 
 /// L2-normalized backbone features of every image of a split, without augmentation, row-major
 /// [len, dim]. Batch norm runs in eval mode: pass `valid()` weights; the images go to `device`

@@ -2,18 +2,22 @@
 //!
 //! `data` -> `augment` -> `model` -> `loss` -> `train` -> `eval`, on any Burn backend picked in
 //! `backend`; `weights`, `safetensors` and `run` handle what goes to disk; `gpu` holds the WGSL
-//! kernels (the fused loss, the inference engine); `cli` is the `dcl` command and `web` the page's
-//! bindings.
+//! kernels (the fused loss, the inference engine); `cli` is the `dcl` command (native only) and
+//! `web` the page's bindings.
 //!
 //! Without the `train` feature (the inference-only page build, `web-infer`) nothing here needs
 //! Burn: the readers, the presets (`arch`), safetensors, the loss's float64 host path and the WGSL
 //! kernels remain.
 
+#[macro_use]
+mod choice;
+
 pub mod arch;
 pub mod augment;
 #[cfg(feature = "train")]
 pub mod backend;
-#[cfg(feature = "train")]
+// The command line: native only, so none of it reaches the page's wasm modules.
+#[cfg(all(feature = "train", not(target_arch = "wasm32")))]
 pub mod cli;
 pub mod data;
 #[cfg(feature = "train")]
@@ -23,14 +27,12 @@ pub mod gpu;
 pub mod loss;
 #[cfg(feature = "train")]
 pub mod model;
+pub mod neighbors;
 #[cfg(feature = "train")]
 pub mod optim;
-#[cfg(feature = "wgpu")]
-pub mod retrieval;
 #[cfg(feature = "train")]
 pub mod run;
 pub mod safetensors;
-pub mod serve;
 #[cfg(feature = "train")]
 pub mod train;
 #[cfg(all(target_arch = "wasm32", feature = "web-infer"))]

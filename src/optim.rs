@@ -9,30 +9,19 @@ use burn::optim::{
     SgdConfig,
 };
 use burn::tensor::{Bytes, Device, Tensor};
-use serde::{Deserialize, Serialize};
-use std::str::FromStr;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OptimizerKind {
     Sgd,
     Lars,
     Adam,
 }
 
-impl FromStr for OptimizerKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "sgd" => Ok(Self::Sgd),
-            "lars" => Ok(Self::Lars),
-            "adam" => Ok(Self::Adam),
-            other => Err(format!(
-                "unknown optimizer '{other}': expected sgd, lars or adam"
-            )),
-        }
-    }
-}
+choice!(
+    OptimizerKind,
+    "optimizer",
+    [Sgd = "sgd", Lars = "lars", Adam = "adam"]
+);
 
 /// LARS (You et al. 2017) as SimCLR uses it: SGD with momentum whose step for each weight
 /// matrix is scaled by `eta |w| / |g + wd w|`. Biases and batch-norm vectors are not adapted and

@@ -1,6 +1,7 @@
 //! Weights in and out of Burn: records as bytes (checkpoints, moving a model between devices) and
 //! the encoder's tensors under torchvision's ResNet names (what `safetensors` writes and reads).
 
+use crate::arch::{names, BlockSpec, ResNetArch};
 use crate::model::{BasicBlock, Encoder, ModelName};
 use crate::safetensors::NamedTensor;
 use burn::module::{Module, Param, ParamId, RunningState};
@@ -74,56 +75,43 @@ enum Slot<'a> {
 type Visitor<'v> = dyn FnMut(String, Slot<'_>) + 'v;
 
 fn visit_batch_norm(prefix: &str, bn: &mut BatchNorm, f: &mut Visitor) {
-    f(format!("{prefix}.weight"), Slot::Vector(&mut bn.gamma));
-    f(format!("{prefix}.bias"), Slot::Vector(&mut bn.beta));
-    f(
-        format!("{prefix}.running_mean"),
-        Slot::Running(&mut bn.running_mean),
-    );
-    f(
-        format!("{prefix}.running_var"),
-        Slot::Running(&mut bn.running_var),
-    );
+    let [gamma, beta, mean, var] = names::batch_norm(prefix);
+    f(gamma, Slot::Vector(&mut bn.gamma));
+    f(beta, Slot::Vector(&mut bn.beta));
+    f(mean, Slot::Running(&mut bn.running_mean));
+    f(var, Slot::Running(&mut bn.running_var));
 }
 
-fn visit_block(prefix: &str, b: &mut BasicBlock, f: &mut Visitor) {
-    f(
-        format!("{prefix}.conv1.weight"),
-        Slot::Conv(&mut b.conv1.weight),
-    );
-    visit_batch_norm(&format!("{prefix}.bn1"), &mut b.bn1, f);
-    f(
-        format!("{prefix}.conv2.weight"),
-        Slot::Conv(&mut b.conv2.weight),
-    );
-    visit_batch_norm(&format!("{prefix}.bn2"), &mut b.bn2, f);
+fn visit_block(spec: &BlockSpec, b: &mut BasicBlock, f: &mut Visitor) {
+    f(spec.name("conv1"), Slot::Conv(&mut b.conv1.weight));
+    visit_batch_norm(&spec.name("bn1"), &mut b.bn1, f);
+    f(spec.name("conv2"), Slot::Conv(&mut b.conv2.weight));
+    visit_batch_norm(&spec.name("bn2"), &mut b.bn2, f);
     if let Some(d) = &mut b.downsample {
-        f(
-            format!("{prefix}.downsample.0.weight"),
-            Slot::Conv(&mut d.conv.weight),
-        );
-        visit_batch_norm(&format!("{prefix}.downsample.1"), &mut d.bn, f);
+        f(spec.name("downsample.0"), Slot::Conv(&mut d.conv.weight));
+        visit_batch_norm(&spec.name("downsample.1"), &mut d.bn, f);
     }
 }
 
-/// Every tensor of the encoder under torchvision's names (`conv1.weight`,
-/// `layer1.0.bn1.running_mean`, ...), the head as `nn.Sequential(Linear, BatchNorm1d, ReLU,
-/// Linear)` under `head.*`. The one walk both saving and loading use.
-fn visit(encoder: &mut Encoder, f: &mut Visitor) {
+/// Every tensor of the encoder under the names of its architecture description
+/// ([`ResNetArch::expected_shapes`], in the same order). The one walk both saving and loading use.
+fn visit(encoder: &mut Encoder, arch: ResNetArch, f: &mut Visitor) {
     let r = &mut encoder.backbone;
-    f("conv1.weight".into(), Slot::Conv(&mut r.conv1.weight));
-    visit_batch_norm("bn1", &mut r.bn1, f);
-    for (s, stage) in r.layers.iter_mut().enumerate() {
-        for (i, b) in stage.iter_mut().enumerate() {
-            visit_block(&format!("layer{}.{i}", s + 1), b, f);
-        }
+    f(names::STEM_CONV.into(), Slot::Conv(&mut r.conv1.weight));
+    visit_batch_norm(names::STEM_BN, &mut r.bn1, f);
+    let blocks = r.layers.iter_mut().flatten();
+    for (spec, block) in arch.block_specs().iter().zip(blocks) {
+        visit_block(spec, block, f);
     }
     let h = &mut encoder.head;
-    f("head.0.weight".into(), Slot::Linear(&mut h.linear1.weight));
-    visit_batch_norm("head.1", &mut h.bn, f);
-    f("head.3.weight".into(), Slot::Linear(&mut h.linear2.weight));
+    f(
+        names::HEAD_LINEAR.into(),
+        Slot::Linear(&mut h.linear1.weight),
+    );
+    visit_batch_norm(names::HEAD_BN, &mut h.bn, f);
+    f(names::HEAD_OUT.into(), Slot::Linear(&mut h.linear2.weight));
     if let Some(bias) = &mut h.linear2.bias {
-        f("head.3.bias".into(), Slot::Vector(bias));
+        f(names::HEAD_OUT_BIAS.into(), Slot::Vector(bias));
     }
 }
 
@@ -135,7 +123,8 @@ pub fn torchvision_tensors(encoder: &Encoder) -> Vec<NamedTensor> {
 /// [`torchvision_tensors`], awaited (the page reads its GPU this way).
 pub async fn torchvision_tensors_async(encoder: &Encoder) -> anyhow::Result<Vec<NamedTensor>> {
     let mut pending = Vec::new();
-    visit(&mut encoder.clone(), &mut |name, slot| {
+    let arch = encoder.backbone.arch();
+    visit(&mut encoder.clone(), arch, &mut |name, slot| {
         pending.push(match slot {
             Slot::Conv(p) => on_device(name, p.val()),
             Slot::Linear(p) => on_device(name, p.val().transpose()),
@@ -146,7 +135,7 @@ pub async fn torchvision_tensors_async(encoder: &Encoder) -> anyhow::Result<Vec<
     let mut out = Vec::new();
     for t in pending {
         out.push(NamedTensor {
-            data: crate::eval::read_f32(t.flat).await?,
+            data: crate::backend::read_f32(t.flat).await?,
             name: t.name,
             shape: t.shape,
         });
@@ -160,29 +149,22 @@ fn trainable<const D: usize>(id: ParamId, value: Tensor<D>) -> Param<Tensor<D>> 
 }
 
 /// An encoder of preset `name` holding `tensors` (torchvision names and layouts). Missing, extra
-/// and mis-shaped tensors are all reported, by name, in one error.
+/// and mis-shaped tensors are all reported, by name, in one error ([`ResNetArch::check`]).
 pub fn encoder_from_tensors(
     name: ModelName,
     tensors: Vec<NamedTensor>,
     device: &Device,
 ) -> anyhow::Result<Encoder> {
+    let arch = name.arch();
+    arch.check(&tensors)
+        .map_err(|e| anyhow::anyhow!("these weights do not fit {name}: {e}"))?;
     let mut by_name: HashMap<String, NamedTensor> =
         tensors.into_iter().map(|t| (t.name.clone(), t)).collect();
-    let (mut missing, mut misshaped) = (Vec::new(), Vec::new());
     let mut encoder = Encoder::new(name, device);
-    visit(&mut encoder, &mut |key, slot| {
-        let Some(t) = by_name.remove(&key) else {
-            return missing.push(key);
-        };
-        let expected = match &slot {
-            Slot::Conv(p) => p.val().dims().to_vec(),
-            Slot::Linear(p) => p.val().dims().iter().rev().copied().collect(),
-            Slot::Vector(p) => p.val().dims().to_vec(),
-            Slot::Running(r) => r.value().dims().to_vec(),
-        };
-        if t.shape != expected {
-            return misshaped.push(format!("{key} is {:?}, expected {expected:?}", t.shape));
-        }
+    visit(&mut encoder, arch, &mut |key, slot| {
+        let t = by_name
+            .remove(&key)
+            .expect("checked: every tensor is present");
         let data = TensorData::new(t.data, t.shape);
         match slot {
             Slot::Conv(p) => *p = trainable(p.id, Tensor::from_data(data, device)),
@@ -194,22 +176,24 @@ pub fn encoder_from_tensors(
             Slot::Running(r) => *r = RunningState::new(Tensor::from_data(data, device)),
         }
     });
-    let mut extra: Vec<String> = by_name.into_keys().collect();
-    extra.sort();
-    let mut problems = Vec::new();
-    if !missing.is_empty() {
-        problems.push(format!("missing {}", missing.join(", ")));
-    }
-    if !extra.is_empty() {
-        problems.push(format!("unexpected {}", extra.join(", ")));
-    }
-    if !misshaped.is_empty() {
-        problems.push(format!("wrong shape: {}", misshaped.join("; ")));
-    }
-    anyhow::ensure!(
-        problems.is_empty(),
-        "these weights do not fit {name}: {}",
-        problems.join("; ")
-    );
     Ok(encoder)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The walk and the description name the same tensors, with the same shapes, in one order.
+    #[test]
+    fn the_walk_follows_the_description() {
+        for name in [ModelName::ResNetMini, ModelName::ResNet18] {
+            let encoder = Encoder::new(name, &crate::backend::cpu());
+            assert_eq!(encoder.backbone.arch(), name.arch());
+            let walked: Vec<(String, Vec<usize>)> = torchvision_tensors(&encoder)
+                .into_iter()
+                .map(|t| (t.name, t.shape))
+                .collect();
+            assert_eq!(walked, name.arch().expected_shapes(), "{name}");
+        }
+    }
 }

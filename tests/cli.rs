@@ -240,7 +240,22 @@ fn data_get_without_internet_says_how_to_place_files() {
         tmp.path().to_str().unwrap(),
     ]);
     if out.status.success() {
-        return; // A machine with internet access verified the checksum; nothing more to check.
+        // Online: the archive arrived, passed its checksum, and reads as CIFAR-10.
+        let said = String::from_utf8_lossy(&out.stdout).to_string();
+        let target = said.trim().rsplit(" is in ").next().unwrap();
+        let info = dcl(&["data", "info", target, "--json"]);
+        assert!(info.status.success(), "{}", stderr(&info));
+        let info: Value = serde_json::from_slice(&info.stdout).unwrap();
+        assert_eq!(
+            (
+                &info["train_images"],
+                &info["test_images"],
+                &info["classes"]
+            ),
+            (&50_000.into(), &10_000.into(), &10.into()),
+            "{info}"
+        );
+        return;
     }
     assert_eq!(out.status.code(), Some(2));
     let err = stderr(&out);
@@ -254,7 +269,7 @@ fn data_get_without_internet_says_how_to_place_files() {
 #[test]
 fn bench_loss_reports_both_paths_and_the_fused_memory_stays_linear() {
     let out = dcl(&[
-        "bench", "loss", "--n", "32,128", "--d", "16", "--reps", "1", "--json",
+        "bench", "loss", "--n", "256,1024", "--d", "16", "--reps", "1", "--json",
     ]);
     assert!(
         out.status.success(),
@@ -272,18 +287,16 @@ fn bench_loss_reports_both_paths_and_the_fused_memory_stays_linear() {
         assert!(row["ms"].as_f64().unwrap() > 0.0);
         row["peak_bytes"].as_u64().unwrap()
     };
-    // The report is the kernel's exact buffer total, and that grows linearly in N: O(N·D), no
-    // N x N matrix (which would make four times the batch sixteen times the memory).
-    use dcl::gpu::loss::FusedLoss;
-    for n in [32, 128] {
-        assert_eq!(peak(n, "fused"), FusedLoss::peak_bytes(n as usize, 16));
-    }
-    let (small, large) = (
-        FusedLoss::peak_bytes(4096, 128),
-        FusedLoss::peak_bytes(16384, 128),
+    // The report sums the buffers the kernel really allocated: at least the two views it was
+    // given, and linear in N: O(N·D), no N x N matrix (which would make four times the batch
+    // sixteen times the memory). Both sizes fill whole 512-row tiles, so no padding skews it.
+    let (small, large) = (peak(256, "fused"), peak(1024, "fused"));
+    assert!(
+        small >= 2 * 256 * 16 * 4,
+        "{small} bytes hold less than the views"
     );
     assert!(large > 3 * small && large < 5 * small, "{small} -> {large}");
-    assert!(peak(128, "reference") > 0);
+    assert!(peak(1024, "reference") > 0);
     let out = dcl(&["bench", "loss", "--device", "cpu"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--device wgpu"));

@@ -51,3 +51,15 @@ pub fn dcl_bin() -> &'static str {
 }
 
 pub const FASHION_MNIST: &str = "/usr/share/datasets/fashion-mnist";
+
+/// The generator of a randomized test: seeded from `DCL_TEST_SEED` when it is set, else from
+/// entropy; the seed is printed either way, so a failure can be replayed.
+pub fn test_rng(test: &str) -> rand::rngs::StdRng {
+    use rand::SeedableRng;
+    let seed = std::env::var("DCL_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random::<u64>);
+    eprintln!("{test}: DCL_TEST_SEED={seed}");
+    rand::rngs::StdRng::seed_from_u64(seed)
+}

@@ -3,7 +3,7 @@
 use burn::tensor::{Tensor, TensorData};
 use dcl::gpu::{loss::FusedLoss, GpuContext};
 use dcl::loss::{ContrastiveLoss, LossKind};
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 
 fn reference(
     loss: &ContrastiveLoss,
@@ -41,7 +41,7 @@ fn fused_kernel_equals_the_burn_reference() {
     let gpu =
         GpuContext::blocking().expect("a wgpu adapter (lavapipe: apt install mesa-vulkan-drivers)");
     let kernel = FusedLoss::new(&gpu);
-    let mut rng = rand::rngs::StdRng::from_entropy();
+    let mut rng = crate::common::test_rng("fused_kernel_equals_the_burn_reference");
     for n in [2, 3, 64, 257, 1024] {
         for d in [1, 16, 128] {
             for kind in [LossKind::Dcl, LossKind::Dclw, LossKind::Infonce] {

@@ -181,7 +181,7 @@ fn random(rng: &mut impl Rng, len: usize) -> Vec<f64> {
 
 #[test]
 fn matches_the_loop_reference_on_fresh_random_inputs() {
-    let mut rng = rand::rngs::StdRng::from_entropy();
+    let mut rng = crate::common::test_rng("matches_the_loop_reference_on_fresh_random_inputs");
     for kind in [LossKind::Dcl, LossKind::Dclw, LossKind::Infonce] {
         for (n, d) in [(2, 1), (3, 7), (17, 16), (64, 32)] {
             let t = rng.gen_range(0.05..1.0);

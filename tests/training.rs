@@ -4,11 +4,10 @@
 use crate::common::*;
 use dcl::backend::DeviceKind;
 use dcl::data::{discover, Split, IMAGE_LEN};
-use dcl::loss::LossKind;
 use dcl::model::ModelName;
 use dcl::optim::OptimizerKind;
 use dcl::train::{RunConfig, TrainError, Trainer};
-use dcl::weights::torchvision_tensors;
+use dcl::weights::{encoder_from_tensors, torchvision_tensors};
 use serde_json::Value;
 use std::path::Path;
 use std::process::Command;
@@ -17,22 +16,14 @@ use std::time::{Duration, Instant};
 pub fn config(batch_size: usize, epochs: usize) -> RunConfig {
     RunConfig {
         data: "synthetic".into(),
-        model: ModelName::ResNetMini,
-        loss: LossKind::Dcl,
         temperature: 0.2,
-        sigma: 0.5,
         batch_size,
         epochs,
         lr: 0.003,
         optimizer: OptimizerKind::Adam,
         weight_decay: 1e-6,
-        momentum: 0.9,
-        warmup_epochs: 0.0,
         seed: 3,
-        device: DeviceKind::Cpu,
-        limit: None,
-        crop_min_scale: 0.08,
-        loss_kernel: dcl::loss::LossKernel::Reference,
+        ..RunConfig::default()
     }
 }
 
@@ -202,6 +193,7 @@ fn fused_loss_kernel_trains_like_the_reference_for_20_steps() {
     let make = |kernel| {
         let mut cfg = config(8, 20);
         cfg.loss_kernel = kernel;
+        cfg.device = DeviceKind::Wgpu;
         cfg.optimizer = OptimizerKind::Sgd;
         cfg.lr = 0.05;
         cfg.temperature = 0.5;
@@ -247,14 +239,24 @@ fn fused_loss_kernel_trains_like_the_reference_for_20_steps() {
 #[test]
 fn non_finite_loss_stops_without_touching_the_weights() {
     let mut trainer = Trainer::new(config(8, 1), synthetic_split(64), cpu()).unwrap();
-    trainer.config.lr = f64::INFINITY; // sabotage: the first update makes every weight non-finite
     trainer.step().unwrap();
+    // Sabotage: a NaN in the projection head's last bias (one inside the network would not do:
+    // ReLU maps NaN to 0) reaches every embedding, so the loss.
+    let mut tensors = torchvision_tensors(trainer.encoder());
+    tensors
+        .iter_mut()
+        .find(|t| t.name == "head.3.bias")
+        .unwrap()
+        .data[0] = f32::NAN;
+    let poisoned = encoder_from_tensors(ModelName::ResNetMini, tensors, &cpu()).unwrap();
+    trainer.load_encoder(poisoned);
     // Trainable weights only: batch-norm running statistics do see the failing forward pass.
-    let weights = |t: &Trainer| -> Vec<(String, Vec<f32>)> {
+    // Compared bit for bit: the sabotaged weight is a NaN.
+    let weights = |t: &Trainer| -> Vec<(String, Vec<u32>)> {
         torchvision_tensors(t.encoder())
             .into_iter()
             .filter(|t| !t.name.contains("running_"))
-            .map(|t| (t.name, t.data))
+            .map(|t| (t.name, t.data.iter().map(|v| v.to_bits()).collect()))
             .collect()
     };
     let before = weights(&trainer);
@@ -316,17 +318,33 @@ fn kill_9_then_resume_continues_exactly() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let latest = killed.join("checkpoints/latest");
+    // Kill once the third epoch's first step is logged: after the epoch-2 checkpoint, mid-epoch.
+    // A kill may cut the last line short: read only whole events.
+    let logged_steps = || -> Vec<Value> {
+        std::fs::read_to_string(killed.join("metrics.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|e| e["event"] == "step")
+            .collect()
+    };
+    let third_epoch_started = || logged_steps().iter().any(|e| e["epoch"] == 2);
     let deadline = Instant::now() + Duration::from_secs(600);
-    while std::fs::read_to_string(&latest)
-        .map(|s| s != "epoch-0002")
-        .unwrap_or(true)
-    {
-        assert!(Instant::now() < deadline, "no epoch-2 checkpoint in time");
+    while !third_epoch_started() {
+        assert!(
+            Instant::now() < deadline,
+            "the third epoch did not start in time"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     child.kill().unwrap(); // SIGKILL: no chance to clean up
     child.wait().unwrap();
+    let latest = std::fs::read_to_string(killed.join("checkpoints/latest")).unwrap();
+    let logged = logged_steps().len();
+    assert!(
+        latest == "epoch-0002" && logged > 20 && logged < 30,
+        "the kill did not land inside the third epoch: latest {latest}, {logged} steps logged"
+    );
     let out = pretrain(&data, &killed, true).output().unwrap();
     assert!(
         out.status.success(),

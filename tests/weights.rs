@@ -70,9 +70,9 @@ fn weights_that_do_not_fit_are_named() {
         .unwrap()
         .to_string();
     for part in [
-        "missing layer2.0.conv1.weight",
-        "unexpected fc.weight",
-        "bn1.bias is [7]",
+        "missing: layer2.0.conv1.weight",
+        "unexpected: fc.weight",
+        "wrong shape: bn1.bias [7]",
     ] {
         assert!(err.contains(part), "{part} not in: {err}");
     }

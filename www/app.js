@@ -1,13 +1,14 @@
 // The playground page: controls, live charts, view pairs, the embedding scatter. Training runs in
 // www/worker.js; this file only draws what the worker reports and forwards what the user does.
 
+import { PALETTE, webGpuProblem } from './common.js';
+
 const $ = (id) => document.getElementById(id);
 const CLASS_NAMES = {
   cifar10: ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck'],
   'fashion-mnist': ['T-shirt', 'trouser', 'pullover', 'dress', 'coat', 'sandal', 'shirt', 'sneaker', 'bag', 'boot'],
   mnist: ['0', '1', '2', '3', '4', '5', '6', '7', '8', '9'],
 };
-const PALETTE = ['#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#8c564b', '#e377c2', '#7f7f7f', '#bcbd22', '#17becf'];
 const RUN_COLORS = ['#d62728', '#1f77b4', '#2ca02c', '#9467bd', '#ff7f0e', '#8c564b'];
 const classColor = (c, classes) => (classes <= 10 ? PALETTE[c] : `hsl(${(360 * c) / classes}, 65%, 45%)`);
 
@@ -182,6 +183,19 @@ function render() {
 // ---- worker messages -----------------------------------------------------------------------
 
 const onMessage = {
+  /// The crate's playground preset fills the form (index.html holds no defaults of its own); a
+  /// preset in the URL then overrides it.
+  defaults({ config }) {
+    for (const field of $('config').elements) {
+      const key = field.name === 'subset' ? 'limit' : field.name.replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`);
+      if (field.name && config[key] != null) field.value = config[key];
+    }
+    try {
+      applyPreset();
+    } catch (e) {
+      fail(e.message);
+    }
+  },
   status({ status }) {
     setStatus(status);
   },
@@ -199,7 +213,7 @@ const onMessage = {
   },
   started({ config }) {
     const color = RUN_COLORS[runs.length % RUN_COLORS.length];
-    runs.push({ label: `${config.loss} b${config.batchSize} t${config.temperature}`, color, losses: [], knn: [] });
+    runs.push({ label: `${config.loss} b${config.batch_size} t${config.temperature}`, color, losses: [], knn: [] });
     Object.assign(state, { step: 0, epoch: 0, losses: [], knnTop1: [], error: null });
     showBanner('');
     render();
@@ -247,8 +261,8 @@ function noWebGpu(reason) {
 function formConfig() {
   const form = new FormData($('config'));
   const numbers = ['temperature', 'sigma', 'batchSize', 'lr', 'epochs', 'subset', 'seed'];
-  const config = Object.fromEntries(form.entries());
-  for (const key of numbers) config[key] = Number(config[key]);
+  const config = Object.fromEntries([...form.entries()].filter(([, value]) => value !== ''));
+  for (const key of numbers) if (key in config) config[key] = Number(config[key]);
   return config;
 }
 
@@ -345,10 +359,9 @@ function applyPreset() {
 
 async function main() {
   wire();
-  applyPreset();
   render();
-  if (!navigator.gpu) return noWebGpu('this browser has no navigator.gpu');
-  if (!(await navigator.gpu.requestAdapter())) return noWebGpu('requestAdapter() returned no adapter');
+  const problem = await webGpuProblem();
+  if (problem) return noWebGpu(problem);
   worker = new Worker(new URL('./worker.js', import.meta.url), { type: 'module' });
   worker.onmessage = ({ data }) => onMessage[data.type](data);
   worker.onerror = (e) => fail(`the training worker failed: ${e.message}`);

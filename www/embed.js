@@ -12,10 +12,10 @@
 // the page overrides every data-model. Each widget also exposes `element.dcl` (its state) for
 // scripts and tests. The module behind them is the small inference-only build (www/pkg-infer,
 // no Burn); only the `train` box loads the full playground.
-import init, { WebDataset, WebEncoder, normalizeImages, fusedLoss, hostLoss } from './pkg-infer/dcl.js';
+import init, { WebDataset, WebEncoder, normalizeImages, fusedLoss, hostLoss, nearest as rank } from './pkg-infer/dcl.js';
+import { PALETTE, fetchBytes, fetchServedFiles, webGpuProblem as gpuProblem } from './common.js';
 
 const ready = init();
-const PALETTE = ['#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#8c564b', '#e377c2', '#7f7f7f'];
 
 function note(el, text, isError = false) {
   let p = el.querySelector('.dcl-note');
@@ -28,17 +28,10 @@ function note(el, text, isError = false) {
   p.style.color = isError ? '#b00020' : '';
 }
 
-/// Why WebGPU is unusable here, or null when it works.
+/// Why WebGPU is unusable here, with what to do, or null when it works.
 async function webGpuProblem() {
-  if (!navigator.gpu) return 'This browser has no WebGPU: try a recent Chrome or Edge (or Chromium with --enable-unsafe-webgpu).';
-  if (!(await navigator.gpu.requestAdapter())) return 'WebGPU is present but found no GPU adapter.';
-  return null;
-}
-
-async function fetchBytes(url) {
-  const response = await fetch(url);
-  if (!response.ok) throw new Error(`${url}: HTTP ${response.status}`);
-  return new Uint8Array(await response.arrayBuffer());
+  const reason = await gpuProblem();
+  return reason && `WebGPU is unusable: ${reason}. Try a recent Chrome or Edge (or Chromium with --enable-unsafe-webgpu).`;
 }
 
 /// The encoder a `data-model` names, loaded into the WGSL inference engine.
@@ -51,11 +44,8 @@ export async function loadEncoder(url) {
 /// The dataset `dcl serve` offers under /data/.
 export async function loadServedDataset(base = new URL('../data/', import.meta.url)) {
   await ready;
-  const manifest = await (await fetch(new URL('manifest.json', base))).json();
-  if (!manifest.files) throw new Error(manifest.error || 'the server offers no dataset');
-  const contents = [];
-  for (const name of manifest.files) contents.push(await fetchBytes(new URL(name, base)));
-  return WebDataset.fromFiles(manifest.name, manifest.files, contents);
+  const served = await fetchServedFiles(base);
+  return WebDataset.fromFiles(served.name, served.files, served.contents);
 }
 
 /// Unit-length features of normalized images [count, 3, 32, 32].
@@ -64,16 +54,10 @@ export async function embedImages(encoder, normalized, count) {
   return Float32Array.from(out.features);
 }
 
-/// The `k` gallery rows most cosine-similar to `query` (unit vectors of width `dim`).
+/// The `k` gallery rows most cosine-similar to `query` (unit vectors of width `dim`), as
+/// [[index, cosine], ...]: the crate's ranking, the one `dcl neighbors` uses.
 export function nearest(gallery, dim, query, k, skip = -1) {
-  const scores = [];
-  for (let i = 0; i * dim < gallery.length; i++) {
-    if (i === skip) continue;
-    let s = 0;
-    for (let j = 0; j < dim; j++) s += gallery[i * dim + j] * query[j];
-    scores.push([i, s]);
-  }
-  return scores.sort((a, b) => b[1] - a[1]).slice(0, k);
+  return rank(gallery, dim, Float32Array.from(query), k, skip);
 }
 
 function tile(pixels, offset, size) {

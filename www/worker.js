@@ -1,6 +1,7 @@
 // The training loop, off the page's main thread. It owns the wasm module (Burn on WebGPU) and
 // talks to www/app.js by messages: the page stays responsive while a step runs on the GPU.
 import init, { initWebGpu, WebDataset, Playground, lossValue, fusedLoss } from './pkg/dcl.js';
+import { fetchServedFiles, webGpuProblem } from './common.js';
 
 let dataset = null;
 let run = null;
@@ -15,33 +16,22 @@ const post = (message, transfer = []) => self.postMessage(message, transfer);
 const VIEW_PAIRS = 8;
 
 async function setup() {
-  if (!self.navigator.gpu) {
-    throw new Error('no-webgpu: this browser has no WebGPU (navigator.gpu is missing)');
-  }
-  const adapter = await self.navigator.gpu.requestAdapter();
-  if (!adapter) {
-    throw new Error('no-webgpu: WebGPU is present but requestAdapter() returned no adapter');
-  }
+  const problem = await webGpuProblem();
+  if (problem) throw new Error(`no-webgpu: ${problem}`);
   await init();
   await initWebGpu();
 }
 
-async function fetchBytes(url) {
-  const response = await fetch(url);
-  if (!response.ok) throw new Error(`${url}: HTTP ${response.status}`);
-  return new Uint8Array(await response.arrayBuffer());
-}
-
 /// The dataset `dcl serve` found on disk (CIFAR-10 if present, else Fashion-MNIST or MNIST).
 async function loadServerData() {
-  const manifest = await (await fetch(new URL('../data/manifest.json', import.meta.url))).json();
-  if (!manifest.files) {
-    post({ type: 'dataset', summary: null, message: manifest.error });
+  let served;
+  try {
+    served = await fetchServedFiles(new URL('../data/', import.meta.url));
+  } catch (e) {
+    post({ type: 'dataset', summary: null, message: e.message });
     return;
   }
-  const contents = [];
-  for (const name of manifest.files) contents.push(await fetchBytes(new URL(`../data/${name}`, import.meta.url)));
-  useDataset(WebDataset.fromFiles(manifest.name, manifest.files, contents), 'served by dcl serve');
+  useDataset(WebDataset.fromFiles(served.name, served.files, served.contents), 'served by dcl serve');
 }
 
 function useDataset(next, source) {
@@ -50,37 +40,32 @@ function useDataset(next, source) {
   post({ type: 'dataset', summary: dataset.summary(), source });
 }
 
-/// One unit of work on the run, inside the exclusive chain: the next step, or the evaluation
-/// that closes an epoch.
-async function advance() {
-  if (run.finished()) return { done: true };
-  if (run.epochFinished()) {
-    run.endEpoch();
-    return { epoch: run.epoch(), evaluation: await run.evaluate() };
+/// Posts one event of the run (the crate's run driver decides what comes next: a step, the
+/// evaluation that closes an epoch, the end).
+function report(event, pixels) {
+  if (event.event === 'step') {
+    if (pixels.length) post({ type: 'views', pixels }, [pixels.buffer]);
+    post({ type: 'step', ...event });
+  } else if (event.event === 'knn') {
+    post({ type: 'epoch', ...event });
+  } else if (event.event === 'finished') {
+    paused = true;
+    post({ type: 'status', status: 'done' });
   }
-  const pixels = run.upcomingViews(VIEW_PAIRS);
-  const started = performance.now();
-  const event = await run.step();
-  const imagesPerSec = (2 * run.batchSize()) / ((performance.now() - started) / 1000);
-  return { pixels, event, imagesPerSec };
 }
 
+/// Pumps the run one event at a time, each inside the exclusive chain.
 async function loop() {
   if (looping) return;
   looping = true;
   try {
     while (run && !paused) {
-      const outcome = await exclusive(advance);
-      if (outcome.done) {
-        paused = true;
-        post({ type: 'status', status: 'done' });
-      } else if (outcome.evaluation) {
-        post({ type: 'epoch', epoch: outcome.epoch, ...outcome.evaluation });
-      } else {
-        post({ type: 'views', pixels: outcome.pixels }, [outcome.pixels.buffer]);
-        post({ type: 'step', ...outcome.event, imagesPerSec: outcome.imagesPerSec });
-      }
-      // Let queued messages (pause, save, clicks) in between steps.
+      const [event, pixels] = await exclusive(async () => {
+        const pixels = run.upcomingViews(VIEW_PAIRS);
+        return [await run.advance(), pixels];
+      });
+      report(event, pixels);
+      // Let queued messages (pause, save, clicks) in between events.
       await new Promise((resolve) => setTimeout(resolve, 0));
     }
   } catch (e) {
@@ -97,9 +82,7 @@ async function start(config) {
   await chain;
   if (run) run.free();
   run = new Playground(dataset, config);
-  post({ type: 'started', stepsPerEpoch: run.stepsPerEpoch(), config });
-  const evaluation = await exclusive(() => run.evaluate());
-  post({ type: 'epoch', epoch: 0, ...evaluation });
+  post({ type: 'started', stepsPerEpoch: run.stepsPerEpoch(), config: run.config() });
   paused = false;
   post({ type: 'status', status: 'running' });
   loop();
@@ -108,6 +91,7 @@ async function start(config) {
 const handlers = {
   async init() {
     await setup();
+    post({ type: 'defaults', config: Playground.defaults() });
     post({ type: 'status', status: 'ready' });
     await loadServerData();
   },
@@ -139,7 +123,7 @@ const handlers = {
   async load({ id, name, bytes }) {
     if (!run) throw new Error('start a run with the same model first, then load weights into it');
     const evaluation = await exclusive(() => run.loadSafetensors(name, new Uint8Array(bytes)));
-    post({ type: 'epoch', epoch: run.epoch(), ...evaluation });
+    post({ type: 'epoch', ...evaluation });
     post({ type: 'reply', id, value: evaluation.knnTop1 });
   },
   async neighbors({ id, index, k }) {

@@ -8,7 +8,6 @@ pub mod cifar;
 pub mod discover;
 pub mod idx;
 pub mod npy;
-pub mod preview;
 
 use serde::Serialize;
 use std::fmt;

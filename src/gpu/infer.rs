@@ -4,10 +4,13 @@
 //! Pipelines and weights are created once. Per input shape (chunk size, height, width) a plan
 //! holds the activation buffers, the per-layer uniform buffers and the bind groups; plans are
 //! kept for reuse.
+//!
+//! Over 500 lines on purpose: it is the host side of one shader, and its layers, plans and
+//! dispatch order only make sense read together.
 
 use super::folding::{Checked, Folded};
 use super::GpuContext;
-use crate::arch::{ResNetArch, PROJECTION_DIM};
+use crate::arch::{names, ResNetArch, PROJECTION_DIM};
 use crate::safetensors::NamedTensor;
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -242,26 +245,15 @@ impl InferenceEngine {
             .block_specs()
             .into_iter()
             .map(|b| {
-                let p = &b.prefix;
                 let (c_in, c_out, s) = (b.c_in, b.c_out, b.stride);
                 Block {
-                    conv1: conv(
-                        &format!("{p}.conv1.weight"),
-                        &format!("{p}.bn1"),
-                        [c_in, c_out, 3, s],
-                        true,
-                    ),
-                    conv2: conv(
-                        &format!("{p}.conv2.weight"),
-                        &format!("{p}.bn2"),
-                        [c_out, c_out, 3, 1],
-                        true,
-                    ),
+                    conv1: conv(&b.name("conv1"), &b.name("bn1"), [c_in, c_out, 3, s], true),
+                    conv2: conv(&b.name("conv2"), &b.name("bn2"), [c_out, c_out, 3, 1], true),
                     downsample: b.has_downsample().then(|| {
                         let shape = [c_in, c_out, 1, s];
                         conv(
-                            &format!("{p}.downsample.0.weight"),
-                            &format!("{p}.downsample.1"),
+                            &b.name("downsample.0"),
+                            &b.name("downsample.1"),
                             shape,
                             false,
                         )
@@ -271,12 +263,22 @@ impl InferenceEngine {
             .collect();
         let d = arch.feature_dim();
         Ok(Self {
-            stem: conv("conv1.weight", "bn1", [3, arch.widths[0], 3, 1], true),
+            stem: conv(
+                names::STEM_CONV,
+                names::STEM_BN,
+                [3, arch.widths[0], 3, 1],
+                true,
+            ),
             blocks,
-            head1: Layer::new(gpu, t.fold("head.0.weight", "head.1"), [d, d, 1, 1], true),
+            head1: Layer::new(
+                gpu,
+                t.fold(names::HEAD_LINEAR, names::HEAD_BN),
+                [d, d, 1, 1],
+                true,
+            ),
             head2: Layer::new(
                 gpu,
-                t.plain("head.3.weight", "head.3.bias"),
+                t.plain(names::HEAD_OUT, names::HEAD_OUT_BIAS),
                 [d, PROJECTION_DIM, 1, 1],
                 false,
             ),

@@ -1,7 +1,5 @@
 //! Plain wgpu (no Burn) and the WGSL kernels of `shaders/`: one context, pipelines built once.
 
-#[cfg(feature = "wgpu")]
-pub mod bench;
 mod folding;
 pub mod infer;
 pub mod loss;

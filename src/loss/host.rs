@@ -64,6 +64,7 @@ impl ContrastiveLoss {
             loss: (forward + backward) as f32,
             grad_z1: back(&grad_a, &a, &norm_a),
             grad_z2: back(&grad_b, &b, &norm_b),
+            device_bytes: 0,
         })
     }
 }

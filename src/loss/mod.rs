@@ -18,7 +18,6 @@
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
-use std::str::FromStr;
 
 mod host;
 #[cfg(feature = "train")]
@@ -27,68 +26,36 @@ mod tensor;
 pub use tensor::l2_normalize;
 
 /// Which member of the family.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LossKind {
     Dcl,
     Dclw,
     Infonce,
 }
 
-impl FromStr for LossKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s.to_ascii_lowercase().as_str() {
-            "dcl" => Ok(Self::Dcl),
-            "dclw" => Ok(Self::Dclw),
-            "infonce" | "ntxent" | "nt-xent" => Ok(Self::Infonce),
-            other => Err(format!(
-                "unknown loss '{other}': expected dcl, dclw or infonce"
-            )),
-        }
-    }
-}
-
-impl fmt::Display for LossKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Dcl => "dcl",
-            Self::Dclw => "dclw",
-            Self::Infonce => "infonce",
-        })
-    }
-}
+choice!(
+    LossKind,
+    "loss",
+    [
+        Dcl = "dcl",
+        Dclw = "dclw",
+        Infonce = "infonce" | "ntxent" | "nt-xent"
+    ]
+);
 
 /// Which implementation computes the loss during training: `shaders/dcl_loss.wgsl` (one fused
 /// pass, O(N·D) memory) or Burn's composed tensor ops (any backend; the reference).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LossKernel {
     Fused,
     Reference,
 }
 
-impl FromStr for LossKernel {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "fused" => Ok(Self::Fused),
-            "reference" => Ok(Self::Reference),
-            other => Err(format!(
-                "unknown loss kernel '{other}': expected fused or reference"
-            )),
-        }
-    }
-}
-
-impl fmt::Display for LossKernel {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Fused => "fused",
-            Self::Reference => "reference",
-        })
-    }
-}
+choice!(
+    LossKernel,
+    "loss kernel",
+    [Fused = "fused", Reference = "reference"]
+);
 
 /// A loss with its hyper-parameters, validated once.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -150,4 +117,8 @@ pub struct LossAndGrads {
     pub loss: f32,
     pub grad_z1: Vec<f32>,
     pub grad_z2: Vec<f32>,
+    /// Device memory the computation held at its peak, summed over the buffers it really
+    /// allocated (0 on the host).
+    #[serde(skip)]
+    pub device_bytes: u64,
 }

@@ -8,7 +8,6 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Initializer, Linear, LinearConfig, PaddingConfig2d};
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Tensor};
-use serde::Serialize;
 
 pub use crate::arch::{ModelName, ResNetArch, PROJECTION_DIM};
 
@@ -154,24 +153,23 @@ pub struct ResNet {
 
 impl ResNet {
     pub fn new(arch: ResNetArch, device: &Device) -> Self {
-        let mut c_in = arch.widths[0];
-        let layers = (0..4)
-            .map(|stage| {
-                let c_out = arch.widths[stage];
-                (0..arch.blocks[stage])
-                    .map(|i| {
-                        let stride = if stage > 0 && i == 0 { 2 } else { 1 };
-                        let block = BasicBlock::new(c_in, c_out, stride, device);
-                        c_in = c_out;
-                        block
-                    })
-                    .collect()
-            })
-            .collect();
+        let mut layers: Vec<Vec<BasicBlock>> = (0..4).map(|_| Vec::new()).collect();
+        for b in arch.block_specs() {
+            layers[b.stage].push(BasicBlock::new(b.c_in, b.c_out, b.stride, device));
+        }
         Self {
             conv1: conv3x3(3, arch.widths[0], 1, device),
             bn1: bn(arch.widths[0], device),
             layers,
+        }
+    }
+
+    /// The description this backbone was built from.
+    pub fn arch(&self) -> ResNetArch {
+        let stage = |s: usize| &self.layers[s];
+        ResNetArch {
+            widths: [0, 1, 2, 3].map(|s| stage(s)[0].bn1.gamma.val().dims()[0]),
+            blocks: [0, 1, 2, 3].map(|s| stage(s).len()),
         }
     }
 
@@ -233,36 +231,6 @@ impl Encoder {
     }
 }
 
-/// Parameter counts, as `dcl model info` prints them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct ParamCounts {
-    pub backbone: usize,
-    pub head: usize,
-    pub total: usize,
-    pub feature_dim: usize,
-    pub projection_dim: usize,
-}
-
-/// Trainable parameters only: batch-norm running statistics are buffers, as PyTorch counts them.
-pub fn param_counts(encoder: &Encoder, name: ModelName) -> ParamCounts {
-    let tensors = crate::weights::torchvision_tensors(encoder);
-    let count = |head: bool| -> usize {
-        tensors
-            .iter()
-            .filter(|t| t.name.starts_with("head.") == head && !t.name.contains(".running_"))
-            .map(|t| t.data.len())
-            .sum()
-    };
-    let (backbone, head) = (count(false), count(true));
-    ParamCounts {
-        backbone,
-        head,
-        total: backbone + head,
-        feature_dim: name.arch().feature_dim(),
-        projection_dim: PROJECTION_DIM,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -284,6 +252,7 @@ mod tests {
     #[test]
     fn batch_norm_equals_burns_in_training_and_in_eval() {
         let device = crate::backend::cpu().autodiff();
+        device.seed(11);
         let random = |shape: [usize; 4], mean, std| {
             Tensor::<4>::random(shape, Distribution::Normal(mean, std), &device)
         };

@@ -234,3 +234,24 @@ pub fn normalize_images(pixels: Vec<u8>) -> Result<Vec<f32>, JsValue> {
     let images: Vec<&[u8]> = pixels.chunks_exact(IMAGE_LEN).collect();
     Ok(crate::augment::plain_batch(&images))
 }
+
+/// The `k` gallery rows (unit vectors of width `dim`) most cosine-similar to `query`, best first,
+/// row `skip` left out (-1: none): `[[index, cosine], ...]`. The same ranking as `dcl neighbors`.
+#[wasm_bindgen]
+pub fn nearest(
+    gallery: Vec<f32>,
+    dim: usize,
+    query: Vec<f32>,
+    k: usize,
+    skip: i32,
+) -> Result<JsValue, JsValue> {
+    if dim == 0 || query.len() != dim || !gallery.len().is_multiple_of(dim) {
+        return Err(js_error(format!(
+            "nearest: a query of {} numbers and a gallery of {} do not fit width {dim}",
+            query.len(),
+            gallery.len()
+        )));
+    }
+    let skip = usize::try_from(skip).ok();
+    to_js(&crate::neighbors::nearest(&gallery, dim, &query, k, skip))
+}

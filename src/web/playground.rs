@@ -7,20 +7,20 @@
 #![allow(clippy::await_holding_refcell_ref)]
 
 use super::{js_error, loss_and_shape, to_js, WebDataset};
+use crate::augment::preview::{image_rgb, view_rgb};
+use crate::backend::read_f32;
 use crate::backend::DeviceKind;
-use crate::data::preview::{image_rgb, view_rgb};
-use crate::data::{Split, IMAGE_LEN, SIDE};
-use crate::eval::{knn_monitor_async, pca2, read_f32};
-use crate::loss::{LossKernel, LossKind};
-use crate::model::{Encoder, ModelName};
-use crate::optim::OptimizerKind;
+use crate::data::{Dataset, Split, IMAGE_LEN, SIDE};
+use crate::eval::pca2;
+use crate::model::Encoder;
+use crate::neighbors::nearest_to_row;
 use crate::safetensors::{parse_safetensors, safetensors_bytes};
-use crate::train::{RunConfig, Trainer};
+use crate::train::{Event, RunConfig, Session};
 use crate::weights::{encoder_from_tensors, torchvision_tensors_async};
 use burn::module::AutodiffModule;
 use burn::tensor::{Device, Tensor, TensorData};
 use js_sys::Promise;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::cell::RefCell;
 use std::rc::Rc;
 use wasm_bindgen::prelude::*;
@@ -39,91 +39,88 @@ pub async fn init_webgpu() {
     Device::wgpu_async(burn::tensor::DeviceKind::default()).await;
 }
 
-/// What the page's controls set; anything left out takes the toy-run default.
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
-struct PageConfig {
-    model: ModelName,
-    loss: LossKind,
-    temperature: f64,
-    sigma: f64,
-    batch_size: usize,
-    lr: f64,
-    optimizer: OptimizerKind,
-    weight_decay: f64,
-    momentum: f64,
-    warmup_epochs: f64,
-    epochs: usize,
-    seed: u64,
-    /// Training images used (the first ones of the training split).
-    subset: usize,
-    /// Test images for the kNN monitor, the scatter and the neighbours view.
-    eval_images: usize,
-    /// The random resized crop's smallest area fraction.
-    crop_min_scale: f32,
-    /// `fused` (the WGSL kernel on the page's WebGPU) or `reference` (Burn's ops).
-    loss_kernel: LossKernel,
-}
-
-impl Default for PageConfig {
-    fn default() -> Self {
-        Self {
-            model: ModelName::ResNetMini,
-            loss: LossKind::Dcl,
-            temperature: 0.1,
-            sigma: 0.5,
-            batch_size: 32,
-            lr: 1e-3,
-            optimizer: OptimizerKind::Adam,
-            weight_decay: 1e-6,
-            momentum: 0.9,
-            warmup_epochs: 0.0,
-            epochs: 10,
-            seed: 1,
-            subset: 2000,
-            eval_images: 500,
-            crop_min_scale: 0.08,
-            loss_kernel: LossKernel::Fused,
-        }
-    }
-}
-
 struct Run {
-    trainer: Trainer,
-    /// The kNN bank: the training subset, without augmentation.
-    bank: Split,
-    test: Split,
-    classes: usize,
+    session: Session,
     /// Test features from the last evaluation, for the neighbours view.
     test_features: Vec<f32>,
+}
+
+/// An event as the page's worker sees it (camelCase; evaluations carry the scatter's points).
+#[derive(Serialize)]
+#[serde(
+    tag = "event",
+    rename_all = "camelCase",
+    rename_all_fields = "camelCase"
+)]
+enum PageEvent {
+    Step {
+        epoch: usize,
+        step: usize,
+        loss: f64,
+        lr: f64,
+        images_per_sec: f64,
+    },
+    Knn(Evaluation),
+    Epoch {
+        epoch: usize,
+    },
+    Finished,
 }
 
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct Evaluation {
+    epoch: usize,
     knn_top1: f64,
     /// PCA coordinates of the evaluated test images, x0, y0, x1, y1, ...
     points: Vec<f32>,
     labels: Vec<u16>,
 }
 
-/// kNN top-1 and the scatter of the run's current encoder; keeps the test features for
-/// [`Playground::neighbors`].
-async fn evaluate(run: &mut Run) -> Result<Evaluation, JsValue> {
-    let backbone = run.trainer.encoder().valid().backbone;
-    let device = run.trainer.device().clone();
-    let (knn_top1, (_, queries)) =
-        knn_monitor_async(&backbone, &run.bank, &run.test, run.classes, &device)
-            .await
-            .map_err(js_error)?;
-    let dim = queries.len() / run.test.len().max(1);
-    let points = pca2(&queries, dim).into_iter().flatten().collect();
-    run.test_features = queries;
-    Ok(Evaluation {
-        knn_top1,
-        points,
-        labels: run.test.labels.clone(),
-    })
+impl Run {
+    /// The page's form of a session event; keeps an evaluation's features for
+    /// [`Playground::neighbors`].
+    fn page_event(&mut self, event: Event) -> PageEvent {
+        match event {
+            Event::Step {
+                epoch,
+                step,
+                loss,
+                lr,
+                images_per_sec,
+            } => PageEvent::Step {
+                epoch,
+                step,
+                loss,
+                lr,
+                images_per_sec,
+            },
+            Event::Evaluation {
+                epoch,
+                knn_top1,
+                features,
+            } => PageEvent::Knn(self.evaluation(epoch, knn_top1, features)),
+            Event::Epoch { epoch } => PageEvent::Epoch { epoch },
+            Event::Finished => PageEvent::Finished,
+        }
+    }
+
+    fn evaluation(&mut self, epoch: usize, knn_top1: f64, features: Vec<f32>) -> Evaluation {
+        let labels = self.test().labels.clone();
+        let dim = features.len() / labels.len().max(1);
+        let points = pca2(&features, dim).into_iter().flatten().collect();
+        self.test_features = features;
+        Evaluation {
+            epoch,
+            knn_top1,
+            points,
+            labels,
+        }
+    }
+
+    fn test(&self) -> &Split {
+        self.session.queries().expect("the page always has queries")
+    }
 }
 
 /// One training run in the page.
@@ -150,92 +147,82 @@ where
 
 #[wasm_bindgen]
 impl Playground {
+    /// The page's defaults ([`RunConfig::playground`]), which the controls start from.
+    pub fn defaults() -> Result<JsValue, JsValue> {
+        to_js(&RunConfig::playground())
+    }
+
+    /// A run of the playground preset with `config`'s fields (the page's camelCase names, or
+    /// snake_case) replaced; unknown or bad fields are errors.
     #[wasm_bindgen(constructor)]
     pub fn new(dataset: &WebDataset, config: JsValue) -> Result<Playground, JsValue> {
-        let page: PageConfig = if config.is_undefined() || config.is_null() {
-            PageConfig::default()
+        let overrides = if config.is_undefined() || config.is_null() {
+            serde_json::json!({})
         } else {
             serde_wasm_bindgen::from_value(config)
                 .map_err(|e| js_error(format!("bad playground config: {e}")))?
         };
+        let mut config = RunConfig::playground()
+            .overridden(&overrides)
+            .map_err(|e| js_error(format!("bad playground config: {e}")))?;
         let d = &dataset.inner;
-        let train = d.train.head(page.subset);
-        // Without a test split, the monitor holds out nothing and queries the training images.
+        config.data = d.name.clone();
+        config.device = DeviceKind::Wgpu;
+        // Only the subsets the run uses are copied. Without a test split, the monitor holds out
+        // nothing and queries the training images.
         let held_out = if d.test.is_empty() { &d.train } else { &d.test };
-        let test = held_out.head(page.eval_images);
-        let config = RunConfig {
-            data: d.name.clone(),
-            model: page.model,
-            loss: page.loss,
-            temperature: page.temperature,
-            sigma: page.sigma,
-            batch_size: page.batch_size,
-            epochs: page.epochs,
-            lr: page.lr,
-            optimizer: page.optimizer,
-            weight_decay: page.weight_decay,
-            momentum: page.momentum,
-            warmup_epochs: page.warmup_epochs,
-            seed: page.seed,
-            device: DeviceKind::Wgpu,
-            limit: Some(page.subset),
-            crop_min_scale: page.crop_min_scale,
-            loss_kernel: page.loss_kernel,
+        let subset = Dataset {
+            name: d.name.clone(),
+            format: d.format,
+            classes: d.classes,
+            source_shape: d.source_shape,
+            train: d.train.head(config.limit.unwrap_or(usize::MAX)),
+            test: held_out.head(config.eval_images.unwrap_or(usize::MAX)),
         };
-        let trainer = Trainer::new(config, train.clone(), webgpu().autodiff()).map_err(js_error)?;
+        let session = Session::new(config, &subset, webgpu().autodiff()).map_err(js_error)?;
         Ok(Self {
             run: Rc::new(RefCell::new(Run {
-                trainer,
-                bank: train,
-                test,
-                classes: d.classes,
+                session,
                 test_features: vec![],
             })),
         })
     }
 
-    /// One optimization step: `{event, epoch, step, loss, lr}`.
-    pub fn step(&self) -> Promise {
+    /// The run's next event: `{event: 'step', epoch, step, loss, lr, imagesPerSec}`,
+    /// `{event: 'knn', epoch, knnTop1, points, labels}` (the first one is the untrained
+    /// encoder's), `{event: 'epoch', epoch}` or `{event: 'finished'}`.
+    pub fn advance(&self) -> Promise {
         with_run(&self.run, |run| async move {
             let mut run = run.borrow_mut();
-            let event = run.trainer.step_async().await.map_err(js_error)?;
-            to_js(&event)
+            let event = run.session.advance().await.map_err(js_error)?;
+            to_js(&run.page_event(event))
         })
     }
 
-    #[wasm_bindgen(js_name = endEpoch)]
-    pub fn end_epoch(&self) {
-        self.run.borrow_mut().trainer.end_epoch();
-    }
-
-    #[wasm_bindgen(js_name = epochFinished)]
-    pub fn epoch_finished(&self) -> bool {
-        self.run.borrow().trainer.epoch_finished()
-    }
-
-    pub fn finished(&self) -> bool {
-        self.run.borrow().trainer.finished()
-    }
-
     pub fn epoch(&self) -> usize {
-        self.run.borrow().trainer.epoch
+        self.run.borrow().session.trainer().epoch
     }
 
     #[wasm_bindgen(js_name = batchSize)]
     pub fn batch_size(&self) -> usize {
-        self.run.borrow().trainer.config.batch_size
+        self.run.borrow().session.config().batch_size
     }
 
     #[wasm_bindgen(js_name = stepsPerEpoch)]
     pub fn steps_per_epoch(&self) -> usize {
-        self.run.borrow().trainer.steps_per_epoch()
+        self.run.borrow().session.trainer().steps_per_epoch()
+    }
+
+    /// The run's settings, in `config.toml`'s names.
+    pub fn config(&self) -> Result<JsValue, JsValue> {
+        to_js(self.run.borrow().session.config())
     }
 
     /// RGB bytes (32x32x3 each) of the view pairs the next step trains on: first view, second
-    /// view, first view, ...
+    /// view, first view, ... (none at an epoch's end).
     #[wasm_bindgen(js_name = upcomingViews)]
     pub fn upcoming_views(&self, count: usize) -> Vec<u8> {
-        let (a, b) = self.run.borrow().trainer.upcoming_views(count);
+        let (a, b) = self.run.borrow().session.trainer().upcoming_views(count);
         a.chunks_exact(IMAGE_LEN)
             .zip(b.chunks_exact(IMAGE_LEN))
             .flat_map(|(x, y)| [view_rgb(x), view_rgb(y)].concat())
@@ -246,65 +233,63 @@ impl Playground {
     #[wasm_bindgen(js_name = testImage)]
     pub fn test_image(&self, index: usize) -> Result<Vec<u8>, JsValue> {
         let run = self.run.borrow();
-        if index >= run.test.len() {
+        let test = run.test();
+        if index >= test.len() {
             return Err(js_error(format!(
                 "test image {index} does not exist ({} evaluated)",
-                run.test.len()
+                test.len()
             )));
         }
-        Ok(image_rgb(run.test.image(index)))
+        Ok(image_rgb(test.image(index)))
     }
 
-    /// The kNN monitor (bank = training subset, queries = evaluated test images) and the 2-D PCA
-    /// of the test features: `{knnTop1, points, labels}`.
+    /// The kNN monitor on the current weights, now: `{epoch, knnTop1, points, labels}`.
     pub fn evaluate(&self) -> Promise {
         with_run(&self.run, |run| async move {
-            let evaluation = evaluate(&mut run.borrow_mut()).await?;
-            to_js(&evaluation)
+            let mut run = run.borrow_mut();
+            let event = run.session.evaluate().await.map_err(js_error)?;
+            to_js(&run.page_event(event))
         })
     }
 
     /// Loads a `model.safetensors` (saved by this page or by `dcl pretrain`) into the run, then
-    /// evaluates it: `{knnTop1, points, labels}`. Training continues from these weights.
+    /// evaluates it: `{event: 'knn', epoch, knnTop1, points, labels}`. Training continues from
+    /// these weights.
     #[wasm_bindgen(js_name = loadSafetensors)]
     pub fn load_safetensors(&self, file: String, bytes: Vec<u8>) -> Promise {
         with_run(&self.run, |run| async move {
             let mut run = run.borrow_mut();
-            let model = run.trainer.config.model;
+            let model = run.session.config().model;
             let (tensors, saved) = parse_safetensors(&file, &bytes).map_err(js_error)?;
             if let Some(saved) = saved.filter(|&s| s != model) {
                 return Err(js_error(format!(
                     "{file} holds a {saved}; this run trains a {model}: pick that model and start again"
                 )));
             }
-            let device = run.trainer.device().clone();
+            let device = run.session.trainer().device().clone();
             let encoder = encoder_from_tensors(model, tensors, &device)
                 .map_err(|e| js_error(format!("{file}: {e}")))?;
-            run.trainer.load_encoder(encoder);
-            to_js(&evaluate(&mut run).await?)
+            run.session.trainer_mut().load_encoder(encoder);
+            let event = run.session.evaluate().await.map_err(js_error)?;
+            to_js(&run.page_event(event))
         })
     }
 
     /// The `k` evaluated test images most cosine-similar to test image `index` (itself first).
     pub fn neighbors(&self, index: usize, k: usize) -> Result<Vec<u32>, JsValue> {
         let run = self.run.borrow();
-        let n = run.test.len();
+        let n = run.test().len();
         if run.test_features.is_empty() || index >= n {
             return Err(js_error(format!(
                 "no features for test image {index}: evaluate first ({n} test images)"
             )));
         }
         let dim = run.test_features.len() / n;
-        let f = &run.test_features;
-        let query = &f[index * dim..(index + 1) * dim];
-        let sim = |j: usize| -> f32 {
-            let row = &f[j * dim..(j + 1) * dim];
-            row.iter().zip(query).map(|(a, b)| a * b).sum()
-        };
-        let mut order: Vec<u32> = (0..n as u32).collect();
-        order.sort_by(|&a, &b| sim(b as usize).total_cmp(&sim(a as usize)));
-        order.truncate(k);
-        Ok(order)
+        let found = nearest_to_row(&run.test_features, dim, index, k.saturating_sub(1));
+        Ok(std::iter::once(index)
+            .chain(found.into_iter().map(|(i, _)| i))
+            .map(|i| i as u32)
+            .collect())
     }
 
     /// The encoder as safetensors, with the same torchvision names the CLI writes.
@@ -312,10 +297,11 @@ impl Playground {
     pub fn save_safetensors(&self) -> Promise {
         with_run(&self.run, |run| async move {
             let run = run.borrow();
-            let tensors = torchvision_tensors_async(&run.trainer.encoder().valid())
+            let trainer = run.session.trainer();
+            let tensors = torchvision_tensors_async(&trainer.encoder().valid())
                 .await
                 .map_err(js_error)?;
-            let bytes = safetensors_bytes(&tensors, run.trainer.config.model);
+            let bytes = safetensors_bytes(&tensors, trainer.config().model);
             Ok(js_sys::Uint8Array::from(bytes.as_slice()).into())
         })
     }

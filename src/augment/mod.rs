@@ -4,6 +4,8 @@
 //! (brightness, contrast, saturation 0.4, hue 0.1, in random order, p 0.8) -> grayscale (p 0.2)
 //! -> normalize. Semantics follow torchvision's transforms, which SimCLR and lightly use.
 
+pub mod preview;
+
 use crate::data::{CHANNELS, IMAGE_LEN, SIDE};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};

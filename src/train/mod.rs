@@ -1,60 +1,28 @@
-//! The trainer, driven one step at a time (`step()`, `end_epoch()`), so the CLI loops over it and
-//! the web page can drive it from a worker. Everything random is keyed by (seed, epoch, sample),
-//! so a run resumed from an epoch checkpoint replays exactly what an uninterrupted run would.
+//! The trainer, one step at a time (`step()`, `end_epoch()`); [`Session`] drives it through a
+//! run for the CLI, the page and experiments alike. Everything random is keyed by (seed, epoch,
+//! sample), so a run resumed from an epoch checkpoint replays exactly what an uninterrupted run
+//! would.
+
+mod config;
+mod session;
+
+pub use config::RunConfig;
+pub use session::{Event, Session, Sink};
 
 use crate::augment::{view_pairs, ViewConfig};
-use crate::backend::DeviceKind;
 use crate::data::{Split, IMAGE_LEN, SIDE};
-use crate::loss::{ContrastiveLoss, LossKernel, LossKind};
-use crate::model::{Encoder, ModelName};
-use crate::optim::{EncoderOptimizer, OptimizerKind};
+use crate::loss::{ContrastiveLoss, LossKernel};
+use crate::model::Encoder;
+use crate::optim::EncoderOptimizer;
 use crate::weights::{init_encoder, module_from_bytes, module_to_bytes};
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
 use rand::seq::SliceRandom;
-use serde::{Deserialize, Serialize};
-
-/// Everything that defines a run; written to the run folder as `config.toml`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RunConfig {
-    pub data: String,
-    pub model: ModelName,
-    pub loss: LossKind,
-    pub temperature: f64,
-    pub sigma: f64,
-    pub batch_size: usize,
-    pub epochs: usize,
-    pub lr: f64,
-    pub optimizer: OptimizerKind,
-    pub weight_decay: f64,
-    pub momentum: f64,
-    pub warmup_epochs: f64,
-    pub seed: u64,
-    pub device: DeviceKind,
-    /// Train on the first `limit` training images only (toy runs).
-    pub limit: Option<usize>,
-    /// The random resized crop's smallest area fraction (SimCLR: 0.08). Short runs on small
-    /// datasets learn faster with gentler crops (MoCo's CIFAR recipe uses 0.2).
-    #[serde(default = "default_crop_min_scale")]
-    pub crop_min_scale: f32,
-    /// The fused WGSL kernel or Burn's composed ops (runs written before the kernel existed used
-    /// the latter).
-    #[serde(default = "default_loss_kernel")]
-    pub loss_kernel: LossKernel,
-}
-
-fn default_loss_kernel() -> LossKernel {
-    LossKernel::Reference
-}
-
-fn default_crop_min_scale() -> f32 {
-    ViewConfig::default().crop_scale.0
-}
+use serde::Serialize;
 
 /// One optimization step, as reported to the event sink.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct StepEvent {
-    pub event: &'static str,
     pub epoch: usize,
     pub step: usize,
     pub loss: f64,
@@ -85,7 +53,8 @@ impl std::fmt::Display for TrainError {
 impl std::error::Error for TrainError {}
 
 pub struct Trainer {
-    pub config: RunConfig,
+    /// Private: the loss is built from it once, so a change afterwards would do nothing.
+    config: RunConfig,
     loss: ContrastiveLoss,
     views: ViewConfig,
     /// `None` only inside `step`, while the optimizer owns the weights.
@@ -123,27 +92,13 @@ impl FusedPath {
 impl Trainer {
     /// A trainer on `device`, which must have autodiff enabled (see `backend::device`).
     pub fn new(config: RunConfig, train: Split, device: Device) -> anyhow::Result<Self> {
+        config.validate()?;
         let loss = ContrastiveLoss::new(config.loss, config.temperature, config.sigma)?;
-        anyhow::ensure!(
-            config.batch_size >= 2,
-            "--batch-size {} must be at least 2",
-            config.batch_size
-        );
         anyhow::ensure!(
             train.len() >= config.batch_size,
             "{} training images are fewer than one batch of {}",
             train.len(),
             config.batch_size
-        );
-        anyhow::ensure!(
-            config.lr.is_finite() && config.lr > 0.0,
-            "--lr {} must be > 0",
-            config.lr
-        );
-        anyhow::ensure!(
-            config.crop_min_scale > 0.0 && config.crop_min_scale <= 1.0,
-            "--crop-min-scale {} must be in (0, 1]",
-            config.crop_min_scale
         );
         let encoder = init_encoder(config.model, config.seed, &device)?;
         let optimizer =
@@ -174,6 +129,10 @@ impl Trainer {
             crate::augment::sample_rng(self.config.seed ^ 0x005e_ed0f_0d3e, self.epoch as u64);
         self.order = (0..self.train.len()).collect();
         self.order.shuffle(&mut rng);
+    }
+
+    pub fn config(&self) -> &RunConfig {
+        &self.config
     }
 
     pub fn encoder(&self) -> &Encoder {
@@ -294,7 +253,6 @@ impl Trainer {
         mark("optimizer");
         self.step_in_epoch += 1;
         Ok(StepEvent {
-            event: "step",
             epoch,
             step: self.global_step() - 1,
             loss: value,
@@ -332,8 +290,8 @@ impl Trainer {
         }
         let fused = self.fused.as_ref().expect("made above");
         let [n, d] = z1.dims();
-        let a = crate::eval::read_f32(z1.clone().detach()).await?;
-        let b = crate::eval::read_f32(z2.clone().detach()).await?;
+        let a = crate::backend::read_f32(z1.clone().detach()).await?;
+        let b = crate::backend::read_f32(z2.clone().detach()).await?;
         let out = fused
             .kernel
             .compute(&fused.gpu, &self.loss, &a, &b, n, d)
@@ -406,6 +364,7 @@ impl Trainer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::optim::OptimizerKind;
 
     fn device() -> Device {
         crate::backend::cpu().autodiff()
@@ -414,22 +373,12 @@ mod tests {
     fn trainer(warmup_epochs: f64) -> Trainer {
         let config = RunConfig {
             data: "synthetic".into(),
-            model: ModelName::ResNetMini,
-            loss: LossKind::Dcl,
-            temperature: 0.1,
-            sigma: 0.5,
             batch_size: 4,
             epochs: 10,
             lr: 0.5,
-            optimizer: OptimizerKind::Sgd,
             weight_decay: 0.0,
-            momentum: 0.9,
             warmup_epochs,
-            seed: 0,
-            device: DeviceKind::Cpu,
-            limit: None,
-            crop_min_scale: 0.08,
-            loss_kernel: crate::loss::LossKernel::Reference,
+            ..RunConfig::default()
         };
         let split = Split {
             images: vec![0; 40 * IMAGE_LEN],
@@ -459,7 +408,7 @@ mod tests {
     fn restore_then_step_equals_step() {
         let device = device();
         for optimizer in [OptimizerKind::Sgd, OptimizerKind::Adam, OptimizerKind::Lars] {
-            let mut config = trainer(0.0).config.clone();
+            let mut config = trainer(0.0).config().clone();
             config.optimizer = optimizer;
             config.lr = 0.01;
             let images: Vec<u8> = (0..8 * IMAGE_LEN).map(|i| (i * 37 % 251) as u8).collect();
@@ -487,7 +436,7 @@ mod tests {
 
     #[test]
     fn rejects_batches_larger_than_the_data() {
-        let mut config = trainer(0.0).config.clone();
+        let mut config = trainer(0.0).config().clone();
         config.batch_size = 64;
         let split = Split {
             images: vec![0; 10 * IMAGE_LEN],

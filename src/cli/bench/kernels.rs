@@ -1,8 +1,8 @@
-//! `dcl bench loss`: the fused WGSL kernel against Burn's composed reference on the same wgpu
-//! adapter, forward + backward, with the memory each needs at its peak.
+//! `dcl bench loss` and `dcl bench infer`: the WGSL kernels against Burn's composed ops on the
+//! same wgpu adapter (forward + backward with the memory each needs at its peak; inference).
 
-use super::loss::FusedLoss;
-use super::GpuContext;
+use crate::gpu::loss::FusedLoss;
+use crate::gpu::GpuContext;
 use crate::loss::{ContrastiveLoss, LossKind};
 use burn::tensor::{Device, DeviceKind, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
@@ -69,15 +69,18 @@ pub fn run(sizes: &[usize], d: usize, reps: usize) -> anyhow::Result<Vec<LossBen
                 .collect::<Vec<_>>()
         };
         let (z1, z2) = (draw(), draw());
+        let mut device_bytes = 0;
         let ms = time(reps, || {
-            futures_lite::future::block_on(kernel.compute(&gpu, &loss, &z1, &z2, n, d)).map(drop)
+            let out = futures_lite::future::block_on(kernel.compute(&gpu, &loss, &z1, &z2, n, d))?;
+            device_bytes = out.device_bytes;
+            Ok(())
         })?;
         rows.push(LossBench {
             n,
             d,
             path: "fused",
             ms: Some(ms),
-            peak_bytes: Some(FusedLoss::peak_bytes(n, d)),
+            peak_bytes: Some(device_bytes),
             error: None,
         });
         // The composed path materializes 2N x 2N similarities in one buffer: past the adapter's
@@ -140,7 +143,7 @@ pub fn infer(
     let encoder = crate::weights::init_encoder(model, 0, &device)?;
     let tensors = crate::weights::torchvision_tensors(&encoder);
     let gpu = GpuContext::blocking()?;
-    let engine = super::infer::InferenceEngine::new(&gpu, &tensors)?;
+    let engine = crate::gpu::infer::InferenceEngine::new(&gpu, &tensors)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(5);
     let images: Vec<f32> = (0..batch * crate::data::IMAGE_LEN)
         .map(|_| rng.gen_range(-2.0..2.0))

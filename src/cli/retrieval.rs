@@ -109,31 +109,3 @@ pub fn embed(
     } = images;
     futures_lite::future::block_on(engine.forward(gpu, data, [*count, *height, *width], normalized))
 }
-
-/// The `k` rows most cosine-similar to row `query` (itself excluded), best first, with their
-/// similarity. `rows` are unit vectors of width `dim`.
-pub fn nearest(rows: &[f32], dim: usize, query: usize, k: usize) -> Vec<(usize, f32)> {
-    let q = &rows[query * dim..(query + 1) * dim];
-    let mut scored: Vec<(usize, f32)> = rows
-        .chunks_exact(dim)
-        .enumerate()
-        .filter(|&(i, _)| i != query)
-        .map(|(i, r)| (i, r.iter().zip(q).map(|(a, b)| a * b).sum()))
-        .collect();
-    scored.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    scored.truncate(k);
-    scored
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn nearest_ranks_by_cosine_and_skips_the_query() {
-        let rows = [1.0, 0.0, 0.6, 0.8, 0.0, 1.0, 0.8, 0.6];
-        let got = nearest(&rows, 2, 0, 2);
-        assert_eq!(got.iter().map(|g| g.0).collect::<Vec<_>>(), vec![3, 1]);
-        assert!((got[0].1 - 0.8).abs() < 1e-6);
-    }
-}

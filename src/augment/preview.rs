@@ -1,7 +1,7 @@
 //! PNG grids of what the model trains on: the images themselves, or their augmented view pairs.
 
-use super::{Dataset, CHANNELS, IMAGE_LEN, SIDE};
-use crate::augment::{sample_rng, view, ViewConfig, MEAN, STD};
+use super::{sample_rng, view, ViewConfig, MEAN, STD};
+use crate::data::{Dataset, CHANNELS, IMAGE_LEN, SIDE};
 
 /// An RGB tile, row-major, `height * width * 3` bytes.
 struct Tile {
@@ -98,7 +98,7 @@ pub fn grid_png(
 /// Images `indices` of `split` in one row, at their source size scaled `scale` times: a query
 /// and its nearest neighbours, say.
 pub fn row_png(
-    split: &super::Split,
+    split: &crate::data::Split,
     source_shape: [usize; 3],
     indices: &[usize],
     scale: usize,

@@ -1,0 +1,309 @@
+//! `dcl bench`: a training step beside its PyTorch peer, inference, the loss kernel.
+
+#[cfg(feature = "wgpu")]
+mod kernels;
+
+use super::run_peer;
+use crate::backend::DeviceKind;
+use crate::model::ModelName;
+use crate::train::{RunConfig, Trainer};
+use burn::tensor::Device;
+use clap::Subcommand;
+use std::time::Instant;
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Images per second of a full training step (two views, forward, loss, backward, update).
+    Train {
+        #[arg(long, default_value = "resnet-mini")]
+        model: ModelName,
+        #[arg(long, default_value_t = 64)]
+        batch_size: usize,
+        #[arg(long, default_value = "cpu")]
+        device: DeviceKind,
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// CPU threads for dcl's kernels and the peer (default: every core).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Also run the PyTorch peer (scripts/peer_bench_train.py) and print the ratio.
+        #[arg(long)]
+        peer: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Images/s of inference on wgpu: the WGSL engine vs Burn's eval-mode forward.
+    #[cfg(feature = "wgpu")]
+    Infer {
+        #[arg(long, default_value = "resnet-mini")]
+        model: ModelName,
+        #[arg(long, default_value_t = 64)]
+        batch_size: usize,
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+    },
+    /// Forward + backward of the loss: the fused WGSL kernel vs Burn's composed reference.
+    Loss {
+        /// Only wgpu: both paths run on the same adapter.
+        #[arg(long, default_value = "wgpu")]
+        device: DeviceKind,
+        #[arg(long, value_delimiter = ',', default_value = "256,1024,4096,8192")]
+        n: Vec<usize>,
+        #[arg(long, default_value_t = 128)]
+        d: usize,
+        /// Timed repetitions after one warm-up; the median is reported.
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// Also run scripts/peer_bench_loss.py (PyTorch + lightly on the CPU) on the same sizes.
+        #[arg(long)]
+        peer: bool,
+        /// One JSON array instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn run(command: BenchCommand) -> anyhow::Result<()> {
+    match command {
+        BenchCommand::Train {
+            model,
+            batch_size,
+            device,
+            steps,
+            threads,
+            peer,
+            json,
+        } => {
+            let threads = threads.unwrap_or_else(num_cpus);
+            anyhow::ensure!(
+                threads >= 1 && steps >= 1,
+                "--threads and --steps must be >= 1"
+            );
+            // Burn's CPU kernels (flex, gemm) run on rayon's global pool.
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build_global()
+                .map_err(|e| anyhow::anyhow!("--threads {threads}: {e}"))?;
+            let mut bench = BenchTask {
+                model,
+                batch_size,
+                steps,
+            }
+            .run(crate::backend::device(device)?)?;
+            bench["device"] = device.to_string().into();
+            bench["threads"] = threads.into();
+            if peer {
+                let args = [
+                    "--model".to_string(),
+                    model.to_string(),
+                    "--batch-size".into(),
+                    batch_size.to_string(),
+                    "--threads".into(),
+                    threads.to_string(),
+                    "--steps".into(),
+                    steps.to_string(),
+                ];
+                let pytorch = run_peer("scripts/peer_bench_train.py", &args)?;
+                let ratio = bench["images_per_sec"].as_f64().unwrap_or(0.0)
+                    / pytorch["images_per_sec"].as_f64().unwrap_or(f64::NAN);
+                bench["pytorch_images_per_sec"] = pytorch["images_per_sec"].clone();
+                bench["ratio"] = ratio.into();
+            }
+            print_train_bench(&bench, json);
+            Ok(())
+        }
+        BenchCommand::Loss {
+            device,
+            n,
+            d,
+            reps,
+            peer,
+            json,
+        } => bench_loss(device, &n, d, reps, peer, json),
+        #[cfg(feature = "wgpu")]
+        BenchCommand::Infer {
+            model,
+            batch_size,
+            reps,
+        } => {
+            println!("| model | batch | path | images/s |\n|---|---|---|---|");
+            for row in kernels::infer(model, batch_size, reps)? {
+                println!(
+                    "| {model} | {} | {} | {:.1} |",
+                    row.batch, row.path, row.images_per_sec
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+struct BenchTask {
+    model: ModelName,
+    batch_size: usize,
+    steps: usize,
+}
+
+impl BenchTask {
+    /// Images/s over `steps` steps after one warm-up step, and the mean ms per step of each
+    /// phase (the device is synchronized at each phase's end, so GPU phases do not overlap).
+    fn run(self, device: Device) -> anyhow::Result<serde_json::Value> {
+        use rand::{Rng, SeedableRng};
+        let n = self.batch_size * (self.steps + 1);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+        let images = (0..n * crate::data::IMAGE_LEN).map(|_| rng.gen()).collect();
+        let split = crate::data::Split {
+            images,
+            labels: vec![0; n],
+        };
+        let config = RunConfig {
+            data: "synthetic".into(),
+            model: self.model,
+            batch_size: self.batch_size,
+            epochs: 1,
+            lr: 0.01,
+            ..RunConfig::default()
+        };
+        let mut trainer = Trainer::new(config, split, device.clone())?;
+        trainer.step()?; // warm-up: kernel compilation, allocator growth
+        let mut phases: Vec<(&'static str, f64)> = Vec::new();
+        let started = Instant::now();
+        let mut last = started;
+        for _ in 0..self.steps {
+            let mut mark = |phase: &'static str| {
+                let _ = device.sync();
+                let now = Instant::now();
+                let ms = (now - last).as_secs_f64() * 1e3 / self.steps as f64;
+                match phases.iter_mut().find(|(p, _)| *p == phase) {
+                    Some((_, total)) => *total += ms,
+                    None => phases.push((phase, ms)),
+                }
+                last = now;
+            };
+            futures_lite::future::block_on(trainer.step_marked(&mut mark))?;
+        }
+        let ips = (self.steps * self.batch_size) as f64 / started.elapsed().as_secs_f64();
+        let ms: serde_json::Map<String, serde_json::Value> = phases
+            .into_iter()
+            .map(|(p, ms)| (p.to_string(), ms.into()))
+            .collect();
+        Ok(serde_json::json!({
+            "model": self.model.to_string(),
+            "batch_size": self.batch_size,
+            "images_per_sec": ips,
+            "ms_per_step": ms,
+        }))
+    }
+}
+
+fn num_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn print_train_bench(b: &serde_json::Value, json: bool) {
+    if json {
+        println!("{b}");
+        return;
+    }
+    let f = |v: &serde_json::Value| v.as_f64().map_or("-".into(), |x| format!("{x:.1}"));
+    let ms = &b["ms_per_step"];
+    println!("| model | batch | device | threads | dcl images/s | PyTorch images/s | ratio | ms/step: data | forward | backward | optimizer |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+        b["model"].as_str().unwrap_or(""),
+        b["batch_size"],
+        b["device"].as_str().unwrap_or(""),
+        b["threads"],
+        f(&b["images_per_sec"]),
+        f(&b["pytorch_images_per_sec"]),
+        b["ratio"]
+            .as_f64()
+            .map_or("-".into(), |r| format!("{r:.2}")),
+        f(&ms["data"]),
+        f(&ms["forward"]),
+        f(&ms["backward"]),
+        f(&ms["optimizer"]),
+    );
+}
+
+#[cfg(feature = "wgpu")]
+fn bench_loss(
+    device: DeviceKind,
+    sizes: &[usize],
+    d: usize,
+    reps: usize,
+    peer: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        device == DeviceKind::Wgpu,
+        "--device {device}: the fused kernel is WGSL; `dcl bench loss` runs on --device wgpu"
+    );
+    anyhow::ensure!(reps >= 1, "--reps must be at least 1");
+    let mut rows: Vec<serde_json::Value> = kernels::run(sizes, d, reps)?
+        .iter()
+        .map(|r| serde_json::to_value(r).expect("json"))
+        .collect();
+    if peer {
+        rows.extend(peer_loss_rows(sizes, d, reps)?);
+    }
+    if json {
+        println!("{}", serde_json::Value::Array(rows));
+        return Ok(());
+    }
+    println!("| N | D | path | ms (forward + backward) | peak memory (MiB) | note |");
+    println!("|---|---|---|---|---|---|");
+    for r in &rows {
+        let mib = r["peak_bytes"]
+            .as_u64()
+            .map(|b| format!("{:.1}", b as f64 / 1048576.0))
+            .unwrap_or_else(|| "-".into());
+        let ms = r["ms"]
+            .as_f64()
+            .map(|ms| format!("{ms:.1}"))
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "| {} | {} | {} | {ms} | {mib} | {} |",
+            r["n"],
+            r["d"],
+            r["path"].as_str().unwrap_or(""),
+            r["error"].as_str().unwrap_or("")
+        );
+    }
+    Ok(())
+}
+
+/// The PyTorch/lightly CPU figures for the same sizes, from the peer script (torch required).
+#[cfg(feature = "wgpu")]
+fn peer_loss_rows(
+    sizes: &[usize],
+    d: usize,
+    reps: usize,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    let sizes: Vec<String> = sizes.iter().map(|n| n.to_string()).collect();
+    let args = [
+        "--n".to_string(),
+        sizes.join(","),
+        "--d".into(),
+        d.to_string(),
+        "--reps".into(),
+        reps.to_string(),
+    ];
+    Ok(serde_json::from_value(run_peer(
+        "scripts/peer_bench_loss.py",
+        &args,
+    )?)?)
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn bench_loss(
+    _: DeviceKind,
+    _: &[usize],
+    _: usize,
+    _: usize,
+    _: bool,
+    _: bool,
+) -> anyhow::Result<()> {
+    anyhow::bail!("`dcl bench loss` needs the wgpu feature (a default feature)")
+}
