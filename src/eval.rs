@@ -1,14 +1,15 @@
 //! Evaluation of frozen features: the kNN monitor (k=200, cosine, temperature 0.1, as in InstDisc,
-//! MoCo and lightly's benchmarks) and a linear probe.
+//! MoCo and lightly's benchmarks), and the protocol `dcl eval` reports: kNN at k = 20 and 200 and
+//! a linear probe, for the encoder, the untrained encoder of the same seed and raw pixels alike.
 
 use crate::augment::plain_batch;
 use crate::backend::read_f32;
-use crate::data::{Split, SIDE};
+use crate::data::{Split, IMAGE_LEN, SIDE};
 use crate::loss::l2_normalize;
 use crate::model::ResNet;
 use burn::module::AutodiffModule;
 use burn::nn::loss::CrossEntropyLossConfig;
-use burn::nn::{Linear, LinearConfig};
+use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
@@ -35,25 +36,28 @@ pub async fn features(
     Ok(out)
 }
 
-/// Parameters of the kNN monitor.
-#[derive(Debug, Clone, Copy)]
+/// A weighted kNN vote (InstDisc's, as MoCo and lightly's benchmarks use it): each of the k
+/// most cosine-similar bank samples votes for its class with weight exp(sim / temperature).
+#[derive(Debug, Clone)]
 pub struct Knn {
-    pub k: usize,
+    /// Every k reported: one similarity pass serves them all.
+    pub ks: Vec<usize>,
     pub temperature: f64,
 }
 
 impl Default for Knn {
+    /// The monitor's: k = 200, t = 0.1.
     fn default() -> Self {
         Self {
-            k: 200,
+            ks: vec![200],
             temperature: 0.1,
         }
     }
 }
 
 impl Knn {
-    /// Top-1 accuracy (0..1) of a weighted kNN vote: each of the k most cosine-similar bank
-    /// samples votes for its class with weight exp(sim / temperature).
+    /// Top-1 accuracy (0..1) at each of `ks`, in order. Rows of `bank` and `queries` are unit
+    /// vectors of width `dim`.
     #[allow(clippy::too_many_arguments)]
     pub async fn top1(
         &self,
@@ -64,47 +68,60 @@ impl Knn {
         dim: usize,
         classes: usize,
         device: &Device,
-    ) -> anyhow::Result<f64> {
+    ) -> anyhow::Result<Vec<f64>> {
         const CHUNK: usize = 512;
         let device = &device.clone().inner();
         let n_bank = bank_labels.len();
-        let k = self.k.min(n_bank);
         let bank_t = Tensor::<2>::from_data(TensorData::new(bank.to_vec(), [n_bank, dim]), device)
             .transpose();
-        let mut correct = 0usize;
+        let mut correct = vec![0usize; self.ks.len()];
         for (c, labels) in query_labels.chunks(CHUNK).enumerate() {
             let rows = labels.len();
             let q = &queries[c * CHUNK * dim..(c * CHUNK + rows) * dim];
             let q = Tensor::<2>::from_data(TensorData::new(q.to_vec(), [rows, dim]), device);
             let sims = read_f32(q.matmul(bank_t.clone())).await?;
             for (row, &label) in sims.chunks_exact(n_bank).zip(labels) {
-                if self.vote(row, bank_labels, k, classes) == label as usize {
-                    correct += 1;
+                for (hits, vote) in correct
+                    .iter_mut()
+                    .zip(self.votes(row, bank_labels, classes))
+                {
+                    *hits += usize::from(vote == label as usize);
                 }
             }
         }
-        Ok(correct as f64 / query_labels.len().max(1) as f64)
+        let n = query_labels.len().max(1) as f64;
+        Ok(correct.into_iter().map(|c| c as f64 / n).collect())
     }
 
-    fn vote(&self, sims: &[f32], bank_labels: &[u16], k: usize, classes: usize) -> usize {
+    /// The class each k votes for, given one query's similarities to the bank.
+    fn votes(&self, sims: &[f32], bank_labels: &[u16], classes: usize) -> Vec<usize> {
         let mut idx: Vec<u32> = (0..sims.len() as u32).collect();
         let by_sim = |a: &u32, b: &u32| sims[*b as usize].total_cmp(&sims[*a as usize]);
-        if k < idx.len() {
-            idx.select_nth_unstable_by(k - 1, by_sim);
+        let widest = self.ks.iter().max().map_or(0, |&k| k.min(idx.len()));
+        if widest < idx.len() && widest > 0 {
+            idx.select_nth_unstable_by(widest - 1, by_sim);
         }
-        let mut scores = vec![0.0f64; classes];
-        for &i in &idx[..k] {
-            scores[bank_labels[i as usize] as usize] +=
-                (sims[i as usize] as f64 / self.temperature).exp();
-        }
-        (0..classes)
-            .max_by(|&a, &b| scores[a].total_cmp(&scores[b]))
-            .unwrap_or(0)
+        idx.truncate(widest);
+        idx.sort_by(by_sim);
+        self.ks
+            .iter()
+            .map(|&k| {
+                let mut scores = vec![0.0f64; classes];
+                for &i in &idx[..k.min(idx.len())] {
+                    scores[bank_labels[i as usize] as usize] +=
+                        (sims[i as usize] as f64 / self.temperature).exp();
+                }
+                (0..classes)
+                    .max_by(|&a, &b| scores[a].total_cmp(&scores[b]))
+                    .unwrap_or(0)
+            })
+            .collect()
     }
 }
 
-/// Linear probe: multinomial logistic regression on frozen features, full-batch Adam, evaluated
-/// on the test features. Returns top-1 accuracy (0..1).
+/// Linear probe: multinomial logistic regression on frozen features standardized with the
+/// training features' mean and deviation, from zero weights (the problem is convex, so the
+/// result needs no seed and repeats exactly), 300 full-batch Adam steps; top-1 (0..1) on `test`.
 pub fn linear_probe(
     train: (&[f32], &[u16]),
     test: (&[f32], &[u16]),
@@ -112,9 +129,19 @@ pub fn linear_probe(
     classes: usize,
     device: &Device,
 ) -> f64 {
+    let (mean, scale) = standardization(train.0, dim);
     let to_tensors = |(x, y): (&[f32], &[u16])| {
         let n = y.len();
-        let x = Tensor::<2>::from_data(TensorData::new(x.to_vec(), [n, dim]), device);
+        let x: Vec<f32> = x
+            .chunks_exact(dim)
+            .flat_map(|row| {
+                row.iter()
+                    .zip(&mean)
+                    .zip(&scale)
+                    .map(|((v, m), s)| (v - m) * s)
+            })
+            .collect();
+        let x = Tensor::<2>::from_data(TensorData::new(x, [n, dim]), device);
         let y: Vec<i64> = y.iter().map(|&l| l as i64).collect();
         (
             x,
@@ -122,21 +149,113 @@ pub fn linear_probe(
         )
     };
     let (x, y) = to_tensors(train);
-    let mut probe: Linear = LinearConfig::new(dim, classes).init(device);
+    let mut probe: Linear = LinearConfig::new(dim, classes)
+        .with_initializer(Initializer::Zeros)
+        .init(device);
     let mut optim = AdamConfig::new().init();
     let ce = CrossEntropyLossConfig::new().init(device);
     for _ in 0..300 {
-        // Features are unit vectors: a scale of 10 gives the logits room without tuning.
-        let loss = ce.forward(probe.forward(x.clone().mul_scalar(10.0)), y.clone());
+        let loss = ce.forward(probe.forward(x.clone()), y.clone());
         let grads = GradientsParams::from_grads(loss.backward(), &probe);
-        probe = optim.step(0.05, probe, grads);
+        probe = optim.step(0.01, probe, grads);
     }
     let (xt, yt) = to_tensors(test);
     let probe = probe.valid();
-    let xt = xt.inner().mul_scalar(10.0);
-    let pred = probe.forward(xt).argmax(1).reshape([yt.dims()[0]]);
+    let pred = probe.forward(xt.inner()).argmax(1).reshape([yt.dims()[0]]);
     let correct = pred.equal(yt.inner()).int().sum().into_scalar::<i64>();
     correct as f64 / test.1.len().max(1) as f64
+}
+
+/// Per-column mean and 1/deviation of row-major `rows` (constant columns get scale 0: a pixel
+/// that is padding everywhere carries nothing).
+fn standardization(rows: &[f32], dim: usize) -> (Vec<f32>, Vec<f32>) {
+    let n = (rows.len() / dim.max(1)).max(1) as f64;
+    let mut sum = vec![0.0f64; dim];
+    let mut sq = vec![0.0f64; dim];
+    for row in rows.chunks_exact(dim) {
+        for ((s, q), &v) in sum.iter_mut().zip(&mut sq).zip(row) {
+            *s += v as f64;
+            *q += v as f64 * v as f64;
+        }
+    }
+    let mean: Vec<f64> = sum.iter().map(|s| s / n).collect();
+    let scale = sq
+        .iter()
+        .zip(&mean)
+        .map(|(q, m)| {
+            let sd = (q / n - m * m).max(0.0).sqrt();
+            if sd > 1e-8 {
+                (1.0 / sd) as f32
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    (mean.into_iter().map(|m| m as f32).collect(), scale)
+}
+
+/// Raw pixels as a representation: the normalized images (the encoder's input), each row scaled
+/// to unit length, so kNN on them is cosine kNN on pixels.
+pub fn pixel_features(split: &Split) -> Vec<f32> {
+    let images: Vec<&[u8]> = (0..split.len()).map(|i| split.image(i)).collect();
+    let mut rows = plain_batch(&images);
+    for row in rows.chunks_exact_mut(IMAGE_LEN) {
+        let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+        row.iter_mut().for_each(|v| *v /= norm);
+    }
+    rows
+}
+
+/// What one representation scores under the protocol: kNN top-1 per k, the linear probe.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Scores {
+    /// `{"20": 0.81, "200": 0.77}`.
+    pub knn: std::collections::BTreeMap<usize, f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub linear: Option<f64>,
+}
+
+/// The evaluation protocol: weighted kNN (cosine, t = 0.1) at each of `ks`, and the linear
+/// probe when `linear`. Features are unit rows of width `dim`.
+#[derive(Debug, Clone)]
+pub struct Protocol {
+    pub ks: Vec<usize>,
+    pub linear: bool,
+}
+
+impl Default for Protocol {
+    fn default() -> Self {
+        Self {
+            ks: vec![20, 200],
+            linear: true,
+        }
+    }
+}
+
+impl Protocol {
+    #[allow(clippy::too_many_arguments)]
+    pub fn score(
+        &self,
+        bank: (&[f32], &[u16]),
+        queries: (&[f32], &[u16]),
+        dim: usize,
+        classes: usize,
+        device: &Device,
+    ) -> anyhow::Result<Scores> {
+        let knn = Knn {
+            ks: self.ks.clone(),
+            ..Knn::default()
+        };
+        let top1 = futures_lite::future::block_on(
+            knn.top1(bank.0, bank.1, queries.0, queries.1, dim, classes, device),
+        )?;
+        Ok(Scores {
+            knn: self.ks.iter().copied().zip(top1).collect(),
+            linear: self
+                .linear
+                .then(|| linear_probe(bank, queries, dim, classes, device)),
+        })
+    }
 }
 
 /// The kNN monitor on frozen backbone features: bank = `train` without augmentation, queries =
@@ -173,7 +292,7 @@ pub async fn knn_monitor_async(
             classes,
             device,
         )
-        .await?;
+        .await?[0];
     Ok((top1, (bank, queries)))
 }
 
@@ -234,7 +353,64 @@ pub fn pca2(rows: &[f32], dim: usize) -> Vec<[f32; 2]> {
 
 #[cfg(test)]
 mod tests {
-    use super::pca2;
+    use super::*;
+
+    fn unit(v: [f32; 2]) -> [f32; 2] {
+        let n = (v[0] * v[0] + v[1] * v[1]).sqrt();
+        [v[0] / n, v[1] / n]
+    }
+
+    /// A hand-made bank: class 0 near the x axis, class 1 near the y axis, and one class-1 point
+    /// close to the x axis that only a small k hears.
+    #[test]
+    fn knn_votes_by_similarity_at_each_k() {
+        let bank: Vec<[f32; 2]> = vec![[1.0, 0.1], [1.0, 0.2], [0.1, 1.0], [0.2, 1.0], [1.0, 0.02]];
+        let labels = [0u16, 0, 1, 1, 1];
+        let bank: Vec<f32> = bank.into_iter().flat_map(unit).collect();
+        let queries: Vec<f32> = [[1.0, 0.0], [0.0, 1.0]]
+            .into_iter()
+            .flat_map(unit)
+            .collect();
+        let knn = Knn {
+            ks: vec![1, 3],
+            temperature: 0.1,
+        };
+        let device = crate::backend::cpu();
+        let top1 = |truth: [u16; 2]| {
+            futures_lite::future::block_on(
+                knn.top1(&bank, &labels, &queries, &truth, 2, 2, &device),
+            )
+            .unwrap()
+        };
+        // k = 1: the x-axis query's nearest is the odd class-1 point; k = 3: two class-0 votes.
+        assert_eq!(top1([1, 1]), vec![1.0, 0.5]);
+        assert_eq!(top1([0, 1]), vec![0.5, 1.0]);
+    }
+
+    /// Two classes apart along one of three axes, noise on the others: the probe gets every test
+    /// point right, and twice the same answer.
+    #[test]
+    fn the_linear_probe_separates_a_separable_set() {
+        let point = |i: usize| {
+            let class = (i % 2) as u16;
+            let side = if class == 0 { -1.0 } else { 1.0 };
+            let noise = |k: usize| (((i * 7 + k * 13) % 11) as f32 - 5.0) / 5.0;
+            (
+                [noise(1), side * (0.5 + (i % 3) as f32 * 0.1), noise(2)],
+                class,
+            )
+        };
+        let split = |range: std::ops::Range<usize>| {
+            let (x, y): (Vec<[f32; 3]>, Vec<u16>) = range.map(point).unzip();
+            (x.into_iter().flatten().collect::<Vec<f32>>(), y)
+        };
+        let (train, test) = (split(0..60), split(60..100));
+        let device = crate::backend::cpu().autodiff();
+        let probe = || linear_probe((&train.0, &train.1), (&test.0, &test.1), 3, 2, &device);
+        let accuracy = probe();
+        assert_eq!(accuracy, 1.0);
+        assert_eq!(probe(), accuracy);
+    }
 
     #[test]
     fn pca_recovers_the_two_widest_axes() {

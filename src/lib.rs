@@ -28,6 +28,7 @@ pub mod loss;
 #[cfg(feature = "train")]
 pub mod model;
 pub mod neighbors;
+pub mod npc;
 #[cfg(feature = "train")]
 pub mod optim;
 #[cfg(feature = "train")]

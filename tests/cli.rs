@@ -301,3 +301,47 @@ fn bench_loss_reports_both_paths_and_the_fused_memory_stays_linear() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--device wgpu"));
 }
+
+#[test]
+fn experiment_npc_writes_its_tables_and_q_falls_with_the_batch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_cifar10(tmp.path(), 2, 40, 10);
+    let out_dir = tmp.path().join("npc");
+    let out = dcl(&[
+        "experiment",
+        "npc",
+        "--data",
+        data.to_str().unwrap(),
+        "--batch-sizes",
+        "4,32",
+        "--temperatures",
+        "0.1,0.5",
+        "--anchors",
+        "64",
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let rows: Vec<Value> =
+        serde_json::from_slice(&std::fs::read(out_dir.join("npc.json")).unwrap()).unwrap();
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    let mean = |batch: u64, t: f64| {
+        let row = rows
+            .iter()
+            .find(|r| r["batch_size"] == batch && r["temperature"] == t)
+            .unwrap();
+        assert_eq!(row["anchors"], 64);
+        row["q"]["mean"].as_f64().unwrap()
+    };
+    for t in [0.1, 0.5] {
+        let (small, large) = (mean(4, t), mean(32, t));
+        assert!(
+            0.0 < small && small < large && large < 1.0,
+            "t {t}: {small} vs {large}"
+        );
+    }
+    let md = std::fs::read_to_string(out_dir.join("npc.md")).unwrap();
+    assert!(md.contains("| untrained | 32 | 0.5 | 64 |"), "{md}");
+    let svg = std::fs::read_to_string(out_dir.join("npc.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("polyline"));
+}

@@ -8,6 +8,7 @@ mod download;
 #[cfg(feature = "wgpu")]
 mod engine;
 mod eval;
+mod experiment;
 mod loss;
 mod pretrain;
 #[cfg(feature = "wgpu")]
@@ -63,6 +64,11 @@ enum Command {
     /// One image and its nearest neighbours by cosine similarity of features, as a PNG row.
     #[cfg(feature = "wgpu")]
     Neighbors(engine::NeighborsArgs),
+    /// Experiments that test the paper's claims: `npc`.
+    Experiment {
+        #[command(subcommand)]
+        command: experiment::ExperimentCommand,
+    },
     /// Speed measurements.
     Bench {
         #[command(subcommand)]
@@ -97,6 +103,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         #[cfg(feature = "wgpu")]
         Command::Neighbors(args) => engine::neighbors(args),
         Command::Serve { port, data, root } => serve::serve(&root, port, data.as_deref()),
+        Command::Experiment { command } => experiment::run(command),
         Command::Bench { command } => bench::run(command),
     }
 }
