@@ -207,7 +207,7 @@ pub fn pixel_features(split: &Split) -> Vec<f32> {
 }
 
 /// What one representation scores under the protocol: kNN top-1 per k, the linear probe.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Scores {
     /// `{"20": 0.81, "200": 0.77}`.
     pub knn: std::collections::BTreeMap<usize, f64>,
@@ -294,6 +294,28 @@ pub async fn knn_monitor_async(
         )
         .await?[0];
     Ok((top1, (bank, queries)))
+}
+
+/// The kNN monitor's protocol on raw pixels (unit rows): the baseline of [`knn_monitor`].
+pub async fn pixel_knn_top1(
+    train: &Split,
+    test: &Split,
+    classes: usize,
+    device: &Device,
+) -> anyhow::Result<f64> {
+    let (bank, queries) = (pixel_features(train), pixel_features(test));
+    let top1 = Knn::default()
+        .top1(
+            &bank,
+            &train.labels,
+            &queries,
+            &test.labels,
+            IMAGE_LEN,
+            classes,
+            device,
+        )
+        .await?;
+    Ok(top1[0])
 }
 
 /// Each row's coordinates on the first two principal components of `rows` (row-major, `dim`

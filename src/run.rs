@@ -86,7 +86,8 @@ impl RunDir {
             .events()
             .into_iter()
             .filter(|e| {
-                let ep = e["epoch"].as_u64().unwrap_or(u64::MAX) as usize;
+                // Events without an epoch (the raw-pixel baseline) come before any epoch's.
+                let ep = e["epoch"].as_u64().unwrap_or(0) as usize;
                 match e["event"].as_str() {
                     Some("step") => ep < epoch,
                     _ => ep <= epoch,

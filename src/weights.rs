@@ -29,6 +29,10 @@ pub fn module_from_bytes<M: Module>(module: M, bytes: Vec<u8>) -> anyhow::Result
 /// A freshly initialized encoder, identical on every device for a given seed: it is drawn on the
 /// CPU backend and copied over, since each backend's random generator differs.
 pub fn init_encoder(name: ModelName, seed: u64, device: &Device) -> anyhow::Result<Encoder> {
+    // The CPU backend's generator is shared by the process: two threads seeding and drawing at
+    // once would interleave their draws, and one seed would no longer give one encoder.
+    static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = INIT.lock().unwrap_or_else(|e| e.into_inner());
     let cpu = crate::backend::cpu();
     cpu.seed(seed);
     let reference = Encoder::new(name, &cpu);

@@ -345,3 +345,104 @@ fn experiment_npc_writes_its_tables_and_q_falls_with_the_batch() {
     let svg = std::fs::read_to_string(out_dir.join("npc.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("polyline"));
 }
+
+/// A run folder's logged events, whole lines only (a kill may cut the last one short).
+fn run_events(run: &Path) -> Vec<Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .collect()
+}
+
+#[test]
+fn batch_sweep_runs_its_grid_and_survives_kill_9() {
+    use std::time::{Duration, Instant};
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_cifar10(tmp.path(), 1, 64, 20);
+    let out_dir = tmp.path().join("sweep");
+    let sweep = || {
+        let mut cmd = Command::new(dcl_bin());
+        cmd.args([
+            "experiment",
+            "batch-sweep",
+            "--data",
+            data.to_str().unwrap(),
+        ])
+        .args([
+            "--losses",
+            "dcl,infonce",
+            "--batch-sizes",
+            "8,16",
+            "--seeds",
+            "2",
+        ])
+        .args(["--epochs", "3", "--limit", "32", "--model", "resnet-mini"])
+        .args(["--knn-k", "5", "--out", out_dir.to_str().unwrap()]);
+        cmd
+    };
+    let mut child = sweep().stderr(std::process::Stdio::null()).spawn().unwrap();
+    // Kill -9 inside the second cell's second epoch, after its first checkpoint.
+    let second = out_dir.join("infonce-b8-s1");
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while !run_events(&second)
+        .iter()
+        .any(|e| e["event"] == "step" && e["epoch"] == 1)
+    {
+        assert!(Instant::now() < deadline, "the second cell did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let first = out_dir.join("dcl-b8-s1");
+    let finished = |p: &Path| std::fs::read(p.join("scores.json")).ok();
+    let first_scores = finished(&first).expect("the first cell finished");
+    let first_log = std::fs::read(first.join("metrics.jsonl")).unwrap();
+    assert!(
+        finished(&second).is_none(),
+        "the kill did not land inside the second cell"
+    );
+    assert_eq!(
+        std::fs::read_to_string(second.join("checkpoints/latest")).unwrap(),
+        "epoch-0001"
+    );
+
+    let out = sweep().output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("resuming"), "{}", stderr(&out));
+    assert!(
+        !stderr(&out).contains("cell dcl-b8-s1"),
+        "a finished cell was redone"
+    );
+    assert_eq!(finished(&first).unwrap(), first_scores);
+    assert_eq!(
+        std::fs::read(first.join("metrics.jsonl")).unwrap(),
+        first_log
+    );
+
+    let results: Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("results.json")).unwrap()).unwrap();
+    assert_eq!(results["cells"].as_array().unwrap().len(), 8);
+    assert_eq!(results["untrained"].as_array().unwrap().len(), 2);
+    assert!(results["pixels"]["linear"].as_f64().unwrap() > 0.0);
+    let md = std::fs::read_to_string(out_dir.join("results.md")).unwrap();
+    for row in [
+        "| raw pixels | - |",
+        "| untrained | - |",
+        "| dcl | 8 |",
+        "| infonce | 16 |",
+    ] {
+        assert!(md.contains(row), "{row} missing in\n{md}");
+    }
+    assert!(
+        md.contains("## Paired difference: dcl minus infonce"),
+        "{md}"
+    );
+    let svg = std::fs::read_to_string(out_dir.join("results.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.matches("<polyline").count() == 2);
+
+    // Other settings in the same folder are refused, not mixed in.
+    let out = sweep().args(["--temperature", "0.5"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("grid.json"), "{}", stderr(&out));
+}

@@ -18,6 +18,8 @@ const state = {
   epoch: 0,
   losses: [],
   knnTop1: [],
+  /// The same kNN on raw pixels (the run's bank and queries).
+  pixelsKnnTop1: null,
   dataset: null,
   error: null,
   imagesPerSec: null,
@@ -56,7 +58,7 @@ function ask(message, transfer = []) {
 
 // ---- drawing -------------------------------------------------------------------------------
 
-function lineChart(canvas, series, { xLabel, yLabel, yMin, yMax }) {
+function lineChart(canvas, series, { xLabel, yLabel, yMin, yMax, levels = [] }) {
   const ctx = canvas.getContext('2d');
   const { width: w, height: h } = canvas;
   const pad = { l: 48, r: 10, t: 10, b: 28 };
@@ -93,6 +95,18 @@ function lineChart(canvas, series, { xLabel, yLabel, yMin, yMax }) {
     s.points.forEach(([x, y], i) => (i ? ctx.lineTo(X(x), Y(y)) : ctx.moveTo(X(x), Y(y))));
     ctx.stroke();
     if (s.dots) s.points.forEach(([x, y]) => ctx.fillRect(X(x) - 2, Y(y) - 2, 4, 4));
+  }
+  for (const level of levels) {
+    ctx.strokeStyle = level.color;
+    ctx.fillStyle = level.color;
+    ctx.lineWidth = 1;
+    ctx.setLineDash([5, 4]);
+    ctx.beginPath();
+    ctx.moveTo(pad.l, Y(level.value));
+    ctx.lineTo(w - pad.r, Y(level.value));
+    ctx.stroke();
+    ctx.setLineDash([]);
+    ctx.fillText(level.label, pad.l + 4, Y(level.value) - 4);
   }
   series.forEach((s, i) => {
     ctx.fillStyle = s.color;
@@ -175,8 +189,11 @@ function render() {
   lineChart($('loss-chart'), runs.map((r) => ({ label: r.label, color: r.color, points: r.losses, width: 1 })), {
     xLabel: 'steps', yLabel: 'loss',
   });
+  // Raw pixels under the same kNN: the level an encoder must clear to be of any use.
+  const levels = runs.filter((r) => r.pixels != null).slice(-1)
+    .map((r) => ({ label: `raw pixels ${(100 * r.pixels).toFixed(1)}%`, value: r.pixels, color: '#888' }));
   lineChart($('knn-chart'), runs.map((r) => ({ label: r.label, color: r.color, points: r.knn, dots: true })), {
-    xLabel: 'epochs', yLabel: 'kNN top-1', yMin: 0, yMax: 1,
+    xLabel: 'epochs', yLabel: 'kNN top-1', yMin: 0, yMax: 1, levels,
   });
 }
 
@@ -227,6 +244,11 @@ const onMessage = {
   },
   views({ pixels }) {
     drawViews(pixels);
+  },
+  pixels({ knnTop1 }) {
+    state.pixelsKnnTop1 = knnTop1;
+    runs[runs.length - 1].pixels = knnTop1;
+    render();
   },
   epoch({ epoch, knnTop1, points, labels }) {
     state.knnTop1.push(knnTop1);

@@ -45,7 +45,10 @@ function useDataset(next, source) {
 function report(event, pixels) {
   if (event.event === 'step') {
     if (pixels.length) post({ type: 'views', pixels }, [pixels.buffer]);
-    post({ type: 'step', ...event });
+    const { epoch, step, loss } = event;
+    post({ type: 'step', epoch, step, loss, imagesPerSec: event.images_per_sec });
+  } else if (event.event === 'pixels') {
+    post({ type: 'pixels', knnTop1: event.knn_top1 });
   } else if (event.event === 'knn') {
     post({ type: 'epoch', ...event });
   } else if (event.event === 'finished') {
@@ -141,11 +144,18 @@ const handlers = {
   },
 };
 
-self.onmessage = async ({ data }) => {
+// One message at a time, in the order sent: a pause sent right after a start applies to that
+// run, and a start sent before the default data arrived waits for it.
+let inbox = Promise.resolve();
+self.onmessage = ({ data }) => {
+  inbox = inbox.then(() => handle(data));
+};
+
+async function handle(data) {
   try {
     await handlers[data.type](data);
   } catch (e) {
     const message = String(e.message || e);
     post(data.id !== undefined ? { type: 'reply', id: data.id, error: message } : { type: 'error', message });
   }
-};
+}

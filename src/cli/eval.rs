@@ -3,9 +3,9 @@
 //! encoder of the run's seed and on raw pixels, so each number stands next to its baselines.
 
 use crate::backend::DeviceKind;
-use crate::data::{discover, Split};
+use crate::data::{discover, Dataset, Split};
 use crate::eval::{features, knn_monitor, pixel_features, Protocol, Scores};
-use crate::model::{Encoder, ResNet};
+use crate::model::Encoder;
 use crate::run::RunDir;
 use crate::weights::{init_encoder, module_from_bytes};
 use burn::module::AutodiffModule;
@@ -31,11 +31,6 @@ pub struct EvalArgs {
 }
 
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        !args.knn_k.is_empty() && args.knn_k.iter().all(|&k| k >= 1),
-        "--knn-k needs one or more k >= 1"
-    );
-    anyhow::ensure!(args.bank != Some(0), "--bank must be at least 1");
     let dir = RunDir::open(&args.run)?;
     let config = dir.read_config()?;
     let device = crate::backend::device(args.device.unwrap_or(config.device))?;
@@ -43,11 +38,11 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         .latest_checkpoint()?
         .ok_or_else(|| anyhow::anyhow!("{}: no checkpoint yet", args.run.display()))?;
     let ds = discover::load(&config.data)?;
-    anyhow::ensure!(
-        !ds.test.is_empty(),
-        "{}: no test split to evaluate on",
-        config.data
-    );
+    let protocol = Protocol {
+        ks: args.knn_k,
+        linear: !args.no_linear,
+    };
+    let judge = Judge::new(&ds, args.bank, protocol, device.clone())?;
     let trained = module_from_bytes(Encoder::new(config.model, &device), ckpt.weights)?;
     let untrained = init_encoder(config.model, config.seed, &device)?;
     // The monitor's number, as metrics.jsonl logged it (bank: the run's own training images).
@@ -59,41 +54,77 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         ds.classes,
         &device,
     );
-    let bank = ds.train.head(args.bank.unwrap_or(usize::MAX));
-    let protocol = Protocol {
-        ks: args.knn_k,
-        linear: !args.no_linear,
-    };
-    let score = |f: &dyn Fn(&Split) -> anyhow::Result<Vec<f32>>| -> anyhow::Result<Scores> {
-        let (b, q) = (f(&bank)?, f(&ds.test)?);
-        let dim = b.len() / bank.len();
-        protocol.score(
-            (&b, &bank.labels),
-            (&q, &ds.test.labels),
-            dim,
-            ds.classes,
-            &device,
-        )
-    };
-    let on = &device;
-    let encoder = |backbone: ResNet| move |split: &Split| backbone_features(&backbone, split, on);
     let report = serde_json::json!({
         "epoch": ckpt.epoch,
         "knn_top1": monitor,
-        "bank_images": bank.len(),
+        "bank_images": judge.bank.len(),
         "test_images": ds.test.len(),
-        "encoder": score(&encoder(trained.valid().backbone))?,
-        "untrained": score(&encoder(untrained.valid().backbone))?,
-        "pixels": score(&|split: &Split| Ok(pixel_features(split)))?,
+        "encoder": judge.encoder(&trained)?,
+        "untrained": judge.encoder(&untrained)?,
+        "pixels": judge.pixels()?,
     });
     println!("{report}");
     Ok(())
 }
 
-fn backbone_features(
-    backbone: &ResNet,
-    split: &Split,
-    device: &Device,
-) -> anyhow::Result<Vec<f32>> {
-    futures_lite::future::block_on(features(backbone, split, device))
+/// The protocol on fixed data: the bank (and the probe's training set) is the first `bank`
+/// training images, or all of them; the queries are the whole test split.
+pub struct Judge {
+    bank: Split,
+    test: Split,
+    classes: usize,
+    protocol: Protocol,
+    device: Device,
+}
+
+impl Judge {
+    pub fn new(
+        ds: &Dataset,
+        bank: Option<usize>,
+        protocol: Protocol,
+        device: Device,
+    ) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            !protocol.ks.is_empty() && protocol.ks.iter().all(|&k| k >= 1),
+            "--knn-k needs one or more k >= 1"
+        );
+        anyhow::ensure!(bank != Some(0), "--bank must be at least 1");
+        anyhow::ensure!(
+            !ds.test.is_empty(),
+            "{}: no test split to evaluate on",
+            ds.name
+        );
+        Ok(Self {
+            bank: ds.train.head(bank.unwrap_or(usize::MAX)),
+            test: ds.test.clone(),
+            classes: ds.classes,
+            protocol,
+            device,
+        })
+    }
+
+    /// The encoder's backbone features (the projection head is dropped, as is usual).
+    pub fn encoder(&self, encoder: &Encoder) -> anyhow::Result<Scores> {
+        let backbone = encoder.valid().backbone;
+        let on = |split: &Split| {
+            futures_lite::future::block_on(features(&backbone, split, &self.device))
+        };
+        self.score(&on)
+    }
+
+    pub fn pixels(&self) -> anyhow::Result<Scores> {
+        self.score(&|split: &Split| Ok(pixel_features(split)))
+    }
+
+    fn score(&self, f: &dyn Fn(&Split) -> anyhow::Result<Vec<f32>>) -> anyhow::Result<Scores> {
+        let (b, q) = (f(&self.bank)?, f(&self.test)?);
+        let dim = b.len() / self.bank.len();
+        self.protocol.score(
+            (&b, &self.bank.labels),
+            (&q, &self.test.labels),
+            dim,
+            self.classes,
+            &self.device,
+        )
+    }
 }

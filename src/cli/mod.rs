@@ -3,6 +3,7 @@
 //! outside, and nothing here is built into the page's wasm modules.
 
 mod bench;
+mod chart;
 mod data;
 mod download;
 #[cfg(feature = "wgpu")]

@@ -12,20 +12,35 @@ use crate::train::{Event, RunConfig, Session, Sink, Trainer};
 use crate::weights::{torchvision_tensors, write_atomic};
 use burn::module::AutodiffModule;
 use clap::Args;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// The flags default to [`RunConfig::default`].
 #[derive(Args, Clone)]
 pub struct PretrainArgs {
-    /// A dataset path, or a name: cifar10, cifar100, mnist, fashion-mnist.
-    #[arg(long, default_value_t = RunConfig::default().data)]
-    data: String,
-    #[arg(long, default_value_t = RunConfig::default().model)]
-    model: ModelName,
     #[arg(long, default_value_t = RunConfig::default().loss)]
     loss: LossKind,
     #[arg(long, default_value_t = RunConfig::default().batch_size)]
     batch_size: usize,
+    #[arg(long, default_value_t = RunConfig::default().seed)]
+    seed: u64,
+    #[command(flatten)]
+    recipe: Recipe,
+    #[arg(long)]
+    out: PathBuf,
+    /// Continue the run in --out from its latest checkpoint (its config.toml wins over flags).
+    #[arg(long)]
+    resume: bool,
+}
+
+/// A run's settings apart from the loss, the batch size and the seed, which an experiment
+/// varies (`dcl experiment batch-sweep` takes the same flags).
+#[derive(Args, Clone)]
+pub struct Recipe {
+    /// A dataset path, or a name: cifar10, cifar100, mnist, fashion-mnist.
+    #[arg(long, default_value_t = RunConfig::default().data)]
+    pub data: String,
+    #[arg(long, default_value_t = RunConfig::default().model)]
+    model: ModelName,
     #[arg(long, default_value_t = RunConfig::default().epochs)]
     epochs: usize,
     /// Peak learning rate (after warm-up).
@@ -45,11 +60,7 @@ pub struct PretrainArgs {
     #[arg(long, default_value_t = RunConfig::default().warmup_epochs)]
     warmup_epochs: f64,
     #[arg(long, default_value_t = RunConfig::default().device)]
-    device: DeviceKind,
-    #[arg(long, default_value_t = RunConfig::default().seed)]
-    seed: u64,
-    #[arg(long)]
-    out: PathBuf,
+    pub device: DeviceKind,
     /// Train on the first N training images only.
     #[arg(long)]
     limit: Option<usize>,
@@ -62,27 +73,61 @@ pub struct PretrainArgs {
     /// fused (the WGSL kernel; the default with --device wgpu) or reference (Burn's ops).
     #[arg(long)]
     loss_kernel: Option<LossKernel>,
-    /// Continue the run in --out from its latest checkpoint (its config.toml wins over flags).
-    #[arg(long)]
-    resume: bool,
+    /// A published recipe in place of the model and optimizer flags.
+    #[arg(
+        long,
+        conflicts_with_all = ["model", "epochs", "lr", "optimizer", "weight_decay", "momentum", "warmup_epochs"]
+    )]
+    preset: Option<Preset>,
 }
 
-impl PretrainArgs {
-    fn config(self) -> RunConfig {
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum Preset {
+    /// The reproductions' CIFAR-10 recipe (lightly's benchmarks, raminnakhli's grid): ResNet-18,
+    /// 200 epochs, SGD with momentum 0.9, lr 0.06 x batch / 128, weight decay 5e-4, cosine decay.
+    Cifar10Resnet18,
+}
+
+impl Preset {
+    fn apply(self, config: &mut RunConfig) {
+        match self {
+            Preset::Cifar10Resnet18 => {
+                config.model = ModelName::ResNet18;
+                config.epochs = 200;
+                config.optimizer = OptimizerKind::Sgd;
+                config.lr = 0.06 * config.batch_size as f64 / 128.0;
+                config.weight_decay = 5e-4;
+                config.momentum = 0.9;
+                config.warmup_epochs = 0.0;
+            }
+        }
+    }
+}
+
+impl Recipe {
+    pub fn config(&self, loss: LossKind, batch_size: usize, seed: u64) -> RunConfig {
+        let mut config = self.from_flags(loss, batch_size, seed);
+        if let Some(preset) = self.preset {
+            preset.apply(&mut config);
+        }
+        config
+    }
+
+    fn from_flags(&self, loss: LossKind, batch_size: usize, seed: u64) -> RunConfig {
         RunConfig {
-            data: self.data,
+            data: self.data.clone(),
             model: self.model,
-            loss: self.loss,
+            loss,
             temperature: self.temperature,
             sigma: self.sigma,
-            batch_size: self.batch_size,
+            batch_size,
             epochs: self.epochs,
             lr: self.lr,
             optimizer: self.optimizer,
             weight_decay: self.weight_decay,
             momentum: self.momentum,
             warmup_epochs: self.warmup_epochs,
-            seed: self.seed,
+            seed,
             device: self.device,
             limit: self.limit,
             eval_images: self.eval_images,
@@ -95,17 +140,24 @@ impl PretrainArgs {
 }
 
 pub fn run(args: PretrainArgs) -> anyhow::Result<()> {
-    let dir = RunDir::create(&args.out)?;
-    let resume = args.resume;
-    let config = if resume && args.out.join("config.toml").is_file() {
+    let config = args.recipe.config(args.loss, args.batch_size, args.seed);
+    train(config, &args.out, args.resume)
+}
+
+/// Trains `config` into the run folder `out`; with `resume`, continues the run already there
+/// from its latest checkpoint (its `config.toml` wins over `config`), and a finished run is
+/// left as it is.
+pub fn train(config: RunConfig, out: &Path, resume: bool) -> anyhow::Result<()> {
+    let dir = RunDir::create(out)?;
+    let config = if resume && out.join("config.toml").is_file() {
         dir.read_config()?
     } else {
         anyhow::ensure!(
-            !args.out.join("config.toml").is_file(),
+            !out.join("config.toml").is_file(),
             "{} already holds a run; pass --resume to continue it or pick another --out",
-            args.out.display()
+            out.display()
         );
-        args.config()
+        config
     };
     // Validate before writing anything.
     config.validate()?;
@@ -135,6 +187,10 @@ struct RunFolder {
 impl Sink for RunFolder {
     fn record(&mut self, event: &Event, trainer: &Trainer) -> anyhow::Result<()> {
         match event {
+            Event::Pixels { knn_top1 } => {
+                eprintln!("raw pixels: kNN top-1 {knn_top1:.4} (the level to beat)");
+                self.dir.log(event)?;
+            }
             Event::Step {
                 loss,
                 images_per_sec,

@@ -364,6 +364,7 @@ impl Trainer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::loss::LossKind;
     use crate::optim::OptimizerKind;
 
     fn device() -> Device {
@@ -432,6 +433,35 @@ mod tests {
                 assert_eq!(a.data, b.data, "{optimizer:?}: {}", a.name);
             }
         }
+    }
+
+    /// What `dcl experiment batch-sweep` pairs on: one seed, every loss starts from the same
+    /// weights and trains on the same views; another seed changes both.
+    #[test]
+    fn a_seed_fixes_weights_and_views_whatever_the_loss() {
+        let images: Vec<u8> = (0..8 * IMAGE_LEN).map(|i| (i * 37 % 251) as u8).collect();
+        let split = Split {
+            images,
+            labels: vec![0; 8],
+        };
+        let make = |loss, seed| {
+            let config = RunConfig {
+                loss,
+                seed,
+                ..trainer(0.0).config().clone()
+            };
+            Trainer::new(config, split.clone(), device()).unwrap()
+        };
+        let weights = |t: &Trainer| {
+            let tensors = crate::weights::torchvision_tensors(t.encoder());
+            tensors.into_iter().map(|t| t.data).collect::<Vec<_>>()
+        };
+        let (dcl, infonce) = (make(LossKind::Dcl, 1), make(LossKind::Infonce, 1));
+        assert!(weights(&dcl) == weights(&infonce));
+        assert_eq!(dcl.upcoming_views(4), infonce.upcoming_views(4));
+        let other = make(LossKind::Dcl, 2);
+        assert!(weights(&dcl) != weights(&other));
+        assert_ne!(dcl.upcoming_views(4), other.upcoming_views(4));
     }
 
     #[test]

@@ -3,13 +3,13 @@
 //! the page's worker pumps [`Session::advance`] one event at a time and draws each; experiments
 //! collect the events they need.
 //!
-//! Events come in this order: the monitor's evaluation of the untrained encoder, then per epoch
+//! Events come in this order: the monitor on raw pixels and on the untrained encoder, then per epoch
 //! its steps, the evaluation after it, and `Epoch` (a checkpoint is due); `Finished` last. A
 //! session restored from a checkpoint after epoch e goes on with epoch e + 1's first step.
 
 use super::{RunConfig, Trainer};
 use crate::data::{Dataset, Split};
-use crate::eval::knn_monitor_async;
+use crate::eval::{knn_monitor_async, pixel_knn_top1};
 use burn::module::AutodiffModule;
 use burn::tensor::Device;
 use serde::Serialize;
@@ -19,6 +19,11 @@ use web_time::Instant;
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
+    /// The kNN monitor on raw pixels, once before anything else: the level an encoder must
+    /// beat to be of use.
+    Pixels {
+        knn_top1: f64,
+    },
     /// One optimization step; `step` counts from 0 over the whole run, `images_per_sec` is the
     /// current epoch's average so far (images, not views).
     Step {
@@ -63,6 +68,7 @@ pub struct Session {
     monitor: Option<Monitor>,
     /// The epoch whose evaluation has been reported.
     evaluated: Option<usize>,
+    pixels_reported: bool,
     checkpoint_due: bool,
     epoch_started: Option<Instant>,
 }
@@ -81,6 +87,7 @@ impl Session {
             trainer: Trainer::new(config, train, device)?,
             monitor,
             evaluated: None,
+            pixels_reported: false,
             checkpoint_due: false,
             epoch_started: None,
         })
@@ -112,6 +119,7 @@ impl Session {
     ) -> anyhow::Result<()> {
         self.trainer.restore(epoch, weights, optimizer)?;
         self.evaluated = Some(epoch);
+        self.pixels_reported = true;
         self.checkpoint_due = false;
         Ok(())
     }
@@ -122,6 +130,12 @@ impl Session {
             self.trainer.end_epoch();
             self.checkpoint_due = true;
             self.epoch_started = None;
+        }
+        if let Some(m) = self.monitor.as_ref().filter(|_| !self.pixels_reported) {
+            self.pixels_reported = true;
+            let knn_top1 =
+                pixel_knn_top1(&m.bank, &m.queries, m.classes, self.trainer.device()).await?;
+            return Ok(Event::Pixels { knn_top1 });
         }
         let epoch = self.trainer.epoch;
         if self.monitor.is_some() && self.evaluated != Some(epoch) {
@@ -221,6 +235,7 @@ mod tests {
 
     fn kinds(events: &[Event]) -> String {
         let kind = |e: &Event| match e {
+            Event::Pixels { .. } => "P",
             Event::Step { .. } => "s",
             Event::Evaluation { .. } => "E",
             Event::Epoch { .. } => "|",
@@ -241,7 +256,7 @@ mod tests {
         let mut session = Session::new(config(), &dataset(6), device.clone()).unwrap();
         let events = run(&mut session);
         // limit 8, batch 4: two steps an epoch.
-        assert_eq!(kinds(&events), "EssE|ssE|.");
+        assert_eq!(kinds(&events), "PEssE|ssE|.");
         let steps: Vec<usize> = events
             .iter()
             .filter_map(|e| match e {
@@ -250,9 +265,13 @@ mod tests {
             })
             .collect();
         assert_eq!(steps, [0, 1, 2, 3]);
-        assert!(matches!(events[3], Event::Evaluation { epoch: 1, .. }));
-        assert!(matches!(events[4], Event::Epoch { epoch: 1 }));
-        let Event::Evaluation { features, .. } = &events[0] else {
+        let Event::Pixels { knn_top1 } = events[0] else {
+            unreachable!()
+        };
+        assert!((0.0..=1.0).contains(&knn_top1), "{knn_top1}");
+        assert!(matches!(events[4], Event::Evaluation { epoch: 1, .. }));
+        assert!(matches!(events[5], Event::Epoch { epoch: 1 }));
+        let Event::Evaluation { features, .. } = &events[1] else {
             unreachable!()
         };
         assert_eq!(
@@ -290,7 +309,7 @@ mod tests {
             Event::Evaluation { knn_top1, .. } => Some(*knn_top1),
             _ => None,
         };
-        let tail: Vec<_> = events[5..].iter().map(loss).collect();
+        let tail: Vec<_> = events[6..].iter().map(loss).collect();
         assert_eq!(rest.iter().map(loss).collect::<Vec<_>>(), tail);
     }
 }

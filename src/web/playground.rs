@@ -45,30 +45,17 @@ struct Run {
     test_features: Vec<f32>,
 }
 
-/// An event as the page's worker sees it (camelCase; evaluations carry the scatter's points).
+/// An event as the page's worker sees it: the session's own (as `metrics.jsonl` has it), except
+/// that an evaluation carries the scatter's points.
 #[derive(Serialize)]
-#[serde(
-    tag = "event",
-    rename_all = "camelCase",
-    rename_all_fields = "camelCase"
-)]
+#[serde(untagged)]
 enum PageEvent {
-    Step {
-        epoch: usize,
-        step: usize,
-        loss: f64,
-        lr: f64,
-        images_per_sec: f64,
-    },
     Knn(Evaluation),
-    Epoch {
-        epoch: usize,
-    },
-    Finished,
+    Session(Event),
 }
 
 #[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(tag = "event", rename = "knn", rename_all = "camelCase")]
 struct Evaluation {
     epoch: usize,
     knn_top1: f64,
@@ -82,26 +69,12 @@ impl Run {
     /// [`Playground::neighbors`].
     fn page_event(&mut self, event: Event) -> PageEvent {
         match event {
-            Event::Step {
-                epoch,
-                step,
-                loss,
-                lr,
-                images_per_sec,
-            } => PageEvent::Step {
-                epoch,
-                step,
-                loss,
-                lr,
-                images_per_sec,
-            },
             Event::Evaluation {
                 epoch,
                 knn_top1,
                 features,
             } => PageEvent::Knn(self.evaluation(epoch, knn_top1, features)),
-            Event::Epoch { epoch } => PageEvent::Epoch { epoch },
-            Event::Finished => PageEvent::Finished,
+            other => PageEvent::Session(other),
         }
     }
 
@@ -188,9 +161,10 @@ impl Playground {
         })
     }
 
-    /// The run's next event: `{event: 'step', epoch, step, loss, lr, imagesPerSec}`,
-    /// `{event: 'knn', epoch, knnTop1, points, labels}` (the first one is the untrained
-    /// encoder's), `{event: 'epoch', epoch}` or `{event: 'finished'}`.
+    /// The run's next event, as `metrics.jsonl` has it: `{event: 'pixels', knn_top1}` (raw
+    /// pixels, first), `{event: 'step', epoch, step, loss, lr, images_per_sec}`,
+    /// `{event: 'epoch', epoch}` or `{event: 'finished'}`; evaluations come as
+    /// `{event: 'knn', epoch, knnTop1, points, labels}` (the first is the untrained encoder's).
     pub fn advance(&self) -> Promise {
         with_run(&self.run, |run| async move {
             let mut run = run.borrow_mut();

@@ -3,22 +3,17 @@
 //! one: the paper's Figure 2 on this machine's data.
 
 use crate::augment::{view_pairs, ViewConfig};
+use crate::cli::chart::{Chart, Point, Series};
 use crate::data::{discover, Split, IMAGE_LEN, SIDE};
 use crate::model::{Encoder, ModelName};
 use crate::npc::{anchor_logits, summarize, Summary};
 use crate::run::RunDir;
 use crate::weights::{init_encoder, module_from_bytes, write_atomic};
 use burn::tensor::{Device, Tensor, TensorData};
-use clap::{Args, Subcommand};
+use clap::Args;
 use rand::seq::SliceRandom;
 use std::fmt::Write;
 use std::path::PathBuf;
-
-#[derive(Subcommand)]
-pub enum ExperimentCommand {
-    /// The NPC multiplier q per batch size and temperature: npc.md, npc.json, npc.svg.
-    Npc(NpcArgs),
-}
 
 #[derive(Args)]
 pub struct NpcArgs {
@@ -42,12 +37,6 @@ pub struct NpcArgs {
     out: PathBuf,
 }
 
-pub fn run(command: ExperimentCommand) -> anyhow::Result<()> {
-    match command {
-        ExperimentCommand::Npc(args) => npc(args),
-    }
-}
-
 #[derive(serde::Serialize)]
 struct Row {
     encoder: &'static str,
@@ -57,7 +46,7 @@ struct Row {
     q: Summary,
 }
 
-fn npc(args: NpcArgs) -> anyhow::Result<()> {
+pub fn run(args: NpcArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         args.batch_sizes.iter().all(|&b| b >= 2),
         "--batch-sizes must be 2 or more each"
@@ -127,10 +116,7 @@ fn npc(args: NpcArgs) -> anyhow::Result<()> {
         serde_json::to_string_pretty(&rows)?.as_bytes(),
     )?;
     write_atomic(&args.out.join("npc.md"), markdown(&rows, &args).as_bytes())?;
-    write_atomic(
-        &args.out.join("npc.svg"),
-        svg(&rows, &args.batch_sizes).as_bytes(),
-    )?;
+    write_atomic(&args.out.join("npc.svg"), svg(&rows).as_bytes())?;
     eprintln!("wrote {}/npc.md, npc.json, npc.svg", args.out.display());
     Ok(())
 }
@@ -199,78 +185,32 @@ fn markdown(rows: &[Row], args: &NpcArgs) -> String {
     md
 }
 
-/// Mean q against batch size (log scale) per encoder and temperature, bars from p10 to p90.
-fn svg(rows: &[Row], batch_sizes: &[usize]) -> String {
-    let (w, h, pad) = (640.0, 400.0, 50.0);
-    let (lo, hi) = (
-        (*batch_sizes.iter().min().unwrap_or(&2) as f64).log2(),
-        (*batch_sizes.iter().max().unwrap_or(&4) as f64)
-            .log2()
-            .max(1.0),
-    );
-    let x = |b: usize| pad + ((b as f64).log2() - lo) / (hi - lo).max(1e-9) * (w - 2.0 * pad);
-    let y = |q: f64| h - pad - q * (h - 2.0 * pad);
-    let mut s = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
-         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-         <line x1=\"{pad}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n\
-         <line x1=\"{pad}\" y1=\"{pad}\" x2=\"{pad}\" y2=\"{}\" stroke=\"black\"/>\n\
-         <text x=\"{}\" y=\"{}\" text-anchor=\"middle\">batch size</text>\n\
-         <text x=\"12\" y=\"{}\" transform=\"rotate(-90 12 {})\" text-anchor=\"middle\">q = 1 - p_pos</text>\n",
-        h - pad, w - pad, h - pad, h - pad, w / 2.0, h - 10.0, h / 2.0, h / 2.0
-    );
-    for &b in batch_sizes {
-        let _ = writeln!(
-            s,
-            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{b}</text>",
-            x(b),
-            h - pad + 16.0
-        );
-    }
-    for q in [0.0, 0.5, 1.0] {
-        let _ = writeln!(
-            s,
-            "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{q}</text>",
-            pad - 4.0,
-            y(q) + 4.0
-        );
-    }
-    let colors = [
-        "#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b",
-    ];
+/// Mean q against batch size per encoder and temperature, bars from p10 to p90.
+fn svg(rows: &[Row]) -> String {
     let mut series: Vec<(&str, f64)> = rows.iter().map(|r| (r.encoder, r.temperature)).collect();
-    series.dedup();
     series.sort_by(|a, b| a.0.cmp(b.0).then(a.1.total_cmp(&b.1)));
     series.dedup();
-    for (i, (encoder, t)) in series.iter().enumerate() {
-        let color = colors[i % colors.len()];
-        let points: Vec<&Row> = rows
-            .iter()
-            .filter(|r| r.encoder == *encoder && r.temperature == *t)
-            .collect();
-        let path: Vec<String> = points
-            .iter()
-            .map(|r| format!("{:.1},{:.1}", x(r.batch_size), y(r.q.mean)))
-            .collect();
-        let _ = writeln!(
-            s,
-            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>",
-            path.join(" ")
-        );
-        for r in &points {
-            let _ = writeln!(
-                s,
-                "<line x1=\"{0:.1}\" x2=\"{0:.1}\" y1=\"{1:.1}\" y2=\"{2:.1}\" stroke=\"{color}\"/>",
-                x(r.batch_size), y(r.q.p10), y(r.q.p90)
-            );
-        }
-        let _ = writeln!(
-            s,
-            "<text x=\"{}\" y=\"{}\" fill=\"{color}\">{encoder}, t = {t}</text>",
-            w - pad - 110.0,
-            pad + 16.0 * i as f64
-        );
+    let series = series
+        .into_iter()
+        .map(|(encoder, t)| Series {
+            label: format!("{encoder}, t = {t}"),
+            points: rows
+                .iter()
+                .filter(|r| r.encoder == encoder && r.temperature == t)
+                .map(|r| Point {
+                    batch_size: r.batch_size,
+                    value: r.q.mean,
+                    low: r.q.p10,
+                    high: r.q.p90,
+                })
+                .collect(),
+        })
+        .collect();
+    Chart {
+        y_label: "q = 1 - p_pos".into(),
+        series,
+        levels: vec![],
+        y_range: Some((0.0, 1.0)),
     }
-    s.push_str("</svg>\n");
-    s
+    .svg()
 }
