@@ -28,14 +28,14 @@ pub fn device(kind: DeviceKind) -> anyhow::Result<Device> {
         DeviceKind::Cpu => cpu(),
         #[cfg(feature = "wgpu")]
         DeviceKind::Wgpu => probe(
-            Device::wgpu(burn::tensor::DeviceKind::default()),
+            shared_wgpu,
             "wgpu",
             "no Vulkan/Metal/DX12 adapter found (on a machine without a GPU, install Mesa's \
              lavapipe: apt install mesa-vulkan-drivers)",
         )?,
         #[cfg(feature = "cuda")]
         DeviceKind::Cuda => probe(
-            Device::cuda(0usize),
+            || Device::cuda(0usize),
             "cuda",
             "no CUDA GPU or driver found (libcuda and NVRTC are loaded at run time; use --device \
              cpu or wgpu here)",
@@ -79,19 +79,71 @@ fn default_to_cpu() {
     });
 }
 
+/// The wgpu context Burn's wgpu device runs on, shared with the WGSL kernels (the fused loss):
+/// one adapter, one device and one queue for the whole run. Set up once per process natively
+/// (by [`device`]) and once per page (by the playground's `initWebGpu`).
+#[cfg(all(feature = "wgpu", not(target_family = "wasm")))]
+static SHARED_WGPU: std::sync::OnceLock<std::sync::Arc<crate::gpu::GpuContext>> =
+    std::sync::OnceLock::new();
+
+#[cfg(all(feature = "webgpu", target_family = "wasm"))]
+thread_local! {
+    static SHARED_WGPU: std::cell::OnceCell<std::sync::Arc<crate::gpu::GpuContext>> =
+        const { std::cell::OnceCell::new() };
+}
+
+/// The context of [`shared_wgpu`], once it is set up.
+#[cfg(all(feature = "wgpu", not(target_family = "wasm")))]
+pub fn wgpu_context() -> Option<std::sync::Arc<crate::gpu::GpuContext>> {
+    SHARED_WGPU.get().cloned()
+}
+
+#[cfg(all(feature = "webgpu", target_family = "wasm"))]
+pub fn wgpu_context() -> Option<std::sync::Arc<crate::gpu::GpuContext>> {
+    SHARED_WGPU.with(|c| c.get().cloned())
+}
+
+/// Burn's default wgpu device, set up here (not lazily by Burn) so its context can be shared.
+#[cfg(all(feature = "wgpu", not(target_family = "wasm")))]
+fn shared_wgpu() -> Device {
+    use burn::backend::wgpu::{graphics::AutoGraphicsApi, init_setup, WgpuDevice};
+    SHARED_WGPU.get_or_init(|| {
+        let setup = init_setup::<AutoGraphicsApi>(&WgpuDevice::default(), Default::default());
+        std::sync::Arc::new(crate::gpu::GpuContext::from_setup(setup))
+    });
+    Device::wgpu(burn::tensor::DeviceKind::default())
+}
+
+/// The page's Burn device on the browser's WebGPU, sharing its context as [`shared_wgpu`] does
+/// natively. Awaited once before anything else runs on the GPU.
+#[cfg(all(feature = "webgpu", target_family = "wasm"))]
+pub async fn init_page_webgpu() {
+    use burn::backend::wgpu::{graphics::WebGpu, init_setup_async, WgpuDevice};
+    if wgpu_context().is_some() {
+        return;
+    }
+    let setup = init_setup_async::<WebGpu>(&WgpuDevice::default(), Default::default()).await;
+    let context = std::sync::Arc::new(crate::gpu::GpuContext::from_setup(setup));
+    SHARED_WGPU.with(|c| {
+        let _ = c.set(context);
+    });
+}
+
 /// Burn panics when a GPU backend cannot start; turn that into an error that says what to do.
 #[allow(dead_code)]
-fn probe(device: Device, name: &str, hint: &str) -> anyhow::Result<Device> {
+fn probe(make: impl FnOnce() -> Device, name: &str, hint: &str) -> anyhow::Result<Device> {
     let previous = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        Tensor::<1>::ones([1], &device)
+        let device = make();
+        let ones = Tensor::<1>::ones([1], &device)
             .into_data()
-            .try_to_vec::<f32>()
+            .try_to_vec::<f32>();
+        ones.map(|v| (v, device))
     }));
     std::panic::set_hook(previous);
     match result {
-        Ok(Ok(v)) if v == [1.0] => Ok(device),
+        Ok(Ok((v, device))) if v == [1.0] => Ok(device),
         Ok(_) => anyhow::bail!("--device {name}: the device returned wrong data on a self-test"),
         Err(panic) => {
             let detail = panic

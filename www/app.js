@@ -288,9 +288,18 @@ function formConfig() {
   return config;
 }
 
-function start(overrides = {}) {
+/// Starts a run of the form's settings with `overrides`. Called right at page load it waits for
+/// the worker, and the worker's queue holds it until the default data has arrived.
+async function start(overrides = {}) {
+  await launched;
+  if (!worker) throw new Error('this browser has no usable WebGPU, so the playground cannot train here');
   const config = { ...formConfig(), ...overrides };
   worker.postMessage({ type: 'start', config });
+}
+
+async function tellWorker(type) {
+  await launched;
+  if (worker) worker.postMessage({ type });
 }
 
 /// Parses picked, dropped or given files in the worker; resolves to the dataset's summary.
@@ -339,7 +348,7 @@ async function showNeighbors(event) {
 }
 
 function wire() {
-  $('start').onclick = () => start();
+  $('start').onclick = () => start().catch((e) => fail(e.message));
   $('pause').onclick = () => worker.postMessage({ type: state.status === 'paused' ? 'resume' : 'pause' });
   $('reset').onclick = () => {
     worker.postMessage({ type: 'pause' });
@@ -393,8 +402,8 @@ async function main() {
 // The automation hook for tests and tutorials.
 window.dclPlayground = {
   start,
-  pause: () => worker && worker.postMessage({ type: 'pause' }),
-  resume: () => worker && worker.postMessage({ type: 'resume' }),
+  pause: () => tellWorker('pause'),
+  resume: () => tellWorker('resume'),
   state: () => structuredClone({ ...state }),
   // [{name, bytes: ArrayBuffer}] -> the dataset's summary, or an error naming the bad file.
   loadFiles: (files) => loadFiles(files.map((f) => ({ name: f.name, bytes: f.bytes.buffer ?? f.bytes }))),
@@ -409,4 +418,5 @@ window.dclPlayground = {
     ask({ type: 'loss', z1: Array.from(z1), z2: Array.from(z2), n, d, kind, temperature, sigma, fused: true }),
 };
 
-main().catch((e) => fail(String(e.message || e)));
+// Settles once the worker exists, or once the page knows there is no WebGPU.
+const launched = main().catch((e) => fail(String(e.message || e)));

@@ -106,14 +106,15 @@ impl Preset {
 
 impl Recipe {
     pub fn config(&self, loss: LossKind, batch_size: usize, seed: u64) -> RunConfig {
-        let mut config = self.from_flags(loss, batch_size, seed);
+        let mut config = self.as_flagged(loss, batch_size, seed);
         if let Some(preset) = self.preset {
             preset.apply(&mut config);
         }
         config
     }
 
-    fn from_flags(&self, loss: LossKind, batch_size: usize, seed: u64) -> RunConfig {
+    /// The config the flags spell out, before any preset.
+    fn as_flagged(&self, loss: LossKind, batch_size: usize, seed: u64) -> RunConfig {
         RunConfig {
             data: self.data.clone(),
             model: self.model,

@@ -42,6 +42,17 @@ impl GpuContext {
         })
     }
 
+    /// The device and queue that Burn's wgpu backend was set up on, so the WGSL kernels and Burn
+    /// share one device (see `backend`).
+    #[cfg(feature = "train")]
+    pub fn from_setup(setup: burn::backend::wgpu::WgpuSetup) -> Self {
+        Self {
+            adapter_name: setup.adapter.get_info().name,
+            device: setup.device,
+            queue: setup.queue,
+        }
+    }
+
     /// Blocks on [`GpuContext::new`] (native only).
     #[cfg(not(target_arch = "wasm32"))]
     pub fn blocking() -> anyhow::Result<Self> {

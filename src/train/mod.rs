@@ -72,18 +72,23 @@ pub struct Trainer {
     pub step_in_epoch: usize,
 }
 
-/// The fused loss kernel on its own wgpu device: the embeddings cross to it through the host,
-/// a few hundred kilobytes a step.
+/// The fused loss kernel on Burn's own wgpu device (`backend::wgpu_context`). The embeddings
+/// still cross through the host, a few hundred kilobytes a step: Burn's buffers are not handed
+/// to the kernel.
 #[cfg(any(feature = "wgpu", feature = "webgpu"))]
 struct FusedPath {
-    gpu: crate::gpu::GpuContext,
+    gpu: std::sync::Arc<crate::gpu::GpuContext>,
     kernel: crate::gpu::loss::FusedLoss,
 }
 
 #[cfg(any(feature = "wgpu", feature = "webgpu"))]
 impl FusedPath {
-    async fn new() -> anyhow::Result<Self> {
-        let gpu = crate::gpu::GpuContext::new().await?;
+    fn new() -> anyhow::Result<Self> {
+        let gpu = crate::backend::wgpu_context().ok_or_else(|| {
+            anyhow::anyhow!(
+                "the fused loss kernel runs on the wgpu device that backend::device makes"
+            )
+        })?;
         let kernel = crate::gpu::loss::FusedLoss::new(&gpu);
         Ok(Self { gpu, kernel })
     }
@@ -286,7 +291,7 @@ impl Trainer {
         z2: Tensor<2>,
     ) -> anyhow::Result<(f64, Tensor<1>)> {
         if self.fused.is_none() {
-            self.fused = Some(FusedPath::new().await?);
+            self.fused = Some(FusedPath::new()?);
         }
         let fused = self.fused.as_ref().expect("made above");
         let [n, d] = z1.dims();

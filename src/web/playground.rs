@@ -36,7 +36,7 @@ fn webgpu() -> Device {
 /// `requestAdapter()` before calling this, so a missing adapter gets its message there.
 #[wasm_bindgen(js_name = initWebGpu)]
 pub async fn init_webgpu() {
-    Device::wgpu_async(burn::tensor::DeviceKind::default()).await;
+    crate::backend::init_page_webgpu().await;
 }
 
 struct Run {

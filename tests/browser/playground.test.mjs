@@ -88,15 +88,15 @@ const STEPS = 4;
 test(`the page trains on WebGPU: ${STEPS} steps, finite losses, the weights move`, { timeout: 1_500_000 }, async () => {
   const { browser, page, logs } = await open(true);
   try {
-    const ready = await waitFor(page, 'default data', (s) => s.dataset, 180_000);
-    assert.equal(ready.dataset.name, 'fashion-mnist');
-    // Paused at once: the untrained weights, saved before the first step.
+    // Started right at page load, as a tutorial would: the run waits for the default data. Paused
+    // at once: the untrained weights, saved before the first step.
     const before = await page.evaluate(async () => {
       const p = window.dclPlayground;
       await p.start({ batchSize: 8, subset: 64, evalImages: 64, epochs: 2, lr: 0.001, temperature: 0.1, loss: 'dcl' });
-      p.pause();
+      await p.pause();
       return Array.from(await p.save());
     });
+    assert.equal((await pageState(page)).dataset.name, 'fashion-mnist');
     await page.evaluate(() => window.dclPlayground.resume());
     const s = await waitFor(page, `${STEPS} steps`, (s) => s.step >= STEPS, 1_200_000);
     assert.ok(s.losses.every(Number.isFinite), `non-finite loss in ${s.losses}`);
@@ -106,7 +106,7 @@ test(`the page trains on WebGPU: ${STEPS} steps, finite losses, the weights move
     // Save, load the file back into the run, save again: the same bytes, the CLI's format.
     const trip = await page.evaluate(async () => {
       const p = window.dclPlayground;
-      p.pause();
+      await p.pause();
       const saved = await p.save();
       const knn = await p.loadWeights(saved);
       const again = await p.save();
@@ -137,7 +137,7 @@ test(`the page trains on WebGPU: ${STEPS} steps, finite losses, the weights move
       pixels = await painted();
     }
     assert.ok(pixels >= 8 * 44 * 44, `neighbours strip painted ${pixels} pixels`);
-    console.log(`# steps ${s.step}, loss ${first.toFixed(4)} -> ${last.toFixed(4)}, ${s.imagesPerSec.toFixed(2)} images/s`);
+    console.log(`# steps ${s.step}, losses ${s.losses.map((l) => l.toFixed(4)).join(' ')}, ${s.imagesPerSec.toFixed(2)} images/s`);
   } catch (e) {
     console.log(logs.slice(-20).join('\n'));
     throw e;
