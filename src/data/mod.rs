@@ -7,6 +7,7 @@
 pub mod cifar;
 pub mod discover;
 pub mod idx;
+#[cfg(not(target_arch = "wasm32"))]
 pub mod npy;
 
 use serde::Serialize;

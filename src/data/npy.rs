@@ -1,5 +1,6 @@
-//! Minimal `.npy` (NumPy) reading and writing for float arrays, the currency of people porting
-//! losses from PyTorch.
+//! `.npy` (NumPy) reading and writing for float arrays, the currency of people porting losses
+//! from PyTorch: the `npyz` crate does the format; this module narrows it to what `dcl` takes
+//! (float32 or float64, C order), bounds it by the file's size, and words the errors.
 
 /// A float array read from `.npy`, widened to f64 so float32 and float64 inputs are both exact.
 #[derive(Debug, Clone, PartialEq)]
@@ -10,24 +11,17 @@ pub struct Array {
 
 /// Parses `.npy` bytes holding little-endian float32 or float64 in C order.
 pub fn parse(bytes: &[u8]) -> Result<Array, String> {
-    const MAGIC: &[u8] = b"\x93NUMPY";
-    if !bytes.starts_with(MAGIC) || bytes.len() < 10 {
-        return Err("not a .npy file (bad magic)".into());
+    let file = npyz::NpyFile::new(bytes).map_err(|e| format!("not a readable .npy file ({e})"))?;
+    if file.order() == npyz::Order::Fortran {
+        return Err("Fortran-ordered arrays are unsupported".into());
     }
-    let (header_len, start) = match bytes[6] {
-        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
-        2 | 3 if bytes.len() >= 12 => (
-            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
-            12,
-        ),
-        v => return Err(format!("unsupported .npy version {v}")),
-    };
-    let header = bytes
-        .get(start..start + header_len)
-        .ok_or("truncated .npy header")?;
-    let header = std::str::from_utf8(header).map_err(|_| "header is not text")?;
-    let descr = dict_value(header, "descr").ok_or("header has no 'descr'")?;
-    let width = match descr.trim_matches(|c| c == '\'' || c == '"') {
+    let shape = file
+        .shape()
+        .iter()
+        .map(|&d| usize::try_from(d).map_err(|_| format!("shape entry {d} is too large")))
+        .collect::<Result<Vec<usize>, String>>()?;
+    let descr = file.dtype().descr();
+    let width: usize = match descr.trim_matches(|c| c == '\'' || c == '"') {
         "<f4" => 4,
         "<f8" => 8,
         other => {
@@ -36,76 +30,48 @@ pub fn parse(bytes: &[u8]) -> Result<Array, String> {
             ))
         }
     };
-    if dict_value(header, "fortran_order").is_some_and(|v| v.starts_with("True")) {
-        return Err("Fortran-ordered arrays are unsupported".into());
-    }
-    let shape = parse_shape(header)?;
-    let count: usize = shape.iter().product();
-    let payload = &bytes[start + header_len..];
-    if payload.len() != count * width {
-        return Err(format!(
-            "payload is {} bytes but shape {shape:?} of {width}-byte floats needs {}",
-            payload.len(),
-            count * width
-        ));
-    }
+    // Checked before reading, so a header that promises more than the file holds allocates
+    // nothing.
+    let needed = shape
+        .iter()
+        .try_fold(width, |acc, &d| acc.checked_mul(d))
+        .filter(|&n| n <= bytes.len())
+        .ok_or_else(|| {
+            format!(
+                "the file is {} bytes, too short for shape {shape:?} of {width}-byte floats",
+                bytes.len()
+            )
+        })?;
+    let short = |e: std::io::Error| {
+        format!("the payload ends before shape {shape:?} of {width}-byte floats ({needed} bytes) is read: {e}")
+    };
     let data = if width == 4 {
-        let f = |c: &[u8]| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64;
-        payload.chunks_exact(4).map(f).collect()
+        file.into_vec::<f32>()
+            .map_err(short)?
+            .into_iter()
+            .map(f64::from)
+            .collect()
     } else {
-        let f = |c: &[u8]| f64::from_le_bytes(c.try_into().unwrap());
-        payload.chunks_exact(8).map(f).collect()
+        file.into_vec::<f64>().map_err(short)?
     };
     Ok(Array { shape, data })
 }
 
-/// The value of `key` in the header's Python dict literal: a quoted string, a tuple or a word.
-fn dict_value<'a>(header: &'a str, key: &str) -> Option<&'a str> {
-    let at = header.find(&format!("'{key}'"))?;
-    let rest = &header[at + key.len() + 2..];
-    let rest = rest[rest.find(':')? + 1..].trim_start();
-    let end = match rest.chars().next()? {
-        q @ ('\'' | '"') => rest[1..].find(q)? + 2,
-        '(' => rest.find(')')? + 1,
-        _ => rest.find([',', '}']).unwrap_or(rest.len()),
-    };
-    Some(&rest[..end])
-}
-
-fn parse_shape(header: &str) -> Result<Vec<usize>, String> {
-    let value = dict_value(header, "shape").ok_or("header has no 'shape'")?;
-    let inner = value
-        .strip_prefix('(')
-        .and_then(|v| v.split(')').next())
-        .ok_or("malformed shape")?;
-    inner
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(|s| {
-            s.parse()
-                .map_err(|_| format!("malformed shape entry '{s}'"))
-        })
-        .collect()
-}
-
-/// Serializes a float32 array as `.npy` version 1.0.
+/// Serializes a float32 array as `.npy` (format 1.0, NumPy's own layout).
 pub fn to_bytes(shape: &[usize], data: &[f32]) -> Vec<u8> {
-    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-    let tuple = match dims.len() {
-        1 => format!("({},)", dims[0]),
-        _ => format!("({})", dims.join(", ")),
-    };
-    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {tuple}, }}");
-    // The header (with magic, version, length and newline) pads to a multiple of 64 bytes.
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut out = b"\x93NUMPY\x01\x00".to_vec();
-    out.extend((header.len() as u16).to_le_bytes());
-    out.extend(header.as_bytes());
-    out.extend(data.iter().flat_map(|v| v.to_le_bytes()));
+    let dims: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
+    let mut out = Vec::new();
+    use npyz::WriterBuilder;
+    let written = npyz::WriteOptions::<f32>::new()
+        .default_dtype()
+        .shape(&dims)
+        .writer(&mut out)
+        .begin_nd()
+        .and_then(|mut w| {
+            w.extend(data.iter().copied())?;
+            w.finish()
+        });
+    written.expect("writing to memory cannot fail");
     out
 }
 
@@ -127,11 +93,19 @@ mod tests {
     fn rejects_truncated_payload_and_wrong_dtype() {
         let bytes = to_bytes(&[2, 2], &[1.0; 4]);
         let err = parse(&bytes[..bytes.len() - 3]).unwrap_err();
-        assert!(err.contains("payload is 13 bytes"), "{err}");
+        assert!(err.contains("payload ends before shape [2, 2]"), "{err}");
+        // A header promising far more than the file holds is refused before any allocation.
+        let header = "{'descr': '<f4', 'fortran_order': False, 'shape': (9999999999, 9999999), }\n";
+        let mut huge = b"\x93NUMPY\x01\x00".to_vec();
+        huge.extend((header.len() as u16).to_le_bytes());
+        huge.extend(header.as_bytes());
+        huge.extend([0u8; 16]);
+        let err = parse(&huge).unwrap_err();
+        assert!(err.contains("too short for shape"), "{err}");
         let mut bad = bytes.clone();
         let at = bad.windows(3).position(|w| w == b"<f4").unwrap();
         bad[at + 1] = b'i';
         assert!(parse(&bad).unwrap_err().contains("<i4"));
-        assert!(parse(b"hello").unwrap_err().contains("magic"));
+        assert!(parse(b"hello").unwrap_err().contains("not a readable .npy"));
     }
 }

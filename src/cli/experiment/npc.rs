@@ -146,7 +146,13 @@ fn embed_views(
     let embed = |v: Vec<f32>| {
         debug_assert_eq!(v.len(), n * IMAGE_LEN);
         let x = Tensor::<4>::from_data(TensorData::new(v, [n, 3, SIDE, SIDE]), device);
-        futures_lite::future::block_on(crate::backend::read_f32(encoder.forward(x).detach()))
+        let z = encoder.forward(x);
+        let rows = futures_lite::future::block_on(crate::backend::read_f32(z.clone().detach()));
+        // Batch norm takes the batch's statistics only on the autodiff device, as in training,
+        // and there a forward pass's graph lives until a backward pass consumes it: without
+        // this, memory grew with every batch (24 GB, and killed, by batch 128 here).
+        let _ = z.sum().backward();
+        rows
     };
     Ok((embed(v1)?, embed(v2)?))
 }
