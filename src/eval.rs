@@ -282,18 +282,25 @@ pub async fn knn_monitor_async(
     let bank = features(backbone, train, device).await?;
     let queries = features(backbone, test, device).await?;
     let dim = bank.len() / train.len().max(1);
+    let top1 = monitor_top1((&bank, train), (&queries, test), dim, classes, device).await?;
+    Ok((top1, (bank, queries)))
+}
+
+/// The monitor's kNN (k = 200, cosine, t = 0.1) of `queries` against `bank`, rows of width `dim`.
+async fn monitor_top1(
+    bank: (&[f32], &Split),
+    queries: (&[f32], &Split),
+    dim: usize,
+    classes: usize,
+    device: &Device,
+) -> anyhow::Result<f64> {
+    let (b, q) = (bank.1, queries.1);
     let top1 = Knn::default()
         .top1(
-            &bank,
-            &train.labels,
-            &queries,
-            &test.labels,
-            dim,
-            classes,
-            device,
+            bank.0, &b.labels, queries.0, &q.labels, dim, classes, device,
         )
-        .await?[0];
-    Ok((top1, (bank, queries)))
+        .await?;
+    Ok(top1[0])
 }
 
 /// The kNN monitor's protocol on raw pixels (unit rows): the baseline of [`knn_monitor`].
@@ -304,18 +311,7 @@ pub async fn pixel_knn_top1(
     device: &Device,
 ) -> anyhow::Result<f64> {
     let (bank, queries) = (pixel_features(train), pixel_features(test));
-    let top1 = Knn::default()
-        .top1(
-            &bank,
-            &train.labels,
-            &queries,
-            &test.labels,
-            IMAGE_LEN,
-            classes,
-            device,
-        )
-        .await?;
-    Ok(top1[0])
+    monitor_top1((&bank, train), (&queries, test), IMAGE_LEN, classes, device).await
 }
 
 /// Each row's coordinates on the first two principal components of `rows` (row-major, `dim`
