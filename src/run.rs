@@ -1,6 +1,8 @@
 //! A run folder on disk: `config.toml`, `metrics.jsonl`, `checkpoints/`, `model.safetensors`.
 //! Checkpoints are whole folders renamed into place, and `checkpoints/latest` names the newest,
-//! so a kill at any moment leaves the last good checkpoint readable.
+//! so a kill at any moment leaves the last good checkpoint readable. Each checkpoint's
+//! `state.json` carries its files' CRC-32s: a damaged checkpoint is named and skipped for the one
+//! before it.
 
 use crate::train::RunConfig;
 use crate::weights::write_atomic;
@@ -80,12 +82,16 @@ impl RunDir {
     }
 
     /// On resume from `epoch`, drops the events logged after that checkpoint (and any line a kill
-    /// cut short), so the log reads as one uninterrupted run.
+    /// cut short), so the log reads as one uninterrupted run. Kept lines stay as written, byte
+    /// for byte (a parse and re-serialization can move a float by one ulp).
     pub fn truncate_events_after(&self, epoch: usize) -> anyhow::Result<()> {
-        let keep: Vec<String> = self
-            .events()
-            .into_iter()
-            .filter(|e| {
+        let text = fs::read_to_string(self.metrics_path()).unwrap_or_default();
+        let keep: Vec<&str> = text
+            .lines()
+            .filter(|line| {
+                let Ok(e) = serde_json::from_str::<Value>(line) else {
+                    return false;
+                };
                 // Events without an epoch (the raw-pixel baseline) come before any epoch's.
                 let ep = e["epoch"].as_u64().unwrap_or(0) as usize;
                 match e["event"].as_str() {
@@ -93,9 +99,13 @@ impl RunDir {
                     _ => ep <= epoch,
                 }
             })
-            .map(|e| e.to_string() + "\n")
+            .map(|line| line.trim_end())
             .collect();
-        write_atomic(&self.metrics_path(), keep.concat().as_bytes())
+        let mut kept = keep.join("\n");
+        if !kept.is_empty() {
+            kept.push('\n');
+        }
+        write_atomic(&self.metrics_path(), kept.as_bytes())
     }
 
     pub fn save_checkpoint(&self, ckpt: &Checkpoint) -> anyhow::Result<()> {
@@ -106,10 +116,14 @@ impl RunDir {
         fs::create_dir_all(&tmp)?;
         fs::write(tmp.join("model.bin"), &ckpt.weights)?;
         fs::write(tmp.join("optimizer.bin"), &ckpt.optimizer)?;
-        fs::write(
-            tmp.join("state.json"),
-            serde_json::json!({ "epoch": ckpt.epoch }).to_string(),
-        )?;
+        let state = serde_json::json!({
+            "epoch": ckpt.epoch,
+            "crc32": {
+                "model.bin": crc32fast::hash(&ckpt.weights),
+                "optimizer.bin": crc32fast::hash(&ckpt.optimizer),
+            },
+        });
+        fs::write(tmp.join("state.json"), state.to_string())?;
         for f in ["model.bin", "optimizer.bin", "state.json"] {
             fs::File::open(tmp.join(f))?.sync_all()?;
         }
@@ -143,24 +157,100 @@ impl RunDir {
         Ok(())
     }
 
+    /// The newest checkpoint that reads back whole. One that does not (a file missing, a
+    /// checksum that disagrees) is reported on stderr, by name, and the one before it is used;
+    /// when none is whole, the error names the newest.
     pub fn latest_checkpoint(&self) -> anyhow::Result<Option<Checkpoint>> {
         let dir = self.root.join("checkpoints");
-        let Ok(name) = fs::read_to_string(dir.join("latest")) else {
+        let Ok(latest) = fs::read_to_string(dir.join("latest")) else {
             return Ok(None);
         };
-        let ckpt = dir.join(name.trim());
-        let read = |f: &str| {
-            fs::read(ckpt.join(f))
-                .map_err(|e| anyhow::anyhow!("checkpoint {}: {f}: {e}", ckpt.display()))
-        };
-        let state: Value = serde_json::from_slice(&read("state.json")?)?;
-        let epoch = state["epoch"].as_u64().ok_or_else(|| {
-            anyhow::anyhow!("checkpoint {}: state.json has no epoch", ckpt.display())
-        })?;
-        Ok(Some(Checkpoint {
-            epoch: epoch as usize,
-            weights: read("model.bin")?,
-            optimizer: read("optimizer.bin")?,
-        }))
+        let latest = latest.trim().to_string();
+        let mut older: Vec<String> = fs::read_dir(&dir)?
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with("epoch-") && n.as_str() < latest.as_str())
+            .collect();
+        older.sort();
+        let mut first_error = None;
+        for name in std::iter::once(latest).chain(older.into_iter().rev()) {
+            match read_checkpoint(&dir.join(&name)) {
+                Ok(ckpt) => return Ok(Some(ckpt)),
+                Err(e) => {
+                    eprintln!("{e}; trying the checkpoint before it");
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        Err(first_error.expect("the loop saw the latest checkpoint"))
+    }
+}
+
+/// One checkpoint folder, its files checked against the CRC-32s in its `state.json` (checkpoints
+/// written before checksums existed have none to check).
+fn read_checkpoint(ckpt: &Path) -> anyhow::Result<Checkpoint> {
+    let read = |f: &str| {
+        fs::read(ckpt.join(f))
+            .map_err(|e| anyhow::anyhow!("checkpoint {}: {f}: {e}", ckpt.display()))
+    };
+    let state: Value = serde_json::from_slice(&read("state.json")?)
+        .map_err(|e| anyhow::anyhow!("checkpoint {}: state.json: {e}", ckpt.display()))?;
+    let epoch = state["epoch"]
+        .as_u64()
+        .ok_or_else(|| anyhow::anyhow!("checkpoint {}: state.json has no epoch", ckpt.display()))?;
+    let checked = |f: &str| -> anyhow::Result<Vec<u8>> {
+        let bytes = read(f)?;
+        if let Some(expected) = state["crc32"][f].as_u64() {
+            let actual = crc32fast::hash(&bytes);
+            anyhow::ensure!(
+                u64::from(actual) == expected,
+                "checkpoint {} is damaged: {f} has CRC-32 {actual:08x}, state.json says {expected:08x}",
+                ckpt.display()
+            );
+        }
+        Ok(bytes)
+    };
+    Ok(Checkpoint {
+        epoch: epoch as usize,
+        weights: checked("model.bin")?,
+        optimizer: checked("optimizer.bin")?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn checkpoint(epoch: usize) -> Checkpoint {
+        Checkpoint {
+            epoch,
+            weights: vec![epoch as u8; 64],
+            optimizer: vec![7; 16],
+        }
+    }
+
+    #[test]
+    fn a_damaged_checkpoint_is_named_and_the_one_before_it_used() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = RunDir::create(tmp.path()).unwrap();
+        assert!(run.latest_checkpoint().unwrap().is_none());
+        run.save_checkpoint(&checkpoint(1)).unwrap();
+        run.save_checkpoint(&checkpoint(2)).unwrap();
+        assert_eq!(run.latest_checkpoint().unwrap().unwrap().epoch, 2);
+
+        // One flipped byte in the newest weights: epoch 1 is used instead.
+        let newest = tmp.path().join("checkpoints/epoch-0002/model.bin");
+        let mut bytes = fs::read(&newest).unwrap();
+        bytes[10] ^= 1;
+        fs::write(&newest, bytes).unwrap();
+        let ckpt = run.latest_checkpoint().unwrap().unwrap();
+        assert_eq!((ckpt.epoch, ckpt.weights[0]), (1, 1));
+
+        // Both damaged: the error names the newest and what is wrong with it.
+        fs::remove_file(tmp.path().join("checkpoints/epoch-0001/optimizer.bin")).unwrap();
+        let err = run.latest_checkpoint().err().unwrap().to_string();
+        assert!(
+            err.contains("epoch-0002") && err.contains("CRC-32"),
+            "{err}"
+        );
     }
 }

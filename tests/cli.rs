@@ -3,6 +3,7 @@
 use crate::common::*;
 use dcl::data::npy;
 use serde_json::Value;
+use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -263,6 +264,194 @@ fn data_get_without_internet_says_how_to_place_files() {
         err.contains("could not download") && err.contains("by hand"),
         "{err}"
     );
+}
+
+/// `cifar-10-binary.tar.gz` in the official layout, with `per_batch` images in each batch.
+fn cifar10_archive(per_batch: usize) -> Vec<u8> {
+    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let mut tar = tar::Builder::new(gz);
+    let mut add = |name: &str, bytes: &[u8]| {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(bytes.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        tar.append_data(&mut header, format!("cifar-10-batches-bin/{name}"), bytes)
+            .unwrap();
+    };
+    add("batches.meta.txt", b"airplane\nautomobile\n");
+    let batch = |first: usize| -> Vec<u8> {
+        (first..first + per_batch)
+            .flat_map(|i| cifar10_record(i, (i % 10) as u8))
+            .collect()
+    };
+    for b in 1..=5 {
+        add(&format!("data_batch_{b}.bin"), &batch(b * per_batch));
+    }
+    add("test_batch.bin", &batch(0));
+    tar.into_inner().unwrap().finish().unwrap()
+}
+
+/// Answers `bodies.len()` HTTP requests on loopback, the i-th with `bodies[i]` (`declared` bytes
+/// promised; fewer sent is a connection cut short). Returns the URL it serves.
+fn serve_once_each(bodies: Vec<(Vec<u8>, usize)>) -> String {
+    use std::io::{BufRead, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!(
+        "http://{}/cifar-10-binary.tar.gz",
+        listener.local_addr().unwrap()
+    );
+    std::thread::spawn(move || {
+        for (body, declared) in bodies {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            while reader.read_line(&mut line).unwrap() > 2 {
+                line.clear();
+            }
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {declared}\r\nConnection: close\r\n\r\n"
+            );
+            let _ = stream.write_all(head.as_bytes());
+            let _ = stream.write_all(&body);
+        }
+    });
+    url
+}
+
+#[test]
+fn data_get_fetches_verifies_and_refuses_bad_downloads() {
+    let archive = cifar10_archive(4);
+    let md5 = format!("{:x}", md5::compute(&archive));
+    let mut flipped = archive.clone();
+    flipped[archive.len() / 2] ^= 0x40;
+    let short = archive[..archive.len() - 100].to_vec();
+    let n = archive.len();
+    let url = serve_once_each(vec![
+        (flipped, n),
+        (short.clone(), short.len()),
+        (short, n),
+        (archive.clone(), n),
+    ]);
+    let tmp = tempfile::tempdir().unwrap();
+    let get = || {
+        Command::new(dcl_bin())
+            .args(["data", "get", "cifar10", "--dir"])
+            .arg(tmp.path())
+            .env("DCL_CIFAR10_URL", &url)
+            .env("DCL_CIFAR10_MD5", &md5)
+            .output()
+            .unwrap()
+    };
+    let listing = || -> Vec<String> {
+        std::fs::read_dir(tmp.path())
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .collect()
+    };
+    // Corrupted, truncated (with an honest length) and cut short: refused, nothing left behind.
+    for (what, needle) in [
+        ("corrupted", "checksum mismatch"),
+        ("truncated", "checksum mismatch"),
+        ("cut short", "could not download"),
+    ] {
+        let out = get();
+        assert_eq!(out.status.code(), Some(2), "{what}: {}", stderr(&out));
+        assert!(stderr(&out).contains(needle), "{what}: {}", stderr(&out));
+        assert!(listing().is_empty(), "{what}: left {:?}", listing());
+    }
+    let out = get();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(listing(), vec!["cifar-10-binary.tar.gz"]);
+    // Found by name in the folder it went to, and read as CIFAR-10.
+    let info = Command::new(dcl_bin())
+        .args(["data", "info", "cifar10", "--json"])
+        .env("DCL_DATA", tmp.path())
+        .output()
+        .unwrap();
+    assert!(info.status.success(), "{}", stderr(&info));
+    let info: Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(
+        (&info["train_images"], &info["test_images"]),
+        (&20.into(), &4.into()),
+        "{info}"
+    );
+}
+
+/// Hostile dataset files: each is refused with exit code 2 and a message that names the problem,
+/// in a process whose heap and anonymous memory are limited to 256 MiB (`ulimit -d`: an
+/// allocation past it would abort with another exit code).
+#[test]
+fn hostile_dataset_files_are_refused_within_256_mib() {
+    let tmp = tempfile::tempdir().unwrap();
+    let idx_header = |dims: &[u32]| -> Vec<u8> {
+        let mut raw = vec![0, 0, 8, dims.len() as u8];
+        raw.extend(dims.iter().flat_map(|d| d.to_be_bytes()));
+        raw
+    };
+    // A gzip bomb: 47 MB promised, a gigabyte of zeros delivered.
+    let mut bomb = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    bomb.write_all(&idx_header(&[60_000, 28, 28])).unwrap();
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..1024 {
+        bomb.write_all(&zeros).unwrap();
+    }
+    let bomb = bomb.finish().unwrap();
+    // A tar entry promising a terabyte.
+    let mut tar_bytes = Vec::new();
+    {
+        let mut header = tar::Header::new_gnu();
+        header
+            .set_path("cifar-10-batches-bin/data_batch_1.bin")
+            .unwrap();
+        header.set_size(1 << 40);
+        header.set_cksum();
+        tar_bytes.extend(header.as_bytes());
+        tar_bytes.extend([0u8; 4096]);
+    }
+    // (case, its files by name, what the refusal must say)
+    type Case<'a> = (&'a str, Vec<(&'a str, Vec<u8>)>, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            "idx-2g",
+            vec![
+                ("train-images-idx3-ubyte", idx_header(&[1 << 31, 28, 28])),
+                ("train-labels-idx1-ubyte", idx_header(&[1 << 31])),
+            ],
+            "promise more than",
+        ),
+        (
+            "idx-bomb",
+            vec![
+                ("train-images-idx3-ubyte.gz", bomb),
+                ("train-labels-idx1-ubyte", idx_header(&[60_000])),
+            ],
+            "need 47040000",
+        ),
+        (
+            "tar-tb",
+            vec![("cifar-10-binary.tar.gz", tar_bytes)],
+            "more than a CIFAR archive holds",
+        ),
+    ];
+    for (name, files, needle) in cases {
+        let dir = tmp.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        for (file, bytes) in &files {
+            std::fs::write(dir.join(file), bytes).unwrap();
+        }
+        let target = match files.len() {
+            1 => dir.join(files[0].0),
+            _ => dir.clone(),
+        };
+        let out = Command::new("bash")
+            .args(["-c", "ulimit -d 262144 && exec \"$0\" data info \"$1\""])
+            .arg(dcl_bin())
+            .arg(&target)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{name}: {}", stderr(&out));
+        assert!(stderr(&out).contains(needle), "{name}: {}", stderr(&out));
+    }
 }
 
 #[cfg(feature = "wgpu")]

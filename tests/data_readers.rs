@@ -62,8 +62,8 @@ fn truncated_or_corrupt_cifar_names_file_and_offset() {
     assert_eq!(err.offset, RECORD);
     assert!(err.to_string().contains("label 42"), "{err}");
 
-    let err =
-        cifar::from_archive("cifar-10-binary.tar.gz", &[0x1f, 0x8b, 8, 0, 1, 2, 3]).unwrap_err();
+    let err = cifar::from_archive("cifar-10-binary.tar.gz", &[0x1f, 0x8b, 8, 0, 1, 2, 3][..])
+        .unwrap_err();
     assert!(err.to_string().contains("cifar-10-binary.tar.gz"), "{err}");
 }
 

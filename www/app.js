@@ -20,6 +20,8 @@ const state = {
   knnTop1: [],
   /// The same kNN on raw pixels (the run's bank and queries).
   pixelsKnnTop1: null,
+  pixelsKnn: null,
+  knn: null,
   dataset: null,
   error: null,
   imagesPerSec: null,
@@ -168,6 +170,11 @@ function drawLegend() {
     .join('');
 }
 
+/// `k=20 78.1%, k=200 75.2%`: the monitor's two k, as `dcl eval` reports them.
+function knnText(byK) {
+  return Object.entries(byK || {}).map(([k, v]) => `k=${k} ${(100 * v).toFixed(1)}%`).join(', ');
+}
+
 function render() {
   const last = state.losses.length ? state.losses[state.losses.length - 1] : null;
   const knn = state.knnTop1.length ? state.knnTop1[state.knnTop1.length - 1] : null;
@@ -176,7 +183,7 @@ function render() {
     `epoch ${state.epoch}`,
     `step ${state.step}`,
     last === null ? '' : `loss ${last.toFixed(4)}`,
-    knn === null ? '' : `kNN top-1 ${(100 * knn).toFixed(1)}%`,
+    knn === null ? '' : `kNN top-1 ${knnText(state.knn)} (raw pixels ${knnText(state.pixelsKnn)})`,
     state.imagesPerSec ? `${state.imagesPerSec.toFixed(1)} images/s` : '',
   ].filter(Boolean).join('   ');
   const running = state.status === 'running';
@@ -245,13 +252,15 @@ const onMessage = {
   views({ pixels }) {
     drawViews(pixels);
   },
-  pixels({ knnTop1 }) {
+  pixels({ knnTop1, knn }) {
     state.pixelsKnnTop1 = knnTop1;
+    state.pixelsKnn = knn;
     runs[runs.length - 1].pixels = knnTop1;
     render();
   },
-  epoch({ epoch, knnTop1, points, labels }) {
+  epoch({ epoch, knnTop1, knn, points, labels }) {
     state.knnTop1.push(knnTop1);
+    state.knn = knn;
     state.epoch = epoch;
     runs[runs.length - 1].knn.push([epoch, knnTop1]);
     scatter = { points, labels };

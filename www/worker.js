@@ -48,7 +48,7 @@ function report(event, pixels) {
     const { epoch, step, loss } = event;
     post({ type: 'step', epoch, step, loss, imagesPerSec: event.images_per_sec });
   } else if (event.event === 'pixels') {
-    post({ type: 'pixels', knnTop1: event.knn_top1 });
+    post({ type: 'pixels', knnTop1: event.knn_top1, knn: event.knn });
   } else if (event.event === 'knn') {
     post({ type: 'epoch', ...event });
   } else if (event.event === 'finished') {

@@ -1,8 +1,9 @@
 //! The SimCLR view pipeline, seeded: the same seed gives the same views on every machine.
 //!
-//! random resized crop (scale 0.08-1, ratio 3/4-4/3) -> horizontal flip (p 0.5) -> color jitter
-//! (brightness, contrast, saturation 0.4, hue 0.1, in random order, p 0.8) -> grayscale (p 0.2)
-//! -> normalize. Semantics follow torchvision's transforms, which SimCLR and lightly use.
+//! random resized crop (scale 0.08-1, ratio 3/4-4/3) -> horizontal flip (p 0.5) -> [rotation]
+//! -> color jitter (brightness, contrast, saturation 0.4, hue 0.1, in random order, p 0.8) ->
+//! grayscale (p 0.2) -> normalize. Semantics follow torchvision's transforms, which SimCLR and
+//! lightly use. Grayscale data gets its own recipe ([`ViewRecipe::Grayscale`]).
 
 pub mod preview;
 
@@ -27,6 +28,63 @@ pub struct ViewConfig {
     pub saturation: f32,
     pub hue: f32,
     pub grayscale_p: f64,
+    /// A random rotation of up to this many degrees either way (0: none, no randomness drawn).
+    pub rotation_degrees: f32,
+}
+
+/// Which view pipeline a run uses. Colour jitter's saturation and hue and random grayscale do
+/// nothing to grayscale images, so such data gets a recipe of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ViewRecipe {
+    /// `Color` or `Grayscale`, from the data's channels (resolved when a run starts, and
+    /// written resolved to its `config.toml`).
+    Auto,
+    /// SimCLR's CIFAR-10 pipeline ([`ViewConfig::default`]).
+    Color,
+    /// For MNIST-like data: SimCLR's crop and flip, brightness and contrast jitter 0.4 (p 0.8),
+    /// and a random rotation of up to 10 degrees, the small affine that MNIST-family
+    /// augmentation commonly adds (torchvision's `RandomRotation(10)`); no saturation, hue or
+    /// grayscale, which would be no-ops.
+    Grayscale,
+}
+
+choice!(
+    ViewRecipe,
+    "view recipe",
+    [
+        Auto = "auto",
+        Color = "color" | "colour",
+        Grayscale = "grayscale" | "greyscale"
+    ]
+);
+
+impl ViewRecipe {
+    /// `Auto` decided by the number of channels the data came with.
+    pub fn resolve(self, source_channels: usize) -> Self {
+        match (self, source_channels) {
+            (Self::Auto, 1) => Self::Grayscale,
+            (Self::Auto, _) => Self::Color,
+            (chosen, _) => chosen,
+        }
+    }
+
+    /// The recipe's settings, with the crop's smallest area fraction the run asked for.
+    pub fn config(self, crop_min_scale: f32) -> ViewConfig {
+        let color = ViewConfig {
+            crop_scale: (crop_min_scale, 1.0),
+            ..ViewConfig::default()
+        };
+        match self {
+            Self::Auto | Self::Color => color,
+            Self::Grayscale => ViewConfig {
+                saturation: 0.0,
+                hue: 0.0,
+                grayscale_p: 0.0,
+                rotation_degrees: 10.0,
+                ..color
+            },
+        }
+    }
 }
 
 impl Default for ViewConfig {
@@ -41,6 +99,7 @@ impl Default for ViewConfig {
             saturation: 0.4,
             hue: 0.1,
             grayscale_p: 0.2,
+            rotation_degrees: 0.0,
         }
     }
 }
@@ -91,26 +150,35 @@ fn to_unit(pixels: &[u8]) -> Image {
     out
 }
 
+/// A bilinear sample's two taps along one axis and the second one's weight: `f` clamped to
+/// `[0, last]`, taps offset by `origin`.
+type Taps = (usize, usize, f32);
+
+fn taps(f: f32, last: usize, origin: usize) -> Taps {
+    let f = f.clamp(0.0, last as f32);
+    let i = f.floor() as usize;
+    (origin + i, origin + (i + 1).min(last), f.fract())
+}
+
+/// Channel `c` of `img` sampled bilinearly between the taps.
+fn bilinear(img: &Image, c: usize, (y0, y1, wy): Taps, (x0, x1, wx): Taps) -> f32 {
+    let at = |y: usize, x: usize| img[c * SIDE * SIDE + y * SIDE + x];
+    let top = at(y0, x0) * (1.0 - wx) + at(y0, x1) * wx;
+    let bottom = at(y1, x0) * (1.0 - wx) + at(y1, x1) * wx;
+    top * (1.0 - wy) + bottom * wy
+}
+
 /// Bilinear resize of a crop back to SIDE x SIDE (half-pixel centers, as align_corners=False).
 fn resized_crop(img: &Image, crop: Crop) -> Image {
     let mut out = [0.0; IMAGE_LEN];
     let sy = crop.height as f32 / SIDE as f32;
     let sx = crop.width as f32 / SIDE as f32;
     for y in 0..SIDE {
-        let fy = ((y as f32 + 0.5) * sy - 0.5).clamp(0.0, (crop.height - 1) as f32);
-        let (y0, wy) = (fy.floor() as usize, fy.fract());
-        let y1 = (y0 + 1).min(crop.height - 1);
+        let ty = taps((y as f32 + 0.5) * sy - 0.5, crop.height - 1, crop.top);
         for x in 0..SIDE {
-            let fx = ((x as f32 + 0.5) * sx - 0.5).clamp(0.0, (crop.width - 1) as f32);
-            let (x0, wx) = (fx.floor() as usize, fx.fract());
-            let x1 = (x0 + 1).min(crop.width - 1);
+            let tx = taps((x as f32 + 0.5) * sx - 0.5, crop.width - 1, crop.left);
             for c in 0..CHANNELS {
-                let at = |yy: usize, xx: usize| {
-                    img[c * SIDE * SIDE + (crop.top + yy) * SIDE + crop.left + xx]
-                };
-                let top = at(y0, x0) * (1.0 - wx) + at(y0, x1) * wx;
-                let bottom = at(y1, x0) * (1.0 - wx) + at(y1, x1) * wx;
-                out[c * SIDE * SIDE + y * SIDE + x] = top * (1.0 - wy) + bottom * wy;
+                out[c * SIDE * SIDE + y * SIDE + x] = bilinear(img, c, ty, tx);
             }
         }
     }
@@ -121,6 +189,33 @@ fn flip_horizontal(img: &mut Image) {
     for row in img.chunks_exact_mut(SIDE) {
         row.reverse();
     }
+}
+
+/// Rotates about the image's centre (bilinear; outside the image is black, the background of
+/// the grayscale datasets this is for).
+fn rotate(img: &Image, degrees: f32) -> Image {
+    let mut out = [0.0; IMAGE_LEN];
+    let (sin, cos) = degrees.to_radians().sin_cos();
+    let centre = (SIDE as f32 - 1.0) / 2.0;
+    let plane = SIDE * SIDE;
+    // A hair of slack: sin and cos of right angles are not exact in f32.
+    let inside = |v: f32| (-1e-3..=(SIDE - 1) as f32 + 1e-3).contains(&v);
+    for y in 0..SIDE {
+        for x in 0..SIDE {
+            // The source pixel that lands on (x, y): the inverse rotation.
+            let (dx, dy) = (x as f32 - centre, y as f32 - centre);
+            let sx = cos * dx + sin * dy + centre;
+            let sy = -sin * dx + cos * dy + centre;
+            if !(inside(sx) && inside(sy)) {
+                continue;
+            }
+            let (ty, tx) = (taps(sy, SIDE - 1, 0), taps(sx, SIDE - 1, 0));
+            for c in 0..CHANNELS {
+                out[c * plane + y * SIDE + x] = bilinear(img, c, ty, tx);
+            }
+        }
+    }
+    out
 }
 
 fn luma(img: &Image, i: usize) -> f32 {
@@ -224,6 +319,10 @@ pub fn view(pixels: &[u8], cfg: &ViewConfig, rng: &mut impl Rng, out: &mut [f32]
     let mut img = resized_crop(&to_unit(pixels), crop);
     if rng.gen_bool(cfg.flip_p) {
         flip_horizontal(&mut img);
+    }
+    if cfg.rotation_degrees > 0.0 {
+        let degrees = rng.gen_range(-cfg.rotation_degrees..=cfg.rotation_degrees);
+        img = rotate(&img, degrees);
     }
     if rng.gen_bool(cfg.jitter_p) {
         color_jitter(&mut img, cfg, rng);
@@ -345,6 +444,38 @@ mod tests {
         plain(&img, &mut b);
         assert_eq!(a, b);
         assert!((b[0] - (0.0 - MEAN[0]) / STD[0]).abs() < 1e-6);
+    }
+
+    #[test]
+    fn rotations_turn_about_the_centre() {
+        let img: Image = std::array::from_fn(|i| (i % 97) as f32 / 97.0);
+        let same = rotate(&img, 0.0);
+        assert!(img.iter().zip(&same).all(|(a, b)| (a - b).abs() < 1e-6));
+        // A quarter turn sends the top-left corner to a corner and keeps every pixel inside.
+        let turned = rotate(&img, 90.0);
+        let corners = [0, SIDE - 1, SIDE * (SIDE - 1), SIDE * SIDE - 1];
+        let back = rotate(&turned, -90.0);
+        assert!(img.iter().zip(&back).all(|(a, b)| (a - b).abs() < 1e-4));
+        assert!(corners.iter().any(|&k| (turned[k] - img[0]).abs() < 1e-4));
+    }
+
+    #[test]
+    fn grayscale_data_gets_views_that_stay_gray() {
+        assert_eq!(ViewRecipe::Auto.resolve(1), ViewRecipe::Grayscale);
+        assert_eq!(ViewRecipe::Auto.resolve(3), ViewRecipe::Color);
+        assert_eq!(ViewRecipe::Color.resolve(1), ViewRecipe::Color);
+        let cfg = ViewRecipe::Grayscale.config(0.2);
+        assert_eq!(cfg.crop_scale, (0.2, 1.0));
+        let gray: Vec<u8> = (0..SIDE * SIDE).map(|i| (i * 7 % 256) as u8).collect();
+        let pixels = gray.repeat(CHANNELS);
+        let mut out = vec![0.0; IMAGE_LEN];
+        view(&pixels, &cfg, &mut sample_rng(3, 0), &mut out);
+        let plane = SIDE * SIDE;
+        // Equal channels before normalization: x_c * STD[c] + MEAN[c] agree.
+        for i in 0..plane {
+            let unit = |c: usize| out[c * plane + i] * STD[c] + MEAN[c];
+            assert!((unit(0) - unit(1)).abs() < 1e-5 && (unit(0) - unit(2)).abs() < 1e-5);
+        }
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! PNG grids of what the model trains on: the images themselves, or their augmented view pairs.
 
-use super::{sample_rng, view, ViewConfig, MEAN, STD};
+use super::{sample_rng, view, ViewConfig, ViewRecipe, MEAN, STD};
 use crate::data::{Dataset, CHANNELS, IMAGE_LEN, SIDE};
 
 /// An RGB tile, row-major, `height * width * 3` bytes.
@@ -76,6 +76,10 @@ pub fn grid_png(
         (1..=64).contains(&scale),
         "--scale {scale} must be between 1 and 64"
     );
+    // The recipe a run on this data gets by default.
+    let recipe = ViewRecipe::Auto
+        .resolve(dataset.source_shape[0])
+        .config(ViewConfig::default().crop_scale.0);
     let mut tiles = Vec::new();
     for i in 0..count {
         match views {
@@ -84,7 +88,7 @@ pub fn grid_png(
                 let mut rng = sample_rng(seed, i as u64);
                 let mut buf = vec![0.0; IMAGE_LEN];
                 for _ in 0..2 {
-                    view(split.image(i), &ViewConfig::default(), &mut rng, &mut buf);
+                    view(split.image(i), &recipe, &mut rng, &mut buf);
                     tiles.push(view_tile(&buf));
                 }
             }

@@ -27,11 +27,13 @@ pub enum DataCommand {
         #[arg(long)]
         views: Option<u64>,
     },
-    /// Download from the official source, checksum-verified.
+    /// Download from the official source, checksum-verified (URL and MD5 of an archive can be
+    /// replaced through DCL_CIFAR10_URL / DCL_CIFAR10_MD5, and likewise for cifar100).
     Get {
         name: String,
-        #[arg(long, default_value = "data")]
-        dir: PathBuf,
+        /// Default: the data cache ($DCL_DATA, else ~/.cache/dcl/data), where names are found.
+        #[arg(long)]
+        dir: Option<PathBuf>,
     },
 }
 
@@ -67,6 +69,7 @@ pub fn run(command: DataCommand) -> anyhow::Result<()> {
             write_atomic(&out, &preview::grid_png(&ds, count, scale, views)?)
         }
         DataCommand::Get { name, dir } => {
+            let dir = dir.unwrap_or_else(discover::data_cache);
             let target = super::download::download(&name, &dir)?;
             println!("{name} is in {}", target.display());
             Ok(())

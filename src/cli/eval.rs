@@ -56,7 +56,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     );
     let report = serde_json::json!({
         "epoch": ckpt.epoch,
-        "knn_top1": monitor,
+        "knn_top1": monitor.monitor_top1(),
         "bank_images": judge.bank.len(),
         "test_images": ds.test.len(),
         "encoder": judge.encoder(&trained)?,

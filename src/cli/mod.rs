@@ -14,7 +14,7 @@ mod loss;
 mod pretrain;
 #[cfg(feature = "wgpu")]
 mod retrieval;
-mod serve;
+pub mod serve;
 
 use crate::model::ModelName;
 use clap::{Parser, Subcommand};
@@ -52,12 +52,17 @@ enum Command {
     Serve {
         #[arg(long, default_value_t = 8080)]
         port: u16,
-        /// A dataset path or name; by default the first of cifar10, fashion-mnist, mnist found.
+        /// A dataset path or name; by default CIFAR-10 (fetched when online), else the first of
+        /// fashion-mnist, mnist found.
         #[arg(long)]
         data: Option<String>,
         /// The folder holding index.html.
         #[arg(long, default_value = ".")]
         root: std::path::PathBuf,
+        /// Without --data, CIFAR-10 is fetched into the data cache when it is not on disk;
+        /// this skips that.
+        #[arg(long)]
+        offline: bool,
     },
     /// Backbone features (or projections) of images by the WGSL inference engine, as `.npy`.
     #[cfg(feature = "wgpu")]
@@ -103,7 +108,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Embed(args) => engine::embed(args),
         #[cfg(feature = "wgpu")]
         Command::Neighbors(args) => engine::neighbors(args),
-        Command::Serve { port, data, root } => serve::serve(&root, port, data.as_deref()),
+        Command::Serve {
+            port,
+            data,
+            root,
+            offline,
+        } => serve::serve(&root, port, data.as_deref(), offline),
         Command::Experiment { command } => experiment::run(command),
         Command::Bench { command } => bench::run(command),
     }

@@ -1,6 +1,7 @@
 //! `dcl pretrain`: a run folder written by a [`Session`] through [`RunFolder`], resumable from
 //! its latest checkpoint.
 
+use crate::augment::ViewRecipe;
 use crate::backend::DeviceKind;
 use crate::data::discover;
 use crate::loss::{LossKernel, LossKind};
@@ -70,6 +71,9 @@ pub struct Recipe {
     /// The random resized crop's smallest area fraction (SimCLR's 0.08; 0.2 suits short runs).
     #[arg(long, default_value_t = RunConfig::default().crop_min_scale)]
     crop_min_scale: f32,
+    /// The view pipeline: color (SimCLR's), grayscale (MNIST-like data), or auto (by the data).
+    #[arg(long, default_value_t = RunConfig::default().views)]
+    views: ViewRecipe,
     /// fused (the WGSL kernel; the default with --device wgpu) or reference (Burn's ops).
     #[arg(long)]
     loss_kernel: Option<LossKernel>,
@@ -133,6 +137,7 @@ impl Recipe {
             limit: self.limit,
             eval_images: self.eval_images,
             crop_min_scale: self.crop_min_scale,
+            views: self.views,
             loss_kernel: self
                 .loss_kernel
                 .unwrap_or(RunConfig::default_loss_kernel(self.device)),
@@ -149,22 +154,25 @@ pub fn run(args: PretrainArgs) -> anyhow::Result<()> {
 /// from its latest checkpoint (its `config.toml` wins over `config`), and a finished run is
 /// left as it is.
 pub fn train(config: RunConfig, out: &Path, resume: bool) -> anyhow::Result<()> {
-    let dir = RunDir::create(out)?;
-    let config = if resume && out.join("config.toml").is_file() {
-        dir.read_config()?
+    let existing = out.join("config.toml").is_file();
+    let config = if resume && existing {
+        RunDir::open(out)?.read_config()?
     } else {
         anyhow::ensure!(
-            !out.join("config.toml").is_file(),
+            !existing,
             "{} already holds a run; pass --resume to continue it or pick another --out",
             out.display()
         );
         config
     };
-    // Validate before writing anything.
+    // Everything that can fail without the folder comes first, the device included: a GPU that
+    // cannot start leaves nothing behind.
     config.validate()?;
     let dataset = discover::load(&config.data)?;
-    dir.write_config(&config)?;
     let device = crate::backend::device(config.device)?;
+    let config = config.for_data(&dataset);
+    let dir = RunDir::create(out)?;
+    dir.write_config(&config)?;
     let mut session = Session::new(config, &dataset, device)?;
     match dir.latest_checkpoint()?.filter(|_| resume) {
         Some(ckpt) => {
@@ -188,8 +196,8 @@ struct RunFolder {
 impl Sink for RunFolder {
     fn record(&mut self, event: &Event, trainer: &Trainer) -> anyhow::Result<()> {
         match event {
-            Event::Pixels { knn_top1 } => {
-                eprintln!("raw pixels: kNN top-1 {knn_top1:.4} (the level to beat)");
+            Event::Pixels { scores, .. } => {
+                eprintln!("raw pixels: {} (the level to beat)", scores.summary());
                 self.dir.log(event)?;
             }
             Event::Step {
@@ -202,15 +210,13 @@ impl Sink for RunFolder {
                 bar.set_message(format!("loss {loss:.4}  {images_per_sec:.0} img/s"));
                 bar.inc(1);
             }
-            Event::Evaluation {
-                epoch, knn_top1, ..
-            } => {
+            Event::Evaluation { epoch, scores, .. } => {
                 let when = if *epoch == 0 {
                     " (before training)"
                 } else {
                     ""
                 };
-                eprintln!("epoch {epoch}{when}: kNN top-1 {knn_top1:.4}");
+                eprintln!("epoch {epoch}{when}: {}", scores.summary());
                 self.dir.log(event)?;
             }
             Event::Epoch { epoch } => {

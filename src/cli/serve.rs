@@ -4,7 +4,7 @@
 
 use crate::data::discover::{files_dir, resolve};
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
@@ -93,13 +93,68 @@ fn respond(stream: &mut TcpStream, status: &str, kind: &str, body: &[u8], head: 
     }
 }
 
-fn handle(mut stream: TcpStream, root: &Path, data: &Result<Offer, String>) {
-    let mut line = String::new();
-    if BufReader::new(&stream).read_line(&mut line).is_err() {
-        return;
-    }
+/// The parts of a request the server uses.
+#[derive(Debug, PartialEq)]
+pub struct Request {
+    pub method: String,
+    pub target: String,
+}
+
+/// The longest request line or header line read, and the most header lines.
+const MAX_LINE: u64 = 8 << 10;
+const MAX_HEADERS: usize = 100;
+
+/// Reads a request line and its headers (read to the blank line and dropped, so that closing the
+/// connection after the answer does not reset it), within [`MAX_LINE`] and [`MAX_HEADERS`].
+pub fn read_request(input: &mut impl BufRead) -> Result<Request, &'static str> {
+    let mut read_line = || -> Result<String, &'static str> {
+        let mut line = Vec::new();
+        input
+            .by_ref()
+            .take(MAX_LINE)
+            .read_until(b'\n', &mut line)
+            .map_err(|_| "unreadable request")?;
+        if line.last() != Some(&b'\n') {
+            return Err("request line or header too long, or cut short");
+        }
+        String::from_utf8(line).map_err(|_| "request is not UTF-8")
+    };
+    let line = read_line()?;
     let mut parts = line.split_whitespace();
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or("/"));
+    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return Err("malformed request line");
+    };
+    if !version.starts_with("HTTP/") || !target.starts_with('/') {
+        return Err("malformed request line");
+    }
+    let request = Request {
+        method: method.to_string(),
+        target: target.to_string(),
+    };
+    for _ in 0..MAX_HEADERS {
+        if read_line()?.trim_end().is_empty() {
+            return Ok(request);
+        }
+    }
+    Err("too many headers")
+}
+
+/// How long a client may take to send its request or to take the answer.
+const CLIENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn handle(mut stream: TcpStream, root: &Path, data: &Result<Offer, String>) {
+    let _ = stream.set_read_timeout(Some(CLIENT_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(CLIENT_TIMEOUT));
+    let request = read_request(&mut BufReader::new(&stream));
+    let Request { method, target } = match request {
+        Ok(r) => r,
+        Err(problem) => {
+            let body = problem.as_bytes();
+            return respond(&mut stream, "400 Bad Request", "text/plain", body, false);
+        }
+    };
+    let (method, target) = (method.as_str(), target.as_str());
     let head = method == "HEAD";
     if method != "GET" && !head {
         return respond(
@@ -149,12 +204,15 @@ fn handle(mut stream: TcpStream, root: &Path, data: &Result<Offer, String>) {
 
 /// Serves `root` on 127.0.0.1:`port` until the process is interrupted. `port` 0 picks a free one;
 /// the first line printed says which.
-pub fn serve(root: &Path, port: u16, data: Option<&str>) -> anyhow::Result<()> {
+pub fn serve(root: &Path, port: u16, data: Option<&str>, offline: bool) -> anyhow::Result<()> {
     anyhow::ensure!(
         root.join("index.html").is_file(),
         "{}: no index.html here; run from the repository root or pass --root",
         root.display()
     );
+    if data.is_none() && !offline {
+        fetch_cifar10();
+    }
     let offer = match data {
         Some(spec) => offer(spec).map_err(|e| e.to_string()),
         None => DEFAULT_DATA
@@ -189,6 +247,26 @@ pub fn serve(root: &Path, port: u16, data: Option<&str>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// CIFAR-10, the page's intended default, fetched into the data cache unless it is already on
+/// disk; offline, one line says what the page gets instead.
+fn fetch_cifar10() {
+    if resolve("cifar10").is_ok() {
+        return;
+    }
+    let cache = crate::data::discover::data_cache();
+    println!(
+        "fetching CIFAR-10 (170 MB, checked against its MD5) into {} ...",
+        cache.display()
+    );
+    if let Err(e) = super::download::download("cifar10", &cache) {
+        let first = e.to_string();
+        let first = first.split(". ").next().unwrap_or_default().to_string();
+        println!(
+            "offline? {first}: the page's default data is the first of fashion-mnist, mnist found"
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -204,5 +282,33 @@ mod tests {
         assert_eq!(local_path(root, "/../etc/passwd"), None);
         assert_eq!(local_path(root, "/www/../../etc/passwd"), None);
         assert_eq!(content_type("/www/pkg/dcl_bg.wasm"), "application/wasm");
+    }
+
+    #[test]
+    fn requests_are_read_whole_and_bounded() {
+        let read = |text: &[u8]| read_request(&mut std::io::BufReader::new(text));
+        let ok = read(b"GET /www/app.js?v=1 HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\n").unwrap();
+        assert_eq!(
+            (ok.method.as_str(), ok.target.as_str()),
+            ("GET", "/www/app.js?v=1")
+        );
+        assert_eq!(
+            read(b"GET / HTTP/1.1\r\nHost: x\r\n"),
+            Err("request line or header too long, or cut short")
+        );
+        assert_eq!(read(b"GET\r\n\r\n"), Err("malformed request line"));
+        assert_eq!(
+            read(b"GET http://x/ HTTP/1.1\r\n\r\n"),
+            Err("malformed request line")
+        );
+        let long = [b"GET /".as_slice(), &[b'a'; 9000], b" HTTP/1.1\r\n\r\n"].concat();
+        assert!(read(&long).is_err());
+        let many = [
+            b"GET / HTTP/1.1\r\n".as_slice(),
+            &b"X: y\r\n".repeat(200),
+            b"\r\n",
+        ]
+        .concat();
+        assert_eq!(read(&many), Err("too many headers"));
     }
 }

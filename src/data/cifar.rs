@@ -6,7 +6,7 @@
 //! `cifar-100-binary.tar.gz`) hold `data_batch_{1..5}.bin` + `test_batch.bin`, or `train.bin` +
 //! `test.bin`.
 
-use super::{maybe_gunzip, DataError, Dataset, Format, Split, IMAGE_LEN};
+use super::{decompressed, read_error, DataError, Dataset, Format, Split, IMAGE_LEN};
 use std::io::Read;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,18 +134,27 @@ pub fn from_batches(
     })
 }
 
-/// Reads `cifar-10-binary.tar.gz` or `cifar-100-binary.tar.gz` from bytes. The variant is told by
-/// the batch names inside.
-pub fn from_archive(file: &str, bytes: &[u8]) -> Result<Dataset, DataError> {
-    let tar_bytes = maybe_gunzip(file, bytes)?;
-    let mut archive = tar::Archive::new(tar_bytes.as_slice());
+/// The largest batch file of either variant: CIFAR-100's `train.bin`, 50,000 records.
+const MAX_BATCH: u64 = 50_000 * (2 + IMAGE_LEN as u64);
+
+/// The most batch data one archive may hold: CIFAR-10's six batches are 184 MB.
+const MAX_ARCHIVE_BATCHES: u64 = 190_000_000;
+
+/// Reads `cifar-10-binary.tar.gz` or `cifar-100-binary.tar.gz` as it decompresses. The variant is
+/// told by the batch names inside. Each entry's promised size is checked before it is read.
+pub fn from_archive(file: &str, input: impl Read) -> Result<Dataset, DataError> {
+    let input = decompressed(input).map_err(|e| read_error(file, 0, e))?;
+    let mut archive = tar::Archive::new(input);
     let mut files = Vec::new();
+    let mut kept = 0u64;
     let entries = archive
         .entries()
         .map_err(|e| DataError::new(file, 0, format!("not a tar archive: {e}")))?;
     for entry in entries {
-        let mut entry =
-            entry.map_err(|e| DataError::new(file, 0, format!("corrupt tar entry: {e}")))?;
+        let entry = entry.map_err(|e| match e.kind() {
+            std::io::ErrorKind::FileTooLarge => read_error(file, 0, e),
+            _ => DataError::new(file, 0, format!("corrupt tar entry: {e}")),
+        })?;
         let offset = entry.raw_file_position() as usize;
         let path = entry.path().map(|p| p.to_string_lossy().into_owned());
         let path =
@@ -156,14 +165,29 @@ pub fn from_archive(file: &str, bytes: &[u8]) -> Result<Dataset, DataError> {
         if !wanted {
             continue;
         }
-        let mut data = Vec::with_capacity(entry.size() as usize);
-        entry.read_to_end(&mut data).map_err(|e| {
-            DataError::new(
+        kept += entry.size();
+        if entry.size() > MAX_BATCH || kept > MAX_ARCHIVE_BATCHES {
+            return Err(DataError::new(
                 file,
-                offset + data.len(),
-                format!("truncated archive in {path}: {e}"),
-            )
-        })?;
+                offset,
+                format!(
+                    "{path} promises {} bytes, more than a CIFAR archive holds",
+                    entry.size()
+                ),
+            ));
+        }
+        let mut data = Vec::new();
+        entry
+            .take(MAX_BATCH)
+            .read_to_end(&mut data)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::FileTooLarge => read_error(file, offset, e),
+                _ => DataError::new(
+                    file,
+                    offset + data.len(),
+                    format!("truncated archive in {path}: {e}"),
+                ),
+            })?;
         files.push((format!("{file}:{path}"), data));
     }
     let is_cifar100 = files
@@ -182,7 +206,7 @@ pub fn from_archive(file: &str, bytes: &[u8]) -> Result<Dataset, DataError> {
 pub fn from_file(file: &str, bytes: Vec<u8>) -> Result<Dataset, DataError> {
     let base = file.rsplit(['/', '\\']).next().unwrap_or(file);
     if !base.ends_with(".bin") {
-        return from_archive(file, &bytes);
+        return from_archive(file, bytes.as_slice());
     }
     let variant = if base == "train.bin" || base == "test.bin" {
         Variant::Cifar100

@@ -1,8 +1,9 @@
 //! Finding and loading a dataset from `--data PATH` or a name (native only).
 //!
-//! Names are looked up in `$DCL_DATA`, `./data` and Debian's `/usr/share/datasets`, in that order.
+//! Names are looked up in `$DCL_DATA` (or, when unset, the data cache `~/.cache/dcl/data`),
+//! `./data` and Debian's `/usr/share/datasets`, in that order.
 
-use super::{cifar, idx, DataError, Dataset};
+use super::{cifar, idx, DataError, Dataset, MAX_FILE};
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -29,11 +30,21 @@ pub(crate) fn aliases(name: &str) -> &'static [&'static str] {
     }
 }
 
-pub fn search_roots() -> Vec<PathBuf> {
-    let mut roots = Vec::new();
+/// Where `dcl data get` and `dcl serve` put what they fetch: `$DCL_DATA` when set, else
+/// `$XDG_CACHE_HOME/dcl/data` (`~/.cache/dcl/data`).
+pub fn data_cache() -> PathBuf {
     if let Some(dir) = std::env::var_os("DCL_DATA") {
-        roots.push(PathBuf::from(dir));
+        return PathBuf::from(dir);
     }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from(".cache"));
+    cache.join("dcl/data")
+}
+
+pub fn search_roots() -> Vec<PathBuf> {
+    let mut roots = vec![data_cache()];
     roots.push(PathBuf::from("data"));
     roots.push(PathBuf::from("/usr/share/datasets"));
     roots
@@ -67,9 +78,30 @@ pub fn resolve(spec: &str) -> anyhow::Result<PathBuf> {
     )
 }
 
+/// A dataset file, opened once its size is known to be within [`MAX_FILE`].
+fn open(path: &Path) -> Result<fs::File, DataError> {
+    let shown = path.display().to_string();
+    let cannot = |e: std::io::Error| DataError::new(&shown, 0, format!("cannot read: {e}"));
+    let file = fs::File::open(path).map_err(cannot)?;
+    let size = file.metadata().map_err(cannot)?.len();
+    if size > MAX_FILE {
+        return Err(DataError::new(
+            &shown,
+            0,
+            format!(
+                "{size} bytes, more than the {} MiB any dataset file has",
+                MAX_FILE >> 20
+            ),
+        ));
+    }
+    Ok(file)
+}
+
 fn read(path: &Path) -> Result<Vec<u8>, DataError> {
-    fs::read(path)
-        .map_err(|e| DataError::new(&path.display().to_string(), 0, format!("cannot read: {e}")))
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut open(path)?, &mut bytes)
+        .map_err(|e| DataError::new(&path.display().to_string(), 0, format!("cannot read: {e}")))?;
+    Ok(bytes)
 }
 
 /// The folder holding a dataset's files: the archive's extracted subfolder when `path` is its
@@ -87,7 +119,11 @@ pub fn load(spec: &str) -> anyhow::Result<Dataset> {
     let path = resolve(spec)?;
     let shown = path.display().to_string();
     if path.is_file() {
-        return Ok(cifar::from_file(&shown, read(&path)?)?);
+        // An archive is read as it decompresses, never whole.
+        return Ok(match shown.ends_with(".bin") {
+            true => cifar::from_file(&shown, read(&path)?)?,
+            false => cifar::from_archive(&shown, std::io::BufReader::new(open(&path)?))?,
+        });
     }
     let dir = files_dir(&path);
     let entries: Vec<PathBuf> = fs::read_dir(&dir)?

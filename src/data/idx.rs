@@ -1,49 +1,85 @@
 //! IDX files (MNIST, Fashion-MNIST), gzipped or not: big-endian magic `0x0000_08_NN` where NN is
 //! the number of dimensions, then NN big-endian u32 sizes, then u8 data.
 
-use super::{maybe_gunzip, DataError, Dataset, Format, Split, CHANNELS, IMAGE_LEN, SIDE};
+use super::{
+    decompressed, read_error, DataError, Dataset, Format, Split, CHANNELS, IMAGE_LEN, SIDE,
+};
+use std::io::Read;
 
-/// Parses an IDX file of unsigned bytes; returns the dimensions and the payload.
+/// The most payload an IDX file may promise (MNIST-like training sets hold 47 MB): checked
+/// against the header before anything is read.
+pub const MAX_PAYLOAD: usize = 128 << 20;
+
+/// Parses an IDX file of unsigned bytes, gzipped or not; returns the dimensions and the payload.
+/// Reads as it decompresses, and no further than the header promises.
 pub fn parse(file: &str, bytes: &[u8]) -> Result<(Vec<usize>, Vec<u8>), DataError> {
-    let raw = maybe_gunzip(file, bytes)?;
-    if raw.len() < 4 {
-        return Err(DataError::new(file, raw.len(), "truncated IDX header"));
-    }
-    if raw[0] != 0 || raw[1] != 0 {
+    let mut input = decompressed(bytes).map_err(|e| read_error(file, 0, e))?;
+    let mut head = [0u8; 4];
+    read_header(&mut input, &mut head, file, 0)?;
+    if head[0] != 0 || head[1] != 0 {
         return Err(DataError::new(file, 0, "not an IDX file (bad magic)"));
     }
-    if raw[2] != 0x08 {
+    if head[2] != 0x08 {
         return Err(DataError::new(
             file,
             2,
             format!(
                 "IDX element type 0x{:02x} unsupported (expected 0x08, unsigned byte)",
-                raw[2]
+                head[2]
             ),
         ));
     }
-    let ndim = raw[3] as usize;
-    let header = 4 + 4 * ndim;
-    if raw.len() < header {
-        return Err(DataError::new(file, raw.len(), "truncated IDX header"));
-    }
-    let dims: Vec<usize> = raw[4..header]
+    let mut sizes = vec![0u8; 4 * head[3] as usize];
+    read_header(&mut input, &mut sizes, file, 4)?;
+    let header = 4 + sizes.len();
+    let dims: Vec<usize> = sizes
         .chunks_exact(4)
         .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]) as usize)
         .collect();
-    let expected = dims.iter().product::<usize>();
-    let payload = &raw[header..];
+    let expected = dims
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .filter(|&n| n <= MAX_PAYLOAD)
+        .ok_or_else(|| {
+            DataError::new(
+                file,
+                4,
+                format!(
+                    "dimensions {dims:?} promise more than the {} MiB an IDX file may hold",
+                    MAX_PAYLOAD >> 20
+                ),
+            )
+        })?;
+    // One byte past the promise tells a file that is too long without reading all of it.
+    let mut payload = Vec::new();
+    input
+        .take(expected as u64 + 1)
+        .read_to_end(&mut payload)
+        .map_err(|e| read_error(file, header + payload.len(), e))?;
     if payload.len() != expected {
+        let found = match payload.len() > expected {
+            true => "more".to_string(),
+            false => payload.len().to_string(),
+        };
         return Err(DataError::new(
             file,
             header + payload.len().min(expected),
-            format!(
-                "payload is {} bytes but dimensions {dims:?} need {expected}",
-                payload.len()
-            ),
+            format!("payload is {found} bytes but dimensions {dims:?} need {expected}"),
         ));
     }
-    Ok((dims, payload.to_vec()))
+    Ok((dims, payload))
+}
+
+fn read_header(
+    input: &mut impl Read,
+    buf: &mut [u8],
+    file: &str,
+    at: usize,
+) -> Result<(), DataError> {
+    input.read_exact(buf).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => DataError::new(file, at, "truncated IDX header"),
+        _ => read_error(file, at, e),
+    })
 }
 
 /// Pairs an images file [N, H, W] (H, W <= 32) with a labels file [N] into a split, padding each

@@ -12,6 +12,7 @@ pub mod npy;
 
 use serde::Serialize;
 use std::fmt;
+use std::io::{BufRead, Read};
 
 pub const SIDE: usize = 32;
 pub const CHANNELS: usize = 3;
@@ -141,24 +142,62 @@ impl Dataset {
     }
 }
 
-/// Reads bytes that may be gzipped (detected by the gzip magic, not the file name).
-pub fn maybe_gunzip(file: &str, bytes: &[u8]) -> Result<Vec<u8>, DataError> {
-    use std::io::Read;
-    if bytes.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::new();
-        let mut decoder = flate2::read::GzDecoder::new(bytes);
-        decoder.read_to_end(&mut out).map_err(|e| {
-            DataError::new(
-                file,
-                out.len(),
+/// The most a compressed dataset file may unpack to: CIFAR-10's archive is 185 MB unpacked. A
+/// small gzip bomb stops here instead of spinning for minutes.
+pub const MAX_INFLATED: u64 = 256 << 20;
+
+/// The most any one dataset file may hold on disk (CIFAR-10's archive is 170 MB, CIFAR-100's
+/// `train.bin` 154 MB): checked before a file is read.
+pub const MAX_FILE: u64 = 200 << 20;
+
+/// `input` decompressed on the fly when it is gzip (told by the magic, not the file name), at
+/// most [`MAX_INFLATED`] bytes of it.
+pub fn decompressed<'a>(input: impl Read + 'a) -> std::io::Result<Box<dyn Read + 'a>> {
+    let mut input = std::io::BufReader::new(input);
+    Ok(if input.fill_buf()?.starts_with(&[0x1f, 0x8b]) {
+        Box::new(Bounded {
+            inner: flate2::read::GzDecoder::new(input),
+            left: MAX_INFLATED,
+        })
+    } else {
+        Box::new(input)
+    })
+}
+
+/// A reader that fails once more than `left` bytes have come out of it.
+struct Bounded<R> {
+    inner: R,
+    left: u64,
+}
+
+impl<R: Read> Read for Bounded<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf).map_err(|e| {
+            // Any failure here is the gzip stream's, truncation included: say so.
+            std::io::Error::new(std::io::ErrorKind::InvalidData, format!("gzip stream: {e}"))
+        })?;
+        self.left = self.left.checked_sub(n as u64).ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::FileTooLarge,
                 format!(
-                    "corrupt or truncated gzip stream ({e}); offset is in the decompressed data"
+                    "decompresses to more than {} MiB, more than any dataset file",
+                    MAX_INFLATED >> 20
                 ),
             )
         })?;
-        Ok(out)
-    } else {
-        Ok(bytes.to_vec())
+        Ok(n)
+    }
+}
+
+/// A failed read of (possibly decompressed) dataset bytes, `offset` bytes in.
+pub fn read_error(file: &str, offset: usize, e: std::io::Error) -> DataError {
+    match e.kind() {
+        std::io::ErrorKind::FileTooLarge => DataError::new(file, offset, e.to_string()),
+        _ => DataError::new(
+            file,
+            offset,
+            format!("corrupt or truncated data ({e}); offset is in the decompressed data"),
+        ),
     }
 }
 

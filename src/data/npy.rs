@@ -11,6 +11,7 @@ pub struct Array {
 
 /// Parses `.npy` bytes holding little-endian float32 or float64 in C order.
 pub fn parse(bytes: &[u8]) -> Result<Array, String> {
+    check_header_length(bytes)?;
     let file = npyz::NpyFile::new(bytes).map_err(|e| format!("not a readable .npy file ({e})"))?;
     if file.order() == npyz::Order::Fortran {
         return Err("Fortran-ordered arrays are unsupported".into());
@@ -55,6 +56,35 @@ pub fn parse(bytes: &[u8]) -> Result<Array, String> {
         file.into_vec::<f64>().map_err(short)?
     };
     Ok(Array { shape, data })
+}
+
+/// The header's promised length against the file's: npyz allocates what the header length field
+/// says before reading it (a 100-byte file can ask for 4 GB).
+fn check_header_length(bytes: &[u8]) -> Result<(), String> {
+    let (Some(&major), true) = (bytes.get(6), bytes.starts_with(b"\x93NUMPY")) else {
+        return Ok(()); // npyz words the error for a file that is not .npy at all
+    };
+    let (start, len) = match major {
+        1 => (
+            10,
+            bytes
+                .get(8..10)
+                .map(|b| u16::from_le_bytes([b[0], b[1]]) as usize),
+        ),
+        _ => (
+            12,
+            bytes
+                .get(8..12)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize),
+        ),
+    };
+    match len {
+        Some(len) if start + len <= bytes.len() => Ok(()),
+        _ => Err(format!(
+            "not a readable .npy file (its header length runs past the file's {} bytes)",
+            bytes.len()
+        )),
+    }
 }
 
 /// Serializes a float32 array as `.npy` (format 1.0, NumPy's own layout).

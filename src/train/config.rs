@@ -2,7 +2,7 @@
 //! default to, and what the page's controls and the `train` embed's `data-config` set (in the
 //! page's camelCase spelling, which the embed API keeps; see [`RunConfig::overridden`]).
 
-use crate::augment::ViewConfig;
+use crate::augment::{ViewConfig, ViewRecipe};
 use crate::backend::DeviceKind;
 use crate::loss::{ContrastiveLoss, LossKernel, LossKind};
 use crate::model::ModelName;
@@ -37,6 +37,10 @@ pub struct RunConfig {
     /// The random resized crop's smallest area fraction (SimCLR: 0.08). Short runs on small
     /// datasets learn faster with gentler crops (MoCo's CIFAR recipe uses 0.2).
     pub crop_min_scale: f32,
+    /// The view pipeline; `auto` picks it from the data's channels when the run starts. A
+    /// `config.toml` without it predates grayscale recipes: every dataset then had SimCLR's.
+    #[serde(default = "colour_views")]
+    pub views: ViewRecipe,
     /// The fused WGSL kernel or Burn's composed ops (runs written before the kernel existed used
     /// the latter, hence the default).
     pub loss_kernel: LossKernel,
@@ -63,6 +67,7 @@ impl Default for RunConfig {
             limit: None,
             eval_images: None,
             crop_min_scale: ViewConfig::default().crop_scale.0,
+            views: ViewRecipe::Auto,
             loss_kernel: LossKernel::Reference,
         }
     }
@@ -150,6 +155,14 @@ impl RunConfig {
         Ok(config)
     }
 
+    /// This config with what `auto` settings leave to the data decided (the view recipe).
+    pub fn for_data(&self, dataset: &crate::data::Dataset) -> Self {
+        Self {
+            views: self.views.resolve(dataset.source_shape[0]),
+            ..self.clone()
+        }
+    }
+
     pub fn to_toml(&self) -> anyhow::Result<String> {
         Ok(toml::to_string(self)?)
     }
@@ -162,6 +175,10 @@ impl RunConfig {
             .map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
         Ok(config)
     }
+}
+
+fn colour_views() -> ViewRecipe {
+    ViewRecipe::Color
 }
 
 /// `batchSize` -> `batch_size`; the page's `subset` is the CLI's `limit`.

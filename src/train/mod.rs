@@ -110,10 +110,7 @@ impl Trainer {
             EncoderOptimizer::new(config.optimizer, config.weight_decay, config.momentum);
         let mut trainer = Self {
             loss,
-            views: ViewConfig {
-                crop_scale: (config.crop_min_scale, 1.0),
-                ..ViewConfig::default()
-            },
+            views: config.views.config(config.crop_min_scale),
             encoder: Some(encoder),
             #[cfg(any(feature = "wgpu", feature = "webgpu"))]
             fused: None,

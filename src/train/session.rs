@@ -9,7 +9,7 @@
 
 use super::{RunConfig, Trainer};
 use crate::data::{Dataset, Split};
-use crate::eval::{knn_monitor_async, pixel_knn_top1};
+use crate::eval::{knn_monitor_async, pixel_scores, Scores};
 use burn::module::AutodiffModule;
 use burn::tensor::Device;
 use serde::Serialize;
@@ -23,6 +23,8 @@ pub enum Event {
     /// beat to be of use.
     Pixels {
         knn_top1: f64,
+        #[serde(flatten)]
+        scores: Scores,
     },
     /// One optimization step; `step` counts from 0 over the whole run, `images_per_sec` is the
     /// current epoch's average so far (images, not views).
@@ -33,11 +35,14 @@ pub enum Event {
         lr: f64,
         images_per_sec: f64,
     },
-    /// The kNN monitor after `epoch` epochs (0: the untrained encoder).
+    /// The monitor after `epoch` epochs (0: the untrained encoder): `knn_top1` at k = 200, and
+    /// `knn` at k = 20 and 200 and `linear` (the probe; natively only) in `scores`.
     #[serde(rename = "knn")]
     Evaluation {
         epoch: usize,
         knn_top1: f64,
+        #[serde(flatten)]
+        scores: Scores,
         /// The queries' backbone features, row-major (the page's scatter and neighbours).
         #[serde(skip)]
         features: Vec<f32>,
@@ -77,6 +82,7 @@ impl Session {
     /// A fresh run of `config` on `dataset` (its `limit` and `eval_images` applied here).
     /// `device` must have autodiff enabled (see `backend::device`).
     pub fn new(config: RunConfig, dataset: &Dataset, device: Device) -> anyhow::Result<Self> {
+        let config = config.for_data(dataset);
         let train = dataset.train.head(config.limit.unwrap_or(usize::MAX));
         let monitor = (!dataset.test.is_empty()).then(|| Monitor {
             bank: train.clone(),
@@ -133,9 +139,12 @@ impl Session {
         }
         if let Some(m) = self.monitor.as_ref().filter(|_| !self.pixels_reported) {
             self.pixels_reported = true;
-            let knn_top1 =
-                pixel_knn_top1(&m.bank, &m.queries, m.classes, self.trainer.device()).await?;
-            return Ok(Event::Pixels { knn_top1 });
+            let scores =
+                pixel_scores(&m.bank, &m.queries, m.classes, self.trainer.device()).await?;
+            return Ok(Event::Pixels {
+                knn_top1: scores.monitor_top1(),
+                scores,
+            });
         }
         let epoch = self.trainer.epoch;
         if self.monitor.is_some() && self.evaluated != Some(epoch) {
@@ -168,16 +177,18 @@ impl Session {
             return Ok(Event::Evaluation {
                 epoch,
                 knn_top1: f64::NAN,
+                scores: Scores::default(),
                 features: vec![],
             });
         };
         let backbone = self.trainer.encoder().valid().backbone;
         let device = self.trainer.device();
-        let (knn_top1, (_, features)) =
+        let (scores, (_, features)) =
             knn_monitor_async(&backbone, &m.bank, &m.queries, m.classes, device).await?;
         Ok(Event::Evaluation {
             epoch,
-            knn_top1,
+            knn_top1: scores.monitor_top1(),
+            scores,
             features,
         })
     }
@@ -265,7 +276,7 @@ mod tests {
             })
             .collect();
         assert_eq!(steps, [0, 1, 2, 3]);
-        let Event::Pixels { knn_top1 } = events[0] else {
+        let Event::Pixels { knn_top1, .. } = events[0] else {
             unreachable!()
         };
         assert!((0.0..=1.0).contains(&knn_top1), "{knn_top1}");

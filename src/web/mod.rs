@@ -27,8 +27,10 @@ fn js_error(e: impl std::fmt::Display) -> JsValue {
     JsError::new(&e.to_string()).into()
 }
 
+/// Maps become plain objects (`{"20": 0.78}`), as in `metrics.jsonl`, not ES2015 `Map`s.
 fn to_js(value: &impl Serialize) -> Result<JsValue, JsValue> {
-    serde_wasm_bindgen::to_value(value).map_err(js_error)
+    let serializer = serde_wasm_bindgen::Serializer::new().serialize_maps_as_objects(true);
+    value.serialize(&serializer).map_err(js_error)
 }
 
 /// A dataset parsed in wasm by the core readers.

@@ -11,7 +11,7 @@ use crate::augment::preview::{image_rgb, view_rgb};
 use crate::backend::read_f32;
 use crate::backend::DeviceKind;
 use crate::data::{Dataset, Split, IMAGE_LEN, SIDE};
-use crate::eval::pca2;
+use crate::eval::{pca2, Scores};
 use crate::model::Encoder;
 use crate::neighbors::nearest_to_row;
 use crate::safetensors::{parse_safetensors, safetensors_bytes};
@@ -59,6 +59,8 @@ enum PageEvent {
 struct Evaluation {
     epoch: usize,
     knn_top1: f64,
+    /// kNN top-1 at k = 20 and 200 (the page has no linear probe: see `eval::monitor_protocol`).
+    knn: std::collections::BTreeMap<usize, f64>,
     /// PCA coordinates of the evaluated test images, x0, y0, x1, y1, ...
     points: Vec<f32>,
     labels: Vec<u16>,
@@ -71,21 +73,23 @@ impl Run {
         match event {
             Event::Evaluation {
                 epoch,
-                knn_top1,
+                scores,
                 features,
-            } => PageEvent::Knn(self.evaluation(epoch, knn_top1, features)),
+                ..
+            } => PageEvent::Knn(self.evaluation(epoch, scores, features)),
             other => PageEvent::Session(other),
         }
     }
 
-    fn evaluation(&mut self, epoch: usize, knn_top1: f64, features: Vec<f32>) -> Evaluation {
+    fn evaluation(&mut self, epoch: usize, scores: Scores, features: Vec<f32>) -> Evaluation {
         let labels = self.test().labels.clone();
         let dim = features.len() / labels.len().max(1);
         let points = pca2(&features, dim).into_iter().flatten().collect();
         self.test_features = features;
         Evaluation {
             epoch,
-            knn_top1,
+            knn_top1: scores.monitor_top1(),
+            knn: scores.knn,
             points,
             labels,
         }

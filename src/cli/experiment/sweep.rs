@@ -280,7 +280,7 @@ fn markdown(r: &Results) -> String {
     );
     let _ = writeln!(
         md,
-        "Data `{}`{}, `{}`, {} epochs, {} lr {}, crop scale from {}; seeds 1..{} (paired: one seed, \
+        "Data `{}`{}, `{}`, {} epochs, {} lr {}, crop scale from {}, {} views; seeds 1..{} (paired: one seed, \
          the same initial weights and views for every loss). Evaluation: backbone features, bank \
          = {}, queries = the test split.\n",
         c.data,
@@ -291,6 +291,7 @@ fn markdown(r: &Results) -> String {
         c.optimizer,
         c.lr,
         c.crop_min_scale,
+        c.views,
         g.seeds,
         g.bank
             .map_or("the whole training split".into(), |n| format!(
