@@ -130,10 +130,22 @@ pub async fn init_page_webgpu() {
 }
 
 /// Burn panics when a GPU backend cannot start; turn that into an error that says what to do.
+/// The cause is often a panic on the backend's own server thread, which this thread only sees
+/// as a closed channel (`RecvError`): every thread's first panic message is collected, and the
+/// first one is the cause.
 #[allow(dead_code)]
 fn probe(make: impl FnOnce() -> Device, name: &str, hint: &str) -> anyhow::Result<Device> {
+    let panics = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = panics.clone();
     let previous = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info.payload_as_str().unwrap_or_default();
+        if let Ok(mut seen) = seen.lock() {
+            // The first clause: cudarc's goes on to list thirty library names.
+            let first = message.lines().next().unwrap_or_default();
+            seen.push(first.split(" - ").next().unwrap_or_default().to_string());
+        }
+    }));
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let device = make();
         let ones = Tensor::<1>::ones([1], &device)
@@ -145,14 +157,12 @@ fn probe(make: impl FnOnce() -> Device, name: &str, hint: &str) -> anyhow::Resul
     match result {
         Ok(Ok((v, device))) if v == [1.0] => Ok(device),
         Ok(_) => anyhow::bail!("--device {name}: the device returned wrong data on a self-test"),
-        Err(panic) => {
-            let detail = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
-            let first = detail.lines().next().unwrap_or("");
-            anyhow::bail!("--device {name}: {hint}. ({first})")
+        Err(_) => {
+            let panics = panics.lock().map(|p| p.clone()).unwrap_or_default();
+            match panics.first().filter(|m| !m.is_empty()) {
+                Some(cause) => anyhow::bail!("--device {name}: {hint}. ({cause})"),
+                None => anyhow::bail!("--device {name}: {hint}."),
+            }
         }
     }
 }
