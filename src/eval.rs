@@ -210,9 +210,19 @@ pub fn pixel_features(split: &Split) -> Vec<f32> {
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Scores {
     /// `{"20": 0.81, "200": 0.77}`.
+    #[serde(serialize_with = "keys_as_strings")]
     pub knn: std::collections::BTreeMap<usize, f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub linear: Option<f64>,
+}
+
+/// Writes a map's keys as strings, as JSON has them anyway: the page's bindings turn maps into
+/// plain objects, whose keys must be strings.
+pub fn keys_as_strings<S: serde::Serializer>(
+    map: &std::collections::BTreeMap<usize, f64>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_map(map.iter().map(|(k, v)| (k.to_string(), v)))
 }
 
 /// The evaluation protocol: weighted kNN (cosine, t = 0.1) at each of `ks`, and the linear

@@ -60,6 +60,7 @@ struct Evaluation {
     epoch: usize,
     knn_top1: f64,
     /// kNN top-1 at k = 20 and 200 (the page has no linear probe: see `eval::monitor_protocol`).
+    #[serde(serialize_with = "crate::eval::keys_as_strings")]
     knn: std::collections::BTreeMap<usize, f64>,
     /// PCA coordinates of the evaluated test images, x0, y0, x1, y1, ...
     points: Vec<f32>,
