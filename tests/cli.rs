@@ -635,3 +635,113 @@ fn batch_sweep_runs_its_grid_and_survives_kill_9() {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("grid.json"), "{}", stderr(&out));
 }
+
+/// One line of `/proc/PID/status` (`Threads`, `VmHWM` in kB, ...), as a number.
+fn proc_status(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with(field)).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Sends `request` to `addr` and reads the whole answer: (status line, body).
+fn http(addr: &str, request: &[u8]) -> (String, Vec<u8>) {
+    use std::io::Read;
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.write_all(request).unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).unwrap();
+    let split = answer.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let status = String::from_utf8_lossy(&answer[..split]);
+    let status = status.lines().next().unwrap().to_string();
+    (status, answer[split + 4..].to_vec())
+}
+
+/// `dcl serve` under load: 200 clients at once fetch an 8 MB module and the dataset's files while
+/// 20 slow clients hold half-sent requests and 20 send garbage. Every well-formed request gets
+/// its whole file, the garbage a 400; afterwards the server is back to its idle thread count, and
+/// its peak memory stayed far below one copy of the module per client (files are streamed).
+#[test]
+fn serve_answers_200_concurrent_clients_and_recovers() {
+    use std::io::{BufRead, BufReader};
+    let root = tempfile::tempdir().unwrap();
+    std::fs::write(root.path().join("index.html"), "<!doctype html>").unwrap();
+    std::fs::create_dir_all(root.path().join("www/pkg")).unwrap();
+    let module: Vec<u8> = (0..8 << 20).map(|i: u32| (i % 251) as u8).collect();
+    std::fs::write(root.path().join("www/pkg/dcl_bg.wasm"), &module).unwrap();
+    let labels = std::fs::read(format!("{FASHION_MNIST}/t10k-labels-idx1-ubyte.gz")).unwrap();
+    let mut server = Command::new(dcl_bin())
+        .args(["serve", "--port", "0", "--offline", "--data", FASHION_MNIST])
+        .arg("--root")
+        .arg(root.path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let addr = first.split("http://").nth(1).unwrap();
+    let addr = addr.split_whitespace().next().unwrap().to_string();
+    let pid = server.id();
+    assert_eq!(http(&addr, b"GET / HTTP/1.1\r\n\r\n").0, "HTTP/1.1 200 OK");
+    // Idle, the server is its accept loop alone; a handler's thread ends just after its answer.
+    let settled_threads = || {
+        for _ in 0..100 {
+            if proc_status(pid, "Threads:") == 1 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        proc_status(pid, "Threads:")
+    };
+    assert_eq!(settled_threads(), 1);
+
+    let slow: Vec<_> = (0..20)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(&addr).unwrap();
+            s.write_all(b"GET /index.html HTTP/1.1\r\nHost: x").unwrap();
+            s
+        })
+        .collect();
+    // 20 malformed (every 11th), 200 well-formed: a fifth for a dataset file, the rest the module.
+    let clients: Vec<_> = (0..220)
+        .map(|i| {
+            let (addr, module_len, labels) = (addr.clone(), module.len(), labels.clone());
+            std::thread::spawn(move || match (i % 11, i % 5) {
+                (0, _) => {
+                    let (status, _) = http(&addr, b"BREW /pot\r\n\r\n");
+                    assert_eq!(status, "HTTP/1.1 400 Bad Request");
+                }
+                (_, 0) => {
+                    let request = b"GET /data/t10k-labels-idx1-ubyte.gz HTTP/1.1\r\n\r\n";
+                    let (status, body) = http(&addr, request);
+                    assert_eq!((status.as_str(), body == labels), ("HTTP/1.1 200 OK", true));
+                }
+                _ => {
+                    let (status, body) = http(&addr, b"GET /www/pkg/dcl_bg.wasm HTTP/1.1\r\n\r\n");
+                    assert_eq!(
+                        (status.as_str(), body.len()),
+                        ("HTTP/1.1 200 OK", module_len)
+                    );
+                    assert!(body.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8));
+                }
+            })
+        })
+        .collect();
+    for client in clients {
+        client.join().unwrap();
+    }
+    let busy = proc_status(pid, "Threads:");
+    drop(slow);
+    // The slow clients' threads end when their connections close.
+    let threads = settled_threads();
+    let peak_mib = proc_status(pid, "VmHWM:") / 1024;
+    server.kill().unwrap();
+    server.wait().unwrap();
+    eprintln!(
+        "dcl serve: {busy} threads with the slow clients, {threads} after; peak RSS {peak_mib} MiB"
+    );
+    assert_eq!(threads, 1, "threads left behind");
+    // One copy of the module per concurrent client would be 1.6 GB.
+    assert!(peak_mib < 256, "peak RSS {peak_mib} MiB");
+}

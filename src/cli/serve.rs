@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// Datasets offered when `--data` is not given, in order of preference.
@@ -82,15 +83,29 @@ fn local_path(root: &Path, url_path: &str) -> Option<PathBuf> {
 }
 
 fn respond(stream: &mut TcpStream, status: &str, kind: &str, body: &[u8], head: bool) {
-    let header = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\n\
-         Cache-Control: no-cache\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    let _ = stream.write_all(header.as_bytes());
-    if !head {
+    if write_header(stream, status, kind, body.len() as u64).is_ok() && !head {
         let _ = stream.write_all(body);
     }
+}
+
+/// A file streamed from disk: 200 clients fetching the 38 MB wasm module at once hold a socket
+/// buffer each, not a copy of the module each.
+fn respond_file(stream: &mut TcpStream, path: &Path, head: bool) -> std::io::Result<()> {
+    let file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    write_header(stream, "200 OK", content_type(&path.to_string_lossy()), len)?;
+    if !head {
+        std::io::copy(&mut file.take(len), stream)?;
+    }
+    Ok(())
+}
+
+fn write_header(stream: &mut TcpStream, status: &str, kind: &str, len: u64) -> std::io::Result<()> {
+    let header = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {len}\r\n\
+         Cache-Control: no-cache\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(header.as_bytes())
 }
 
 /// The parts of a request the server uses.
@@ -190,17 +205,16 @@ fn handle(mut stream: TcpStream, root: &Path, data: &Result<Offer, String>) {
         Some(name) => data.as_ref().ok().and_then(|o| o.files.get(name).cloned()),
         None => local_path(root, path),
     };
-    let Some(file) = file else {
-        return not_found(&mut stream);
-    };
-    match std::fs::read(&file) {
-        Ok(body) => {
-            let kind = content_type(&file.to_string_lossy());
-            respond(&mut stream, "200 OK", kind, &body, head)
-        }
-        Err(_) => not_found(&mut stream),
+    match file.filter(|f| f.is_file()) {
+        // A client that goes away mid-answer needs nothing more.
+        Some(file) => drop(respond_file(&mut stream, &file, head)),
+        None => not_found(&mut stream),
     }
 }
+
+/// The most clients answered at once; more are told to retry (each client holds a thread for at
+/// most [`CLIENT_TIMEOUT`] per read or write, so slow clients cannot pile threads up unbounded).
+const MAX_CLIENTS: usize = 256;
 
 /// Serves `root` on 127.0.0.1:`port` until the process is interrupted. `port` 0 picks a free one;
 /// the first line printed says which.
@@ -240,9 +254,26 @@ pub fn serve(root: &Path, port: u16, data: Option<&str>, offline: bool) -> anyho
     }
     std::io::stdout().flush()?;
     let shared = Arc::new((root.to_path_buf(), offer));
-    for stream in listener.incoming().flatten() {
-        let shared = shared.clone();
-        std::thread::spawn(move || handle(stream, &shared.0, &shared.1));
+    let clients = Arc::new(AtomicUsize::new(0));
+    for mut stream in listener.incoming().flatten() {
+        if clients.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
+            clients.fetch_sub(1, Ordering::SeqCst);
+            let _ = stream.set_write_timeout(Some(CLIENT_TIMEOUT));
+            let busy = b"too many clients at once; retry";
+            respond(
+                &mut stream,
+                "503 Service Unavailable",
+                "text/plain",
+                busy,
+                false,
+            );
+            continue;
+        }
+        let (shared, clients) = (shared.clone(), clients.clone());
+        std::thread::spawn(move || {
+            handle(stream, &shared.0, &shared.1);
+            clients.fetch_sub(1, Ordering::SeqCst);
+        });
     }
     Ok(())
 }
