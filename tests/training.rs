@@ -57,14 +57,22 @@ fn step_losses(events: &[Value]) -> Vec<(u64, f64)> {
 }
 
 /// The short CPU run of the core issue: resnet-mini, DCL, 5,000 real Fashion-MNIST images, 3
-/// epochs at batch 32, kNN top-1 on the 10,000 test images. The run is deterministic; measured here:
-/// 0.6700 untrained -> 0.7083 (+3.8 points). Over seeds 1-10 every run ends near 0.70 (0.688-0.708)
-/// and the gain follows the untrained encoder (0.584-0.672): +6.5 on average, +5 or more on six of
-/// ten; seed 1 starts from the second-best init. PyTorch (`scripts/peer_knn.py`, same setup) ends
-/// at the same place, and so do raw pixels (0.697) under this monitor (k 200 over a 5,000-image
-/// bank). Variations on seed 1 end near +4: 5 epochs +4.0 (+4.8 at epoch 3), batch 64 at Adam 2e-3
-/// +3.9, weight decay 5e-4 +4.0, temperature 0.05 +4.3, crop scale 0.08 (5 epochs) +1.9. The bar
-/// is seed 1's measured gain with a margin; the README has the table.
+/// epochs at batch 32, Adam 1e-3, then `dcl eval --bank 5000` (the 10,000 test images as queries)
+/// for the encoder beside its untrained self (same seed) and raw pixels. The run is deterministic.
+/// Measured over seeds 1-5 (this exact command, `--seed 1..5`), gains over the untrained encoder:
+///
+/// | seed | kNN k=200 | kNN k=20 | linear probe |
+/// |---|---|---|---|
+/// | 1 | +2.71 | -0.23 | +0.65 |
+/// | 2 | +4.71 | +1.07 | +1.34 |
+/// | 3 | +5.81 | +2.91 | +3.54 |
+/// | 4 | +4.56 | +0.37 | +0.73 |
+/// | 5 | +2.22 | -0.28 | +2.07 |
+///
+/// So the bars: kNN k=200 at least +1.5 (the lowest seed's +2.2 less a margin), the linear probe
+/// above the untrained encoder (all five seeds are); k=20 is not asserted (two seeds of five lose).
+/// Raw pixels beat every seed at this length (k=200 0.740, k=20 0.797, linear 0.802 against
+/// 0.68-0.70, 0.74-0.76, 0.78-0.80): beating them takes the longer runs in the README.
 #[test]
 fn fashion_mnist_short_run_beats_the_untrained_encoder() {
     let tmp = tempfile::tempdir().unwrap();
@@ -116,10 +124,6 @@ fn fashion_mnist_short_run_beats_the_untrained_encoder() {
     eprintln!("Fashion-MNIST kNN top-1 by epoch: {knn:?}");
     // Random 10-class guessing is 0.1; an untrained ResNet already separates some classes.
     assert!(before > 0.3 && before < 0.85, "untrained kNN {before}");
-    assert!(
-        after >= before + 0.03,
-        "kNN {before} -> {after}: less than 3 points gained"
-    );
     let losses = step_losses(&ev);
     assert_eq!(losses.len(), 3 * (5000 / 32));
     assert!(losses.iter().all(|l| l.1.is_finite()));
@@ -131,23 +135,32 @@ fn fashion_mnist_short_run_beats_the_untrained_encoder() {
     for f in ["config.toml", "model.safetensors", "checkpoints/latest"] {
         assert!(run.join(f).is_file(), "{f}");
     }
-    // `dcl eval` reads the run back and agrees with the last monitor value; beside it, the
-    // protocol's numbers for the encoder and its two baselines (printed, not yet asserted: the
-    // margin needs runs over several seeds).
+    // `dcl eval` reads the run back and agrees with the last monitor value (k=200 over the same
+    // 5,000-image bank), and gives the encoder's scores beside its two baselines.
     let report: Value =
         serde_json::from_slice(&dcl_eval(&run, &["--bank", "5000"]).stdout).unwrap();
     assert!((report["knn_top1"].as_f64().unwrap() - after).abs() < 1e-9);
     eprintln!("dcl eval --bank 5000: {report}");
+    let score = |who: &str, what: &[&str]| {
+        let value = what.iter().fold(&report[who], |v, key| &v[key]);
+        let value = value.as_f64().unwrap_or(f64::NAN);
+        assert!(value > 0.1 && value <= 1.0, "{who} {what:?}: {report}");
+        value
+    };
     for who in ["encoder", "untrained", "pixels"] {
-        for score in [
-            &report[who]["knn"]["20"],
-            &report[who]["knn"]["200"],
-            &report[who]["linear"],
-        ] {
-            let score = score.as_f64().unwrap_or(f64::NAN);
-            assert!(score > 0.1 && score <= 1.0, "{who}: {report}");
-        }
+        score(who, &["knn", "20"]);
     }
+    let gain = |what: &[&str]| score("encoder", what) - score("untrained", what);
+    assert!(
+        gain(&["knn", "200"]) >= 0.015,
+        "kNN k=200 gained {:+.4} over the untrained encoder (seeds 1-5: +0.022 to +0.058)",
+        gain(&["knn", "200"])
+    );
+    assert!(
+        gain(&["linear"]) > 0.0,
+        "the linear probe gained {:+.4} over the untrained encoder (seeds 1-5: +0.007 to +0.035)",
+        gain(&["linear"])
+    );
 }
 
 fn synthetic_split(n: usize) -> Split {

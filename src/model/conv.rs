@@ -4,9 +4,9 @@
 //! gradient as a transposed convolution whose col2im scatter runs on one thread, one image after
 //! another, and the weight gradient as a convolution of the swapped input with the output
 //! gradient as a Ho x Wo kernel (gemm shapes with N = 9, a tenth of peak). A perf profile of a
-//! `resnet-mini` training step put a quarter of it in those two outside gemm. Here each image is
-//! one rayon task: im2col, then one gemm forward; im2col, two gemms and col2im backward, the
-//! weight gradient summed over per-thread partials. Only the CPU device takes this path (see
+//! `resnet-mini` training step put a quarter of it in those two outside gemm. Here a tile of
+//! images (one image at 32x32, up to 32 at 4x4) is one rayon task: im2col, then one gemm forward;
+//! im2col, two gemms and col2im backward, the weight gradient summed over fixed groups of images. Only the CPU device takes this path (see
 //! `backend::has_fast_conv`); it is tested equal to Burn's `conv2d` in value and gradients.
 
 use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
@@ -21,6 +21,10 @@ use rayon::prelude::*;
 /// How many partial sums the weight gradient is split into: the parallelism of the backward
 /// pass (more than the cores of most CPUs), bounded so that the partials' memory stays small.
 const WEIGHT_GRAD_GROUPS: usize = 8;
+
+/// Columns of a tile's column matrix (images x output pixels) that one gemm takes: the weight is
+/// packed once per tile, so with 4x4 outputs a tile of 32 images packs it 32 times less often.
+const TILE_COLUMNS: usize = 512;
 
 /// Stride and zero padding, the same on both axes (all this project's convolutions).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -154,28 +158,37 @@ impl Plan {
         self.c_out * self.pixels_out()
     }
 
+    /// Images per gemm: enough that a tile's column matrix has about [`TILE_COLUMNS`] columns, so
+    /// the late stages (4x4 and 8x8 outputs) pack each weight once per tile, not once per image.
+    fn tile(&self) -> usize {
+        (TILE_COLUMNS / self.pixels_out()).clamp(1, self.batch)
+    }
+
     fn forward(&self, x: &FlexTensor, weight: &FlexTensor) -> FlexTensor {
         let (x, weight) = (f32s(x), f32s(weight));
+        let tile = self.tile();
         let mut y = vec![0f32; self.batch * self.image_out()];
-        y.par_chunks_mut(self.image_out())
-            .zip(x.par_chunks(self.image_in()))
+        y.par_chunks_mut(tile * self.image_out())
+            .zip(x.par_chunks(tile * self.image_in()))
             .for_each_init(
-                || vec![0f32; self.patch() * self.pixels_out()],
-                |cols, (y, x)| {
-                    self.im2col(x, cols);
-                    // y [Co, P] = W [Co, CKK] · cols [CKK, P]
+                || Tile::new(self, tile),
+                |buffers, (y, x)| {
+                    let columns = self.im2col(x, &mut buffers.cols);
+                    // Y [Co, t*P] = W [Co, CKK] · cols [CKK, t*P], then each image's block out.
+                    let out = &mut buffers.out[..self.c_out * columns];
                     gemm(
-                        y,
+                        out,
                         self.c_out,
-                        self.pixels_out(),
+                        columns,
                         self.patch(),
                         false,
                         Mat::rows(&weight, self.patch()),
-                        Mat::rows(cols, self.pixels_out()),
+                        Mat::rows(&buffers.cols, columns),
                     );
+                    self.scatter_images(out, y, columns);
                 },
             );
-        tensor(y, [self.batch, self.c_out, self.h_out, self.w_out])
+        tensor(y, &[self.batch, self.c_out, self.h_out, self.w_out])
     }
 
     /// The gradients of the input (when asked) and of the weight.
@@ -187,49 +200,54 @@ impl Plan {
         want_x: bool,
     ) -> (Option<FlexTensor>, FlexTensor) {
         let (x, weight, dy) = (f32s(x), f32s(weight), f32s(output_grad));
-        let (patch, pixels) = (self.patch(), self.pixels_out());
+        let patch = self.patch();
         let mut dx = vec![0f32; if want_x { x.len() } else { 0 }];
-        // The first convolution's input (the images) needs no gradient: skip its col2im.
-        let mut dx_images: Vec<Option<&mut [f32]>> = match want_x {
-            true => dx.chunks_mut(self.image_in()).map(Some).collect(),
-            false => (0..self.batch).map(|_| None).collect(),
-        };
         // The weight gradient is summed over images in a fixed order, whatever the thread count:
         // each group of images its own partial sum, the partials added in order (so a run repeats
-        // bit for bit, and resume is exact).
+        // bit for bit, and resume is exact). Groups and tiles depend on the shapes alone.
         let group = self.batch.div_ceil(WEIGHT_GRAD_GROUPS);
-        let partials: Vec<Vec<f32>> = dx_images
-            .par_chunks_mut(group)
+        let tile = self.tile().min(group);
+        // The first convolution's input (the images) needs no gradient: skip its col2im.
+        let mut dx_groups: Vec<Option<&mut [f32]>> = match want_x {
+            true => dx.chunks_mut(group * self.image_in()).map(Some).collect(),
+            false => (0..self.batch.div_ceil(group)).map(|_| None).collect(),
+        };
+        let partials: Vec<Vec<f32>> = dx_groups
+            .par_iter_mut()
             .zip(x.par_chunks(group * self.image_in()))
             .zip(dy.par_chunks(group * self.image_out()))
             .map(|((dx, x), dy)| {
-                let (mut dw, mut cols) =
-                    (vec![0f32; self.c_out * patch], vec![0f32; patch * pixels]);
-                let images = x.chunks(self.image_in()).zip(dy.chunks(self.image_out()));
-                for ((x, dy), dx) in images.zip(dx) {
-                    self.im2col(x, &mut cols);
-                    // dW [Co, CKK] += dY [Co, P] · cols^T [P, CKK]
+                let (mut dw, mut buffers) = (vec![0f32; self.c_out * patch], Tile::new(self, tile));
+                let tiles = x
+                    .chunks(tile * self.image_in())
+                    .zip(dy.chunks(tile * self.image_out()));
+                for (t, (x, dy)) in tiles.enumerate() {
+                    let columns = self.im2col(x, &mut buffers.cols);
+                    let dy_tile = &mut buffers.out[..self.c_out * columns];
+                    self.gather_images(dy, dy_tile, columns);
+                    // dW [Co, CKK] += dY [Co, t*P] · cols^T [t*P, CKK]
                     gemm(
                         &mut dw,
                         self.c_out,
                         patch,
-                        pixels,
+                        columns,
                         true,
-                        Mat::rows(dy, pixels),
-                        Mat::cols(&cols, pixels),
+                        Mat::rows(dy_tile, columns),
+                        Mat::cols(&buffers.cols, columns),
                     );
-                    if let Some(dx) = dx {
-                        // dcols [CKK, P] = W^T [CKK, Co] · dY [Co, P], then scattered back.
+                    if let Some(dx) = dx.as_deref_mut() {
+                        // dcols [CKK, t*P] = W^T [CKK, Co] · dY [Co, t*P], then scattered back.
                         gemm(
-                            &mut cols,
+                            &mut buffers.cols,
                             patch,
-                            pixels,
+                            columns,
                             self.c_out,
                             false,
                             Mat::cols(&weight, patch),
-                            Mat::rows(dy, pixels),
+                            Mat::rows(dy_tile, columns),
                         );
-                        self.col2im(&cols, dx);
+                        let images = tile * self.image_in();
+                        self.col2im(&buffers.cols, &mut dx[t * images..][..x.len()], columns);
                     }
                 }
                 dw
@@ -240,16 +258,16 @@ impl Plan {
             dw.iter_mut().zip(partial).for_each(|(a, b)| *a += b);
         }
         let k = self.kernel;
-        let dx = want_x.then(|| tensor(dx, [self.batch, self.c_in, self.height, self.width]));
-        (dx, tensor(dw, [self.c_out, self.c_in, k, k]))
+        let dx = want_x.then(|| tensor(dx, &[self.batch, self.c_in, self.height, self.width]));
+        (dx, tensor(dw, &[self.c_out, self.c_in, k, k]))
     }
 
-    /// Calls `f(cols_at, x_at, len)` for each run of the column matrix that comes from the image:
-    /// `len` entries from `cols_at` on, taken from the input pixels `x_at, x_at + stride, ...`
-    /// (the rest of the column matrix is padding, zero).
-    fn for_each_run(&self, mut f: impl FnMut(usize, usize, usize)) {
+    /// Calls `f(cols_at, x_at, len)` for each run of an image's block of a column matrix with
+    /// `columns` columns: `len` entries from `cols_at` on, taken from the input pixels
+    /// `x_at, x_at + stride, ...` (the rest of the block is padding, zero).
+    fn for_each_run(&self, columns: usize, mut f: impl FnMut(usize, usize, usize)) {
         let (k, s, p) = (self.kernel, self.stride, self.padding);
-        let (w, wo, pixels) = (self.width, self.w_out, self.pixels_out());
+        let (w, wo) = (self.width, self.w_out);
         for c in 0..self.c_in {
             for ki in 0..k {
                 for kj in 0..k {
@@ -266,46 +284,93 @@ impl Plan {
                             continue;
                         };
                         let x_at = (c * self.height + ih) * w + first * s + kj - p;
-                        f(row * pixels + oh * wo + first, x_at, last - first);
+                        f(row * columns + oh * wo + first, x_at, last - first);
                     }
                 }
             }
         }
     }
 
-    /// One image [C, H, W] to its column matrix [C*k*k, Ho*Wo] (zero where the patch is padding).
-    fn im2col(&self, x: &[f32], cols: &mut [f32]) {
+    /// Images [t, C, H, W] to their column matrix [C*k*k, t*Ho*Wo], image after image along the
+    /// columns (zero where a patch is padding). Returns the number of columns.
+    fn im2col(&self, images: &[f32], cols: &mut [f32]) -> usize {
+        let columns = images.len() / self.image_in() * self.pixels_out();
+        let cols = &mut cols[..self.patch() * columns];
         cols.fill(0.0);
         let s = self.stride;
-        self.for_each_run(|at, x_at, len| {
-            let out = &mut cols[at..at + len];
-            match s {
-                1 => out.copy_from_slice(&x[x_at..x_at + len]),
-                _ => out
-                    .iter_mut()
-                    .zip(x[x_at..].iter().step_by(s))
-                    .for_each(|(o, i)| *o = *i),
-            }
-        });
+        for (i, x) in images.chunks(self.image_in()).enumerate() {
+            let block = i * self.pixels_out();
+            self.for_each_run(columns, |at, x_at, len| {
+                let out = &mut cols[block + at..][..len];
+                match s {
+                    1 => out.copy_from_slice(&x[x_at..x_at + len]),
+                    _ => out
+                        .iter_mut()
+                        .zip(x[x_at..].iter().step_by(s))
+                        .for_each(|(o, i)| *o = *i),
+                }
+            });
+        }
+        columns
     }
 
     /// The adjoint of [`Plan::im2col`]: adds each column-matrix entry back onto its input pixel.
-    fn col2im(&self, cols: &[f32], dx: &mut [f32]) {
+    fn col2im(&self, cols: &[f32], images: &mut [f32], columns: usize) {
         let s = self.stride;
-        self.for_each_run(|at, x_at, len| {
-            let grad = &cols[at..at + len];
-            match s {
-                1 => dx[x_at..x_at + len]
-                    .iter_mut()
-                    .zip(grad)
-                    .for_each(|(d, g)| *d += g),
-                _ => dx[x_at..]
-                    .iter_mut()
-                    .step_by(s)
-                    .zip(grad)
-                    .for_each(|(d, g)| *d += g),
+        for (i, dx) in images.chunks_mut(self.image_in()).enumerate() {
+            let block = i * self.pixels_out();
+            self.for_each_run(columns, |at, x_at, len| {
+                let grad = &cols[block + at..][..len];
+                match s {
+                    1 => dx[x_at..x_at + len]
+                        .iter_mut()
+                        .zip(grad)
+                        .for_each(|(d, g)| *d += g),
+                    _ => dx[x_at..]
+                        .iter_mut()
+                        .step_by(s)
+                        .zip(grad)
+                        .for_each(|(d, g)| *d += g),
+                }
+            });
+        }
+    }
+
+    /// A tile's output matrix [Co, t*P] to its images [t, Co, P].
+    fn scatter_images(&self, matrix: &[f32], images: &mut [f32], columns: usize) {
+        let pixels = self.pixels_out();
+        for (i, image) in images.chunks_mut(self.image_out()).enumerate() {
+            for (co, row) in image.chunks_mut(pixels).enumerate() {
+                row.copy_from_slice(&matrix[co * columns + i * pixels..][..pixels]);
             }
-        });
+        }
+    }
+
+    /// The inverse of [`Plan::scatter_images`]: images [t, Co, P] to the matrix [Co, t*P].
+    fn gather_images(&self, images: &[f32], matrix: &mut [f32], columns: usize) {
+        let pixels = self.pixels_out();
+        for (i, image) in images.chunks(self.image_out()).enumerate() {
+            for (co, row) in image.chunks(pixels).enumerate() {
+                matrix[co * columns + i * pixels..][..pixels].copy_from_slice(row);
+            }
+        }
+    }
+}
+
+/// One task's buffers for a tile of `t` images: the column matrix [C*k*k, t*P] (reused for its
+/// gradient) and the output matrix [Co, t*P] (or its gradient).
+struct Tile {
+    cols: Vec<f32>,
+    out: Vec<f32>,
+}
+
+impl Tile {
+    fn new(plan: &Plan, images: usize) -> Self {
+        let columns = images * plan.pixels_out();
+        Self {
+            cols: vec![0f32; plan.patch() * columns],
+            out: vec![0f32; plan.c_out * columns],
+        }
     }
 }
 
@@ -374,7 +439,7 @@ fn dims(t: &FlexTensor) -> [usize; 4] {
 }
 
 /// The tensor's values, contiguous (a copy only when it is a strided view).
-fn f32s(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
+pub(super) fn f32s(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
     assert_eq!(t.dtype(), DType::F32, "im2col conv2d runs in f32");
     match t.as_slice::<f32>() {
         Some(values) => std::borrow::Cow::Borrowed(values),
@@ -382,7 +447,7 @@ fn f32s(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
     }
 }
 
-fn tensor(values: Vec<f32>, shape: [usize; 4]) -> FlexTensor {
+pub(super) fn tensor(values: Vec<f32>, shape: &[usize]) -> FlexTensor {
     FlexTensor::new(
         Bytes::from_elems(values),
         Layout::contiguous(Shape::from(shape.to_vec())),
@@ -408,18 +473,22 @@ mod tests {
         device.seed(7);
         let random =
             |shape: [usize; 4]| Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
-        for (kernel, stride, padding, x_grad) in [
-            (3, 1, 1, true),
-            (3, 2, 1, true),
-            (1, 2, 0, true),
-            (1, 1, 0, true),
-            (3, 1, 0, true),
-            (5, 2, 2, true),
-            (3, 1, 1, false),
+        // The second shape puts several images in a tile, and tiles of unequal size in a group.
+        for (kernel, stride, padding, x_grad, shape) in [
+            (3, 1, 1, true, [3, 4, 9, 7]),
+            (3, 2, 1, true, [3, 4, 9, 7]),
+            (1, 2, 0, true, [3, 4, 9, 7]),
+            (1, 1, 0, true, [3, 4, 9, 7]),
+            (3, 1, 0, true, [3, 4, 9, 7]),
+            (5, 2, 2, true, [3, 4, 9, 7]),
+            (3, 1, 1, false, [3, 4, 9, 7]),
+            (3, 1, 1, true, [40, 2, 11, 11]),
+            (3, 2, 1, true, [21, 4, 5, 4]),
+            (1, 1, 0, false, [21, 4, 4, 4]),
         ] {
-            let x = random([3, 4, 9, 7]);
+            let x = random(shape);
             let x = if x_grad { x.require_grad() } else { x };
-            let weight = random([5, 4, kernel, kernel]).require_grad();
+            let weight = random([5, shape[1], kernel, kernel]).require_grad();
             let geometry = Geometry { stride, padding };
             let ours = conv2d(x.clone(), weight.clone(), geometry);
             let options = ConvOptions::new([stride; 2], [padding; 2], [1, 1], 1);

@@ -12,6 +12,7 @@ use burn::tensor::{Device, Tensor};
 pub use crate::arch::{ModelName, ResNetArch, PROJECTION_DIM};
 
 mod conv;
+mod norm;
 
 fn conv3x3(c_in: usize, c_out: usize, stride: usize, device: &Device) -> Conv2d {
     conv(c_in, c_out, 3, stride, device)
@@ -63,12 +64,38 @@ fn bn(channels: usize, device: &Device) -> BatchNorm {
 
 /// Batch norm of feature maps [B, C, H, W], as Burn's `BatchNorm::forward` computes it (batch
 /// statistics with gradient while training, biased variance into the running averages; running
-/// statistics in eval), but applied as `x * scale + shift` with the coefficients laid out
-/// [B, C, 1, 1], contiguous. Burn's own version broadcasts [1, C, 1, 1] tensors, which burn-flex
-/// 0.21 walked one element at a time (half of a `resnet-mini` step on the CPU in a perf profile);
-/// this layout takes flex's SIMD per-row path. The projection head's BatchNorm1d runs here too,
-/// as [B, C, 1, 1], so that every running statistic is committed the same way.
+/// statistics in eval). Training on the CPU device takes [`norm`]'s fused op (two passes forward,
+/// two backward, instead of a chain of element-wise ops and their gradients). Elsewhere it is
+/// `x * scale + shift` with the coefficients laid out [B, C, 1, 1], contiguous: burn-flex 0.21
+/// walked Burn's [1, C, 1, 1] broadcast one element at a time, and the GPU backends do not mind.
+/// The projection head's BatchNorm1d runs here too, as [B, C, 1, 1], so that every running
+/// statistic is committed the same way.
 fn batch_norm(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
+    let c = x.dims()[1];
+    match x.device().is_autodiff() {
+        true if crate::backend::has_fast_conv(&x.device()) => fused_batch_norm(bn, x),
+        true => batch_norm_from_tensor_ops(bn, x),
+        false => {
+            let stat = |state: &RunningState<Tensor<1>>| state.value().reshape([1, c]);
+            let (mean, var) = (stat(&bn.running_mean), stat(&bn.running_var));
+            normalize(bn, x, mean, var)
+        }
+    }
+}
+
+/// Training mode on the CPU device: [`norm`]'s fused op.
+fn fused_batch_norm(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
+    let moments = norm::channel_moments(x.clone());
+    update_running(
+        bn,
+        moments.clone().narrow(0, 0, 1),
+        moments.clone().narrow(0, 1, 1),
+    );
+    norm::batch_norm(x, bn.gamma.val(), bn.beta.val(), moments, bn.epsilon)
+}
+
+/// Training mode elsewhere: batch statistics with Burn's tensor ops, the gradient by autodiff.
+fn batch_norm_from_tensor_ops(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
     let [b, c, h, w] = x.dims();
     // Per channel: the mean over images of the mean over pixels, [1, C].
     let channel_mean = |t: Tensor<4>| {
@@ -77,28 +104,37 @@ fn batch_norm(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
             .reshape([b, c])
             .mean_dim(0)
     };
-    let per_image = |t: Tensor<2>| t.repeat_dim(0, b).reshape([b, c, 1, 1]);
-    let (mean, var) = if x.device().is_autodiff() {
-        let mean = channel_mean(x.clone());
-        let var = channel_mean((x.clone() - per_image(mean.clone())).square());
-        let running = |state: &RunningState<Tensor<1>>, batch: &Tensor<2>| {
-            let old = state.value_sync().to_device(&x.device());
-            let new = batch.clone().detach().reshape([c]).mul_scalar(bn.momentum);
-            state.update(old.mul_scalar(1.0 - bn.momentum).add(new).detach());
-            // Burn keeps an update pending until the next read, and saving or evaluating reads
-            // the value without it: commit it now, so what is saved is what was computed.
-            state.value_sync();
-        };
-        running(&bn.running_mean, &mean);
-        running(&bn.running_var, &var);
-        (mean, var)
-    } else {
-        let stat = |state: &RunningState<Tensor<1>>| state.value().reshape([1, c]);
-        (stat(&bn.running_mean), stat(&bn.running_var))
-    };
+    let mean = channel_mean(x.clone());
+    let var = channel_mean((x.clone() - per_image(mean.clone(), b)).square());
+    update_running(bn, mean.clone(), var.clone());
+    normalize(bn, x, mean, var)
+}
+
+/// The running averages' momentum step from the batch's [1, C] mean and biased variance.
+fn update_running(bn: &BatchNorm, mean: Tensor<2>, var: Tensor<2>) {
+    for (state, batch) in [(&bn.running_mean, mean), (&bn.running_var, var)] {
+        let old = state.value_sync().to_device(&batch.device());
+        let c = batch.dims()[1];
+        let new = batch.detach().reshape([c]).mul_scalar(bn.momentum);
+        state.update(old.mul_scalar(1.0 - bn.momentum).add(new).detach());
+        // Burn keeps an update pending until the next read, and saving or evaluating reads
+        // the value without it: commit it now, so what is saved is what was computed.
+        state.value_sync();
+    }
+}
+
+/// [1, C] coefficients laid out [B, C, 1, 1] (see [`batch_norm`]).
+fn per_image(t: Tensor<2>, images: usize) -> Tensor<4> {
+    let c = t.dims()[1];
+    t.repeat_dim(0, images).reshape([images, c, 1, 1])
+}
+
+/// `x * scale + shift` from the [1, C] mean and variance.
+fn normalize(bn: &BatchNorm, x: Tensor<4>, mean: Tensor<2>, var: Tensor<2>) -> Tensor<4> {
+    let [b, c, _, _] = x.dims();
     let scale = bn.gamma.val().reshape([1, c]) / var.add_scalar(bn.epsilon).sqrt();
     let shift = bn.beta.val().reshape([1, c]) - mean * scale.clone();
-    x * per_image(scale) + per_image(shift)
+    x * per_image(scale, b) + per_image(shift, b)
 }
 
 /// The 1x1 strided projection of the residual when a block changes shape.
@@ -249,6 +285,8 @@ mod tests {
         (a - b).abs().max().into_scalar::<f32>()
     }
 
+    /// Both training paths (the CPU's fused op, the tensor ops GPU devices take) against Burn's
+    /// `BatchNorm`: output, gradients of input, gamma and beta, running statistics; then eval.
     #[test]
     fn batch_norm_equals_burns_in_training_and_in_eval() {
         let device = crate::backend::cpu().autodiff();
@@ -258,29 +296,41 @@ mod tests {
         };
         let gamma = random([1, 1, 1, 5], 1.0, 0.5).reshape([5]);
         let beta = random([1, 1, 1, 5], 0.0, 0.5).reshape([5]);
+        let x_values = random([3, 5, 4, 6], 2.0, 3.0).into_data();
+        // A weighted sum, so that every output's gradient differs.
+        let weights = random([3, 5, 4, 6], 0.0, 1.0);
+        type Path = fn(&BatchNorm, Tensor<4>) -> Tensor<4>;
+        for path in [fused_batch_norm as Path, batch_norm_from_tensor_ops] {
+            // A fresh leaf per path: a backward pass consumes the graph of the one before.
+            let x = Tensor::<4>::from_data(x_values.clone(), &device).require_grad();
+            let (ours, burns) = (
+                batch_norm_with(&gamma, &beta),
+                batch_norm_with(&gamma, &beta),
+            );
+            let (y_ours, y_burn) = (path(&ours, x.clone()), burns.forward(x.clone()));
+            assert!(max_diff(y_ours.clone(), y_burn.clone()) < 1e-5);
+
+            let grads_ours = (y_ours * weights.clone()).sum().backward();
+            let grads_burn = (y_burn * weights.clone()).sum().backward();
+            let grad = |t: &Tensor<4>, g| t.grad(g).unwrap();
+            assert!(max_diff(grad(&x, &grads_ours), grad(&x, &grads_burn)) < 1e-5);
+            for (a, b) in [(&ours.gamma, &burns.gamma), (&ours.beta, &burns.beta)] {
+                let (ga, gb) = (a.grad(&grads_ours).unwrap(), b.grad(&grads_burn).unwrap());
+                assert!(max_diff(ga, gb) < 1e-4);
+            }
+            let stats =
+                |bn: &BatchNorm| [bn.running_mean.value_sync(), bn.running_var.value_sync()];
+            for (a, b) in stats(&ours).into_iter().zip(stats(&burns)) {
+                assert!(max_diff(a, b) < 1e-6);
+            }
+        }
         let (ours, burns) = (
             batch_norm_with(&gamma, &beta),
             batch_norm_with(&gamma, &beta),
         );
-        let x = random([3, 5, 4, 6], 2.0, 3.0).require_grad();
-        // A weighted sum, so that every output's gradient differs.
-        let weights = random([3, 5, 4, 6], 0.0, 1.0);
-        let (y_ours, y_burn) = (batch_norm(&ours, x.clone()), burns.forward(x.clone()));
-        assert!(max_diff(y_ours.clone(), y_burn.clone()) < 1e-5);
-
-        let grads_ours = (y_ours * weights.clone()).sum().backward();
-        let grads_burn = (y_burn * weights).sum().backward();
-        let grad = |t: &Tensor<4>, g| t.grad(g).unwrap();
-        assert!(max_diff(grad(&x, &grads_ours), grad(&x, &grads_burn)) < 1e-5);
-        for (a, b) in [(&ours.gamma, &burns.gamma), (&ours.beta, &burns.beta)] {
-            let (ga, gb) = (a.grad(&grads_ours).unwrap(), b.grad(&grads_burn).unwrap());
-            assert!(max_diff(ga, gb) < 1e-4);
-        }
-        let stats = |bn: &BatchNorm| [bn.running_mean.value_sync(), bn.running_var.value_sync()];
-        for (a, b) in stats(&ours).into_iter().zip(stats(&burns)) {
-            assert!(max_diff(a, b) < 1e-6);
-        }
-
+        // One training step moves the running statistics off their initial values.
+        let x = Tensor::<4>::from_data(x_values, &device);
+        let _ = (batch_norm(&ours, x.clone()), burns.forward(x.clone()));
         // Eval mode (no autodiff): the running statistics, the same on both.
         let (ours, burns) = (ours.valid(), burns.valid());
         let x = x.inner();
