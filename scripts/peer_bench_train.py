@@ -1,9 +1,11 @@
-"""PyTorch CPU peer of `dcl bench train`: images/s of one full SimCLR+DCL training step.
+"""PyTorch peer of `dcl bench train`: images/s of one full SimCLR+DCL training step.
 
 Same model (ResNet BasicBlocks, CIFAR stem, same widths), same two-view batch, same loss (lightly's
-DCLLoss), same optimizer (SGD momentum), same thread count. Prints one JSON object; `dcl bench train --peer` runs it. Not run in CI. Usage:
+DCLLoss; the same formula inline where lightly is not installed, as on an offline GPU machine),
+same optimizer (SGD momentum), same thread count, on the CPU or a CUDA card. Prints one JSON
+object; `dcl bench train --peer` runs it. Not run in CI. Usage:
     pip install torch numpy && pip install --no-deps lightly
-    python scripts/peer_bench_train.py --model resnet-mini --batch-size 64 --threads 2
+    python scripts/peer_bench_train.py --model resnet-mini --batch-size 64 --threads 2 [--device cuda]
 """
 import argparse
 import json
@@ -44,19 +46,45 @@ def encoder(name):
     return nn.Sequential(*layers, head)
 
 
+def dcl_loss(temperature):
+    """lightly's DCLLoss (weight_fn None, no gathering), or the same formula when lightly is absent."""
+    try:
+        from lightly.loss import DCLLoss
+
+        return DCLLoss(temperature=temperature), "lightly"
+    except ImportError:
+        pass
+
+    def loss(z0, z1):
+        z0, z1 = nn.functional.normalize(z0, dim=1), nn.functional.normalize(z1, dim=1)
+
+        def one_way(a, b):
+            n = a.shape[0]
+            positive = (a * b).sum(1) / temperature
+            same, cross = a @ a.T / temperature, a @ b.T / temperature
+            eye = torch.eye(n, dtype=torch.bool, device=a.device)
+            negatives = torch.cat([same.masked_fill(eye, float("-inf")), cross.masked_fill(eye, float("-inf"))], 1)
+            return (torch.logsumexp(negatives, 1) - positive).mean()
+
+        return (one_way(z0, z1) + one_way(z1, z0)) / 2
+
+    return loss, "inline"
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="resnet-mini", choices=ARCH)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    from lightly.loss import DCLLoss
-
-    model, criterion = encoder(args.model), DCLLoss(temperature=0.1)
+    device = torch.device(args.device)
+    criterion, loss_from = dcl_loss(0.1)
+    model = encoder(args.model).to(device)
     optim = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    x0, x1 = torch.randn(args.batch_size, 3, 32, 32), torch.randn(args.batch_size, 3, 32, 32)
+    x0, x1 = (torch.randn(args.batch_size, 3, 32, 32, device=device) for _ in range(2))
 
     def step():
         loss = criterion(model(x0), model(x1))
@@ -64,13 +92,20 @@ def main():
         loss.backward()
         optim.step()
 
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
     step()  # warm-up, as dcl bench does
+    sync()
     start = time.perf_counter()
     for _ in range(args.steps):
         step()
+    sync()
     ips = args.steps * args.batch_size / (time.perf_counter() - start)
     print(json.dumps({"model": args.model, "batch_size": args.batch_size, "threads": args.threads,
-                      "images_per_sec": ips, "torch": torch.__version__}))
+                      "device": args.device, "images_per_sec": ips, "loss": loss_from,
+                      "torch": torch.__version__}))
 
 
 if __name__ == "__main__":

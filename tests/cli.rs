@@ -745,3 +745,103 @@ fn serve_answers_200_concurrent_clients_and_recovers() {
     // One copy of the module per concurrent client would be 1.6 GB.
     assert!(peak_mib < 256, "peak RSS {peak_mib} MiB");
 }
+
+fn gpu_check(args: &[&std::ffi::OsStr]) -> Output {
+    Command::new("python3")
+        .arg("scripts/gpu-check")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// `scripts/gpu-check` without a GPU: it packs a bundle from the binary built here and a data
+/// folder; run on a machine without a card, every step fails with its own line and the JSON and
+/// the table are still written; a past result renders as the README's table; bad input exits 2.
+#[test]
+fn gpu_check_packs_runs_without_a_gpu_and_renders() {
+    use std::ffi::OsStr;
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, bundle, out) = (
+        tmp.path().join("data"),
+        tmp.path().join("bundle"),
+        tmp.path().join("out"),
+    );
+    std::fs::create_dir(&data).unwrap();
+    let missing = gpu_check(&[
+        "--pack".as_ref(),
+        bundle.as_os_str(),
+        "--data".as_ref(),
+        data.as_os_str(),
+    ]);
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(
+        stderr(&missing).contains("no Fashion-MNIST here"),
+        "{}",
+        stderr(&missing)
+    );
+    for f in [
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+    ] {
+        std::fs::copy(Path::new(FASHION_MNIST).join(f), data.join(f)).unwrap();
+    }
+    let packed = gpu_check(&[
+        "--pack".as_ref(),
+        bundle.as_os_str(),
+        "--data".as_ref(),
+        data.as_os_str(),
+        "--dcl".as_ref(),
+        dcl_bin().as_ref(),
+    ]);
+    assert!(packed.status.success(), "{}", stderr(&packed));
+    assert!(bundle.join("dcl.gz").is_file() && bundle.join("fashion-mnist").is_dir());
+
+    let ran = gpu_check(&[
+        "--bundle".as_ref(),
+        bundle.as_os_str(),
+        "--out".as_ref(),
+        out.as_os_str(),
+    ]);
+    assert!(ran.status.success(), "{}", stderr(&ran));
+    let results: Value =
+        serde_json::from_slice(&std::fs::read(out.join("gpu-check.json")).unwrap()).unwrap();
+    let errors: Vec<&str> = results["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e.as_str().unwrap())
+        .collect();
+    assert_eq!(errors.len(), 3, "{errors:?}");
+    for (error, step) in errors
+        .iter()
+        .zip(["bench resnet-mini", "bench resnet18", "pretrain"])
+    {
+        assert!(error.starts_with(step) && error.contains("cuda"), "{error}");
+    }
+    let table = std::fs::read_to_string(out.join("gpu-check.md")).unwrap();
+    assert!(
+        table.contains("- failed: bench resnet-mini: exit 2"),
+        "{table}"
+    );
+
+    let rendered = gpu_check(&[
+        "--render".as_ref(),
+        OsStr::new("tests/fixtures/gpu-check.json"),
+    ]);
+    let rendered = String::from_utf8_lossy(&rendered.stdout).into_owned();
+    for row in [
+        "| `resnet-mini` | 256 | 4,000.0 | 5,000.0 | 0.80 | 20.5 | 10.2 | 30.0 | 1.5 |",
+        "| `resnet18` | 256 | 1,234.5 | 2,469.0 | 0.50 | 20.0 | 60.0 | 140.0 | 3.0 |",
+        "468 steps in 95 s, 3,000.0 images/s.",
+        "| epoch 0 (untrained) | 0.8200 | 0.7700 | 0.8300 |",
+        "| raw pixels | 0.8475 | 0.8125 | 0.8505 |",
+        "- failed: bench resnet18: exit 1: an example error",
+    ] {
+        assert!(rendered.contains(row), "{row} not in\n{rendered}");
+    }
+    let not_json = gpu_check(&["--render".as_ref(), OsStr::new("Cargo.toml")]);
+    assert_eq!(not_json.status.code(), Some(2));
+    assert!(stderr(&not_json).contains("not a gpu-check.json"));
+}

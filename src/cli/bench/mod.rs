@@ -102,6 +102,12 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
                     threads.to_string(),
                     "--steps".into(),
                     steps.to_string(),
+                    // The same card for CUDA; PyTorch has no wgpu, so that peer is the CPU.
+                    "--device".into(),
+                    match device {
+                        DeviceKind::Cuda => "cuda".into(),
+                        _ => "cpu".into(),
+                    },
                 ];
                 let pytorch = run_peer("scripts/peer_bench_train.py", &args)?;
                 let ratio = bench["images_per_sec"].as_f64().unwrap_or(0.0)
