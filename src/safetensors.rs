@@ -58,7 +58,7 @@ pub fn parse_safetensors(
     for (name, view) in SafeTensors::deserialize(bytes).map_err(bad)?.tensors() {
         anyhow::ensure!(
             view.dtype() == Dtype::F32,
-            "{file}: tensor {name} is {}, only F32 is read",
+            "{file}: tensor {name:?} is {}, only F32 is read",
             view.dtype()
         );
         let data = view
