@@ -146,6 +146,33 @@ test(`the page trains on WebGPU: ${STEPS} steps, finite losses, the weights move
   }
 });
 
+// Two tabs of one browser share its GPU process: each trains its own run, neither stalls the other.
+test('two tabs train at once, each its own run', { timeout: 900_000 }, async () => {
+  const { browser, page, logs } = await open(true);
+  try {
+    const second = await browser.newPage();
+    second.on('console', (m) => logs.push(`tab 2: ${m.text()}`));
+    await second.goto(url);
+    const tabs = [page, second];
+    const config = { batchSize: 4, subset: 16, evalImages: 16, epochs: 1, lr: 0.001, temperature: 0.1, loss: 'dcl' };
+    await Promise.all(tabs.map((tab, i) => tab.evaluate(async ({ config, seed }) => {
+      await window.dclPlayground.start({ ...config, seed });
+    }, { config, seed: i + 1 })));
+    const states = await Promise.all(tabs.map((tab, i) => waitFor(tab, `tab ${i + 1}: a step`, (s) => s.step >= 1, 600_000)));
+    for (const [i, s] of states.entries()) {
+      assert.ok(s.losses.length >= 1 && s.losses.every(Number.isFinite), `tab ${i + 1}: losses ${s.losses}`);
+    }
+    // Different seeds, different runs: the tabs do not share one.
+    assert.notEqual(states[0].losses[0], states[1].losses[0], 'both tabs report the same run');
+    console.log(`# two tabs: losses ${states.map((s) => s.losses.slice(0, 1).map((l) => l.toFixed(4)).join(' ')).join(' | ')}`);
+  } catch (e) {
+    console.log(logs.slice(-20).join('\n'));
+    throw e;
+  } finally {
+    await browser.close();
+  }
+});
+
 /// A ustar archive of (name, bytes) entries, gzipped: a small cifar-10-binary.tar.gz.
 function tarGz(entries) {
   const blocks = [];
