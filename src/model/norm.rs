@@ -3,8 +3,9 @@
 //! Written with Burn's tensor ops, a batch norm is a chain of element-wise passes (mean, centre,
 //! square, mean, scale, shift), each with its own backward and its own allocation: a perf
 //! profile of a `resnet-mini` step on flex put a quarter of it in element-wise kernels. Here the
-//! statistics take one pass, the normalization one, and the backward two (the per-channel sums of
-//! the gradient and of the gradient times the normalized input, then the input gradient). Sums
+//! statistics take two passes (mean, then variance about it), the normalization one, and the
+//! backward two (the per-channel sums of the gradient and of the gradient times the normalized
+//! input, then the input gradient), with no intermediate tensors. Sums
 //! run per channel in f64 in a fixed order, so a run repeats bit for bit. Only the CPU device
 //! takes this path (see `backend::has_fast_conv`); it is tested equal to Burn's `BatchNorm`.
 
