@@ -48,8 +48,9 @@ pub fn device(kind: DeviceKind) -> anyhow::Result<Device> {
     Ok(device.autodiff())
 }
 
-/// Whether `device` takes `model::conv`'s im2col + gemm convolution (the CPU device: Burn's
-/// flex backend) rather than Burn's own, which the GPU backends keep.
+/// Whether `device` takes the flex backend extensions (`model::conv`'s im2col + gemm convolution,
+/// `model::norm`'s fused batch norm: the CPU device) rather than Burn's own ops, which the GPU
+/// backends keep.
 pub fn has_fast_conv(device: &Device) -> bool {
     matches!(
         device.clone().inner().as_dispatch(),
