@@ -218,7 +218,7 @@ pub struct Scores {
 
 /// Writes a map's keys as strings, as JSON has them anyway: the page's bindings turn maps into
 /// plain objects, whose keys must be strings.
-pub fn keys_as_strings<S: serde::Serializer>(
+fn keys_as_strings<S: serde::Serializer>(
     map: &std::collections::BTreeMap<usize, f64>,
     serializer: S,
 ) -> Result<S::Ok, S::Error> {

@@ -60,8 +60,8 @@ struct Evaluation {
     epoch: usize,
     knn_top1: f64,
     /// kNN top-1 at k = 20 and 200 (the page has no linear probe: see `eval::monitor_protocol`).
-    #[serde(serialize_with = "crate::eval::keys_as_strings")]
-    knn: std::collections::BTreeMap<usize, f64>,
+    #[serde(flatten)]
+    scores: Scores,
     /// PCA coordinates of the evaluated test images, x0, y0, x1, y1, ...
     points: Vec<f32>,
     labels: Vec<u16>,
@@ -90,7 +90,7 @@ impl Run {
         Evaluation {
             epoch,
             knn_top1: scores.monitor_top1(),
-            knn: scores.knn,
+            scores,
             points,
             labels,
         }
