@@ -19,12 +19,70 @@ choice!(
     [Cpu = "cpu", Wgpu = "wgpu", Cuda = "cuda"]
 );
 
+/// One of `--devices`: a kind and, for CUDA, which card (`cuda:1`). The CPU is one device that
+/// peers share; wgpu peers share the one adapter the WGSL kernels run on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceSpec {
+    pub kind: DeviceKind,
+    pub index: usize,
+}
+
+impl std::str::FromStr for DeviceSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (kind, index) = match s.split_once(':') {
+            Some((kind, index)) => {
+                let index = index
+                    .parse()
+                    .map_err(|_| format!("device '{s}': '{index}' is not a device number"))?;
+                (kind, index)
+            }
+            None => (s, 0),
+        };
+        let kind: DeviceKind = kind.parse()?;
+        if index > 0 && kind != DeviceKind::Cuda {
+            return Err(format!(
+                "device '{s}': only cuda devices are numbered ({kind} is one device; repeat it \
+                 for several peers on it)"
+            ));
+        }
+        Ok(Self { kind, index })
+    }
+}
+
+impl std::fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.kind {
+            DeviceKind::Cuda => write!(f, "cuda:{}", self.index),
+            kind => write!(f, "{kind}"),
+        }
+    }
+}
+
+impl serde::Serialize for DeviceSpec {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for DeviceSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        name.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// The autodiff device for `--device`: Burn 0.22 picks the backend at run time, so the whole
 /// program runs on one tensor type and only this function knows which backends were built in.
 /// A GPU that cannot start is an error that says what to do, not a panic.
 pub fn device(kind: DeviceKind) -> anyhow::Result<Device> {
+    device_at(DeviceSpec { kind, index: 0 })
+}
+
+/// [`device`] for one of `--devices`.
+pub fn device_at(spec: DeviceSpec) -> anyhow::Result<Device> {
     default_to_cpu();
-    let device = match kind {
+    let device = match spec.kind {
         DeviceKind::Cpu => cpu(),
         #[cfg(feature = "wgpu")]
         DeviceKind::Wgpu => probe(
@@ -35,7 +93,7 @@ pub fn device(kind: DeviceKind) -> anyhow::Result<Device> {
         )?,
         #[cfg(feature = "cuda")]
         DeviceKind::Cuda => probe(
-            || Device::cuda(0usize),
+            || Device::cuda(spec.index),
             "cuda",
             "no CUDA GPU or driver found (libcuda and NVRTC are loaded at run time; use --device \
              cpu or wgpu here)",

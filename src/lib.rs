@@ -3,7 +3,7 @@
 //! `data` -> `augment` -> `model` -> `loss` -> `train` -> `eval`, on any Burn backend picked in
 //! `backend`; `weights`, `safetensors` and `run` handle what goes to disk; `gpu` holds the WGSL
 //! kernels (the fused loss, the inference engine); `cli` is the `dcl` command (native only) and
-//! `web` the page's bindings.
+//! `web` the page's bindings; `collective` is what data-parallel peers exchange.
 //!
 //! Without the `train` feature (the inference-only page build, `web-infer`) nothing here needs
 //! Burn: the readers, the presets (`arch`), safetensors, the loss's float64 host path and the WGSL
@@ -16,6 +16,9 @@ pub mod arch;
 pub mod augment;
 #[cfg(feature = "train")]
 pub mod backend;
+// Peers training one encoder together (`--devices`); their threads are native only.
+#[cfg(feature = "train")]
+pub mod collective;
 // The command line: native only, so none of it reaches the page's wasm modules.
 #[cfg(all(feature = "train", not(target_arch = "wasm32")))]
 pub mod cli;

@@ -276,7 +276,7 @@ fn non_finite_loss_stops_without_touching_the_weights() {
         .unwrap()
         .data[0] = f32::NAN;
     let poisoned = encoder_from_tensors(ModelName::ResNetMini, tensors, &cpu()).unwrap();
-    trainer.load_encoder(poisoned);
+    trainer.load_encoder(poisoned).unwrap();
     // Trainable weights only: batch-norm running statistics do see the failing forward pass.
     // Compared bit for bit: the sabotaged weight is a NaN.
     let weights = |t: &Trainer| -> Vec<(String, Vec<u32>)> {

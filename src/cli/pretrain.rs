@@ -2,7 +2,7 @@
 //! its latest checkpoint.
 
 use crate::augment::ViewRecipe;
-use crate::backend::DeviceKind;
+use crate::backend::{DeviceKind, DeviceSpec};
 use crate::data::discover;
 use crate::loss::{LossKernel, LossKind};
 use crate::model::ModelName;
@@ -62,6 +62,14 @@ pub struct Recipe {
     warmup_epochs: f64,
     #[arg(long, default_value_t = RunConfig::default().device)]
     pub device: DeviceKind,
+    /// Data parallel over several devices of one kind, each on an equal slice of every batch
+    /// (`cpu,cpu`; `cuda:0,cuda:1`); --device follows the first.
+    #[arg(long, value_delimiter = ',')]
+    devices: Vec<DeviceSpec>,
+    /// With --devices: draw every anchor's negatives from the whole global batch (false: from
+    /// its own device's slice only, each device with its own loss).
+    #[arg(long, default_value_t = RunConfig::default().gather_negatives, action = clap::ArgAction::Set)]
+    gather_negatives: bool,
     /// Train on the first N training images only.
     #[arg(long)]
     limit: Option<usize>,
@@ -119,6 +127,7 @@ impl Recipe {
 
     /// The config the flags spell out, before any preset.
     fn as_flagged(&self, loss: LossKind, batch_size: usize, seed: u64) -> RunConfig {
+        let device = self.devices.first().map_or(self.device, |d| d.kind);
         RunConfig {
             data: self.data.clone(),
             model: self.model,
@@ -133,14 +142,16 @@ impl Recipe {
             momentum: self.momentum,
             warmup_epochs: self.warmup_epochs,
             seed,
-            device: self.device,
+            device,
+            devices: self.devices.clone(),
+            gather_negatives: self.gather_negatives,
             limit: self.limit,
             eval_images: self.eval_images,
             crop_min_scale: self.crop_min_scale,
             views: self.views,
             loss_kernel: self
                 .loss_kernel
-                .unwrap_or(RunConfig::default_loss_kernel(self.device)),
+                .unwrap_or(RunConfig::default_loss_kernel(device)),
         }
     }
 }
@@ -169,7 +180,7 @@ pub fn train(config: RunConfig, out: &Path, resume: bool) -> anyhow::Result<()> 
     // cannot start leaves nothing behind.
     config.validate()?;
     let dataset = discover::load(&config.data)?;
-    let device = crate::backend::device(config.device)?;
+    let device = crate::backend::device_at(config.first_device())?;
     let config = config.for_data(&dataset);
     let dir = RunDir::create(out)?;
     dir.write_config(&config)?;

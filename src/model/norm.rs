@@ -19,6 +19,7 @@ use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
 
 use super::conv::{f32s, tensor};
+use crate::collective;
 
 /// Per channel of x [B, C, H, W]: the batch mean and the biased variance, as [2, C], without
 /// gradient (the gradient through them is part of [`batch_norm`]'s backward).
@@ -195,24 +196,34 @@ impl Shape {
     fn per_channel<const K: usize>(
         &self,
         f: impl Fn(usize) -> [f64; K] + Sync + Send,
-    ) -> [Vec<f32>; K] {
+    ) -> [Vec<f64>; K] {
         let sums: Vec<[f64; K]> = (0..self.channels).into_par_iter().map(f).collect();
-        std::array::from_fn(|k| sums.iter().map(|s| s[k] as f32).collect())
+        std::array::from_fn(|k| sums.iter().map(|s| s[k]).collect())
+    }
+
+    /// Per-channel sums over the whole batch: this device's images, and while peers train
+    /// together (SyncBN, see `collective`), every peer's. Returns them with the count of values
+    /// they cover.
+    fn over_batch(&self, mut sums: Vec<f64>) -> (Vec<f64>, f64) {
+        sums.push(self.count());
+        collective::sum_batch_statistics(&mut sums);
+        let count = sums.pop().expect("pushed above");
+        (sums, count)
     }
 
     /// [mean..., biased variance...] per channel (two passes over each plane: exact for inputs
     /// far from zero mean, where one-pass sums of squares cancel).
     fn moments(&self, x: &[f32]) -> Vec<f32> {
-        let n = self.count();
-        let [mean, var] = self.per_channel(|c| {
-            let sum: f64 = self.planes(x, c).flatten().map(|&v| v as f64).sum();
-            let mean = sum / n;
-            let squares: f64 = (self.planes(x, c).flatten())
-                .map(|&v| (v as f64 - mean).powi(2))
-                .sum();
-            [mean, squares / n]
+        let [sums] = self.per_channel(|c| [self.planes(x, c).flatten().map(|&v| v as f64).sum()]);
+        let (sums, n) = self.over_batch(sums);
+        let mean: Vec<f64> = sums.iter().map(|s| s / n).collect();
+        let [squares] = self.per_channel(|c| {
+            let squares = self.planes(x, c).flatten();
+            [squares.map(|&v| (v as f64 - mean[c]).powi(2)).sum()]
         });
-        [mean, var].concat()
+        let (squares, _) = self.over_batch(squares);
+        let var = squares.iter().map(|s| s / n);
+        mean.iter().copied().chain(var).map(|v| v as f32).collect()
     }
 
     /// Per channel: the mean and 1 / sqrt(var + eps).
@@ -249,7 +260,9 @@ impl Shape {
     }
 
     /// [dx, dgamma, dbeta] of the training-mode batch norm, with x̂ = (x - mean) / std:
-    /// dbeta = Σ dy, dgamma = Σ dy x̂, dx = gamma / std (dy - (dbeta + x̂ dgamma) / N).
+    /// dbeta = Σ dy, dgamma = Σ dy x̂, dx = gamma / std (dy - (dbeta + x̂ dgamma) / N). Under
+    /// SyncBN dx takes the sums over all peers' images, while dgamma and dbeta stay this
+    /// device's share: the peers' gradients are summed afterwards with every other weight's.
     fn backward(
         &self,
         x: &[f32],
@@ -271,7 +284,10 @@ impl Shape {
                 [dgamma + plane_dgamma as f64, dbeta + plane_dbeta as f64]
             })
         });
-        let n = self.count() as f32;
+        let (global, n) = self.over_batch([dgamma.clone(), dbeta.clone()].concat());
+        let to_f32 = |v: &[f64]| v.iter().map(|&v| v as f32).collect::<Vec<f32>>();
+        let (sum_dgamma, sum_dbeta) = global.split_at(self.channels);
+        let (sum_dgamma, sum_dbeta, n) = (to_f32(sum_dgamma), to_f32(sum_dbeta), n as f32);
         let pixels = self.pixels();
         let image = self.channels * pixels;
         let mut dx = vec![0f32; x.len()];
@@ -284,13 +300,13 @@ impl Shape {
                 for (c, (dx, (x, dy))) in planes.enumerate() {
                     let (mean, inv_std) = (mean[c], inv_std[c]);
                     let scale = gamma[c] * inv_std;
-                    let (mean_dy, mean_dgamma) = (dbeta[c] / n, dgamma[c] / n);
+                    let (mean_dy, mean_dgamma) = (sum_dbeta[c] / n, sum_dgamma[c] / n);
                     for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
                         let x_hat = (x - mean) * inv_std;
                         *dx = scale * (dy - mean_dy - x_hat * mean_dgamma);
                     }
                 }
             });
-        [dx, dgamma, dbeta]
+        [dx, to_f32(&dgamma), to_f32(&dbeta)]
     }
 }

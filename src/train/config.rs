@@ -3,7 +3,7 @@
 //! page's camelCase spelling, which the embed API keeps; see [`RunConfig::overridden`]).
 
 use crate::augment::{ViewConfig, ViewRecipe};
-use crate::backend::DeviceKind;
+use crate::backend::{DeviceKind, DeviceSpec};
 use crate::loss::{ContrastiveLoss, LossKernel, LossKind};
 use crate::model::ModelName;
 use crate::optim::OptimizerKind;
@@ -30,6 +30,12 @@ pub struct RunConfig {
     pub warmup_epochs: f64,
     pub seed: u64,
     pub device: DeviceKind,
+    /// Data parallel: one peer per device (all of `device`'s kind), each on an equal slice of
+    /// every batch. Empty: `device` alone.
+    pub devices: Vec<DeviceSpec>,
+    /// With several devices: every anchor's negatives come from the whole global batch (the
+    /// one-device loss), not only its own device's slice.
+    pub gather_negatives: bool,
     /// Train on the first `limit` training images only (toy runs).
     pub limit: Option<usize>,
     /// The kNN monitor's queries: the first `eval_images` test images (all when unset).
@@ -64,6 +70,8 @@ impl Default for RunConfig {
             warmup_epochs: 0.0,
             seed: 0,
             device: DeviceKind::Cpu,
+            devices: vec![],
+            gather_negatives: true,
             limit: None,
             eval_images: None,
             crop_min_scale: ViewConfig::default().crop_scale.0,
@@ -100,8 +108,23 @@ impl RunConfig {
         }
     }
 
+    /// How many devices train together.
+    pub fn peers(&self) -> usize {
+        self.devices.len().max(1)
+    }
+
+    /// The device rank 0 trains on (the session's, whose encoder is evaluated and saved).
+    pub fn first_device(&self) -> DeviceSpec {
+        let alone = DeviceSpec {
+            kind: self.device,
+            index: 0,
+        };
+        self.devices.first().copied().unwrap_or(alone)
+    }
+
     /// Checks every setting that does not need the data; errors name the flag.
     pub fn validate(&self) -> anyhow::Result<()> {
+        self.validate_devices()?;
         ContrastiveLoss::new(self.loss, self.temperature, self.sigma)?;
         anyhow::ensure!(
             self.batch_size >= 2,
@@ -135,6 +158,32 @@ impl RunConfig {
         anyhow::ensure!(
             self.eval_images != Some(0),
             "--eval-images must be at least 1"
+        );
+        Ok(())
+    }
+
+    fn validate_devices(&self) -> anyhow::Result<()> {
+        let list = || {
+            let names: Vec<String> = self.devices.iter().map(|d| d.to_string()).collect();
+            names.join(",")
+        };
+        anyhow::ensure!(
+            self.devices.iter().all(|d| d.kind == self.device),
+            "--devices {}: every device must be of --device's kind ({})",
+            list(),
+            self.device
+        );
+        let peers = self.peers();
+        anyhow::ensure!(
+            self.batch_size.is_multiple_of(peers) && self.batch_size / peers >= 2,
+            "--batch-size {} does not split into {peers} equal slices of at least 2 images \
+             (one per device of --devices {})",
+            self.batch_size,
+            list()
+        );
+        anyhow::ensure!(
+            peers == 1 || cfg!(not(target_family = "wasm")),
+            "a page trains on one device; --devices is the command line's"
         );
         Ok(())
     }

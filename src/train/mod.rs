@@ -4,14 +4,16 @@
 //! would.
 
 mod config;
+mod peers;
 mod session;
 
 pub use config::RunConfig;
 pub use session::{Event, Session, Sink};
 
 use crate::augment::{view_pairs, ViewConfig};
+use crate::collective::{Collective, SyncBatchNorm};
 use crate::data::{Split, IMAGE_LEN, SIDE};
-use crate::loss::{ContrastiveLoss, LossKernel};
+use crate::loss::{ContrastiveLoss, LossAndGrads, LossKernel};
 use crate::model::Encoder;
 use crate::optim::EncoderOptimizer;
 use crate::weights::{init_encoder, module_from_bytes, module_to_bytes};
@@ -70,6 +72,10 @@ pub struct Trainer {
     pub epoch: usize,
     /// Steps taken in the current epoch.
     pub step_in_epoch: usize,
+    /// This trainer's place among the peers of `--devices`; `None` alone on one device.
+    group: Option<Collective>,
+    /// Rank 0's: the other peers, each a trainer on its own thread.
+    peers: Vec<peers::Peer>,
 }
 
 /// The fused loss kernel on Burn's own wgpu device (`backend::wgpu_context`). The embeddings
@@ -95,8 +101,28 @@ impl FusedPath {
 }
 
 impl Trainer {
-    /// A trainer on `device`, which must have autodiff enabled (see `backend::device`).
+    /// A trainer on `device`, which must have autodiff enabled (see `backend::device`). With
+    /// several `config.devices`, `device` is the first one's, and a peer starts on each other.
     pub fn new(config: RunConfig, train: Split, device: Device) -> anyhow::Result<Self> {
+        let world = config.peers();
+        if world == 1 {
+            return Self::replica(config, train, device, None);
+        }
+        let mut group = Collective::group(world);
+        let rank0 = group.remove(0);
+        let peers = peers::start(&config, &train, group)?;
+        let mut trainer = Self::replica(config, train, device, Some(rank0))?;
+        trainer.peers = peers;
+        Ok(trainer)
+    }
+
+    /// One peer's trainer: rank `group.rank()` of the group (or alone, without a group).
+    fn replica(
+        config: RunConfig,
+        train: Split,
+        device: Device,
+        group: impl Into<Option<Collective>>,
+    ) -> anyhow::Result<Self> {
         config.validate()?;
         let loss = ContrastiveLoss::new(config.loss, config.temperature, config.sigma)?;
         anyhow::ensure!(
@@ -120,6 +146,8 @@ impl Trainer {
             order: vec![],
             epoch: 0,
             step_in_epoch: 0,
+            group: group.into(),
+            peers: vec![],
             config,
         };
         trainer.shuffle();
@@ -179,12 +207,17 @@ impl Trainer {
     /// The two augmented views of the first `count` images of the next batch, flattened
     /// [count, 3, 32, 32]: exactly what the next step trains on (the page shows them).
     pub fn upcoming_views(&self, count: usize) -> (Vec<f32>, Vec<f32>) {
+        self.views_of(0..count.min(self.config.batch_size))
+    }
+
+    /// The views of rows `rows` of the next batch. A sample's views are keyed by its place in
+    /// the epoch, so a peer's slice gets the very views one device would make for those rows.
+    fn views_of(&self, rows: std::ops::Range<usize>) -> (Vec<f32>, Vec<f32>) {
         if self.epoch_finished() {
             return (vec![], vec![]);
         }
-        let start = self.step_in_epoch * self.config.batch_size;
-        let count = count.min(self.config.batch_size);
-        let images: Vec<&[u8]> = self.order[start..start + count]
+        let start = self.step_in_epoch * self.config.batch_size + rows.start;
+        let images: Vec<&[u8]> = self.order[start..start + rows.len()]
             .iter()
             .map(|&i| self.train.image(i))
             .collect();
@@ -192,10 +225,19 @@ impl Trainer {
         view_pairs(&images, &self.views, self.config.seed, stream0)
     }
 
-    /// The two augmented views of the next batch, as [B, 3, 32, 32] tensors.
+    /// This trainer's rows of every batch: all of them alone, its equal share among peers.
+    fn rows(&self) -> std::ops::Range<usize> {
+        let share = self.config.batch_size / self.config.peers();
+        let rank = self.group.as_ref().map_or(0, Collective::rank);
+        rank * share..(rank + 1) * share
+    }
+
+    /// The two augmented views of this trainer's rows of the next batch, as [B, 3, 32, 32]
+    /// tensors.
     pub fn next_views(&self) -> (Tensor<4>, Tensor<4>) {
-        let b = self.config.batch_size;
-        let (v1, v2) = self.upcoming_views(b);
+        let rows = self.rows();
+        let b = rows.len();
+        let (v1, v2) = self.views_of(rows);
         let tensor = |v: Vec<f32>| {
             debug_assert_eq!(v.len(), b * IMAGE_LEN);
             Tensor::from_data(TensorData::new(v, [b, 3, SIDE, SIDE]), &self.device)
@@ -216,10 +258,18 @@ impl Trainer {
 
     /// A step that calls `mark(phase)` as each phase ends: "data" (views made and uploaded),
     /// "forward" (encoder and loss), "backward", "optimizer". Benchmarks time the phases with it.
+    /// With peers, each takes the step on its slice at the same time.
     pub async fn step_marked(
         &mut self,
         mark: &mut dyn FnMut(&'static str),
     ) -> anyhow::Result<StepEvent> {
+        peers::send_all(&self.peers, || peers::Command::Step)?;
+        let mine = self.step_own(mark).await;
+        peers::settle(&self.peers, mine)
+    }
+
+    /// This trainer's part of a step.
+    async fn step_own(&mut self, mark: &mut dyn FnMut(&'static str)) -> anyhow::Result<StepEvent> {
         anyhow::ensure!(
             !self.epoch_finished(),
             "epoch {} has no steps left: call end_epoch()",
@@ -228,6 +278,7 @@ impl Trainer {
         let (x1, x2) = self.next_views();
         mark("data");
         let encoder = self.encoder.take().expect("encoder present");
+        let sync_batch_norm = self.group.as_ref().map(SyncBatchNorm::over);
         let z1 = encoder.forward(x1);
         let z2 = encoder.forward(x2);
         let (value, objective) = match self.loss_and_objective(z1, z2).await {
@@ -250,6 +301,17 @@ impl Trainer {
         }
         let lr = self.learning_rate(self.global_step());
         let grads = GradientsParams::from_grads(objective.backward(), &encoder);
+        drop(sync_batch_norm);
+        let grads = match &self.group {
+            Some(group) => match peers::sum_gradients(group, &encoder, grads) {
+                Ok(grads) => grads,
+                Err(e) => {
+                    self.encoder = Some(encoder);
+                    return Err(e);
+                }
+            },
+            None => grads,
+        };
         mark("backward");
         self.encoder = Some(self.optimizer.step(lr, encoder, grads));
         mark("optimizer");
@@ -263,67 +325,148 @@ impl Trainer {
     }
 
     /// The loss value and the scalar whose gradient trains the encoder: the loss itself on the
-    /// reference path; on the fused path sum(z1·g1 + z2·g2) with the kernel's gradients g held
-    /// constant, which hands autodiff exactly dL/dz and leaves the encoder's backward to Burn.
+    /// reference path; on the fused and the gathered paths sum(z1·g1 + z2·g2) with the loss'
+    /// gradients g held constant, which hands autodiff exactly dL/dz and leaves the encoder's
+    /// backward to Burn.
     async fn loss_and_objective(
         &mut self,
         z1: Tensor<2>,
         z2: Tensor<2>,
     ) -> anyhow::Result<(f64, Tensor<1>)> {
-        if self.config.loss_kernel == LossKernel::Fused {
-            return self.fused_objective(z1, z2).await;
+        let gathered = self.group.clone().filter(|_| self.config.gather_negatives);
+        if self.config.loss_kernel == LossKernel::Fused || gathered.is_some() {
+            return self.objective_through_host(z1, z2, gathered).await;
         }
         let loss = self.loss.forward(z1, z2)?;
         let value =
             loss.clone().into_scalar_async::<f64>().await.map_err(|e| {
                 anyhow::anyhow!("the device failed while reading the loss back: {e:?}")
             })?;
-        Ok((value, loss))
+        match &self.group {
+            // Each peer's own batch (`--gather-negatives false`): the run's loss is the mean
+            // of the peers' losses, and so is the objective once the gradients are summed.
+            Some(group) => {
+                let mut values = [value];
+                group.sum(&mut values)?;
+                let world = group.world() as f64;
+                Ok((values[0] / world, loss.div_scalar(world)))
+            }
+            None => Ok((value, loss)),
+        }
     }
 
-    #[cfg(any(feature = "wgpu", feature = "webgpu"))]
-    async fn fused_objective(
+    /// The loss over the batch, the whole global one when `gathered` (every peer's embeddings,
+    /// by rank), and its exact gradient with respect to this device's rows.
+    async fn objective_through_host(
         &mut self,
         z1: Tensor<2>,
         z2: Tensor<2>,
+        gathered: Option<Collective>,
     ) -> anyhow::Result<(f64, Tensor<1>)> {
+        let [n, d] = z1.dims();
+        let mut a = crate::backend::read_f32(z1.clone().detach()).await?;
+        let mut b = crate::backend::read_f32(z2.clone().detach()).await?;
+        let mut first = 0;
+        if let Some(group) = gathered {
+            let mine = a.iter().chain(&b).map(|&v| v as f64).collect();
+            let parts = group.all_gather(mine)?;
+            let view = |part: &[f64]| part.iter().map(|&v| v as f32).collect::<Vec<_>>();
+            a = parts.iter().flat_map(|p| view(&p[..n * d])).collect();
+            b = parts.iter().flat_map(|p| view(&p[n * d..])).collect();
+            first = group.rank() * n;
+        }
+        let out = self.loss_and_grads(&a, &b, a.len() / d, d).await?;
+        let own = |g: Vec<f32>| {
+            let rows = g[first * d..(first + n) * d].to_vec();
+            Tensor::<2>::from_data(TensorData::new(rows, [n, d]), &self.device)
+        };
+        let objective = (z1 * own(out.grad_z1)).sum() + (z2 * own(out.grad_z2)).sum();
+        Ok((out.loss as f64, objective))
+    }
+
+    /// The loss of embeddings `a`, `b` ([n, d]) and its gradients: the fused kernel, or Burn's
+    /// ops on leaves of the trainer's device.
+    async fn loss_and_grads(
+        &mut self,
+        a: &[f32],
+        b: &[f32],
+        n: usize,
+        d: usize,
+    ) -> anyhow::Result<LossAndGrads> {
+        if self.config.loss_kernel == LossKernel::Fused {
+            return self.fused_loss_and_grads(a, b, n, d).await;
+        }
+        let leaf = |v: &[f32]| {
+            Tensor::<2>::from_data(TensorData::new(v.to_vec(), [n, d]), &self.device).require_grad()
+        };
+        let (za, zb) = (leaf(a), leaf(b));
+        let loss = self.loss.forward(za.clone(), zb.clone())?;
+        let value = crate::backend::read_f32(loss.clone().detach()).await?;
+        let grads = loss.backward();
+        let grad = |z: Tensor<2>| z.grad(&grads).expect("a leaf of the loss");
+        Ok(LossAndGrads {
+            loss: value[0],
+            grad_z1: crate::backend::read_f32(grad(za)).await?,
+            grad_z2: crate::backend::read_f32(grad(zb)).await?,
+            device_bytes: 0,
+        })
+    }
+
+    #[cfg(any(feature = "wgpu", feature = "webgpu"))]
+    async fn fused_loss_and_grads(
+        &mut self,
+        a: &[f32],
+        b: &[f32],
+        n: usize,
+        d: usize,
+    ) -> anyhow::Result<LossAndGrads> {
         if self.fused.is_none() {
             self.fused = Some(FusedPath::new()?);
         }
         let fused = self.fused.as_ref().expect("made above");
-        let [n, d] = z1.dims();
-        let a = crate::backend::read_f32(z1.clone().detach()).await?;
-        let b = crate::backend::read_f32(z2.clone().detach()).await?;
-        let out = fused
+        fused
             .kernel
-            .compute(&fused.gpu, &self.loss, &a, &b, n, d)
-            .await?;
-        let constant =
-            |g: Vec<f32>| Tensor::<2>::from_data(TensorData::new(g, [n, d]), &self.device);
-        let objective = (z1 * constant(out.grad_z1)).sum() + (z2 * constant(out.grad_z2)).sum();
-        Ok((out.loss as f64, objective))
+            .compute(&fused.gpu, &self.loss, a, b, n, d)
+            .await
     }
 
     #[cfg(not(any(feature = "wgpu", feature = "webgpu")))]
-    async fn fused_objective(
+    async fn fused_loss_and_grads(
         &mut self,
-        _z1: Tensor<2>,
-        _z2: Tensor<2>,
-    ) -> anyhow::Result<(f64, Tensor<1>)> {
+        _a: &[f32],
+        _b: &[f32],
+        _n: usize,
+        _d: usize,
+    ) -> anyhow::Result<LossAndGrads> {
         anyhow::bail!("--loss-kernel fused needs a build with the wgpu feature; use reference")
     }
 
     /// Replaces the weights (a saved `model.safetensors`, say) and starts the optimizer afresh.
-    pub fn load_encoder(&mut self, encoder: Encoder) {
+    pub fn load_encoder(&mut self, encoder: Encoder) -> anyhow::Result<()> {
+        if !self.peers.is_empty() {
+            let weights = module_to_bytes(encoder.clone())?;
+            peers::send_all(&self.peers, || peers::Command::Load(weights.clone()))?;
+            peers::settle(&self.peers, Ok(()))?;
+        }
         self.encoder = Some(encoder);
         self.optimizer = EncoderOptimizer::new(
             self.config.optimizer,
             self.config.weight_decay,
             self.config.momentum,
         );
+        Ok(())
+    }
+
+    /// [`Trainer::load_encoder`] from [`module_to_bytes`]'s bytes (how peers receive weights).
+    fn load_weights(&mut self, weights: Vec<u8>) -> anyhow::Result<()> {
+        let fresh = Encoder::new(self.config.model, &self.device);
+        self.load_encoder(module_from_bytes(fresh, weights)?)
     }
 
     pub fn end_epoch(&mut self) {
+        // A peer that stopped has already failed the step before this one.
+        let _ = peers::send_all(&self.peers, || peers::Command::EndEpoch)
+            .and_then(|()| peers::settle(&self.peers, Ok(())));
         self.epoch += 1;
         self.step_in_epoch = 0;
         self.shuffle();
@@ -348,6 +491,14 @@ impl Trainer {
         weights: Vec<u8>,
         optimizer: Vec<u8>,
     ) -> anyhow::Result<()> {
+        if !self.peers.is_empty() {
+            peers::send_all(&self.peers, || peers::Command::Restore {
+                epoch,
+                weights: weights.clone(),
+                optimizer: optimizer.clone(),
+            })?;
+            peers::settle(&self.peers, Ok(()))?;
+        }
         let fresh = Encoder::new(self.config.model, &self.device);
         self.encoder = Some(module_from_bytes(fresh, weights)?);
         let optim = EncoderOptimizer::new(
@@ -464,6 +615,86 @@ mod tests {
         let other = make(LossKind::Dcl, 2);
         assert!(weights(&dcl) != weights(&other));
         assert_ne!(dcl.upcoming_views(4), other.upcoming_views(4));
+    }
+
+    /// The exactness of data parallel (`peers`): two CPU peers with half a batch each, negatives
+    /// gathered and batch norms synced, take one device's step on the whole batch (the loss and
+    /// every tensor's update, running statistics included, to float rounding), and their
+    /// replicas stay equal into the next step; each peer with its own negatives does not.
+    #[test]
+    fn two_peers_take_the_one_device_step() {
+        use crate::backend::{DeviceKind, DeviceSpec};
+        let images: Vec<u8> = (0..16 * IMAGE_LEN).map(|i| (i * 37 % 251) as u8).collect();
+        let split = Split {
+            images,
+            labels: vec![0; 16],
+        };
+        let cpu = DeviceSpec {
+            kind: DeviceKind::Cpu,
+            index: 0,
+        };
+        let config = RunConfig {
+            batch_size: 8,
+            optimizer: OptimizerKind::Sgd,
+            lr: 0.5,
+            ..trainer(0.0).config().clone()
+        };
+        let weights = |t: &Trainer| crate::weights::torchvision_tensors(t.encoder());
+        let initial = weights(&Trainer::new(config.clone(), split.clone(), device()).unwrap());
+        // Two steps: the losses, and each tensor's change over them.
+        let run = |devices: Vec<DeviceSpec>, gather_negatives| {
+            let config = RunConfig {
+                devices,
+                gather_negatives,
+                ..config.clone()
+            };
+            let mut trainer = Trainer::new(config, split.clone(), device()).unwrap();
+            let losses = [trainer.step().unwrap().loss, trainer.step().unwrap().loss];
+            let updates: Vec<Vec<f32>> = (weights(&trainer).iter().zip(&initial))
+                .map(|(after, before)| {
+                    after
+                        .data
+                        .iter()
+                        .zip(&before.data)
+                        .map(|(a, b)| a - b)
+                        .collect()
+                })
+                .collect();
+            (losses, updates)
+        };
+        let norm = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+        // The largest relative difference of an update from the one-device one.
+        let worst = |updates: &[Vec<f32>], reference: &[Vec<f32>]| {
+            (updates.iter().zip(reference))
+                .filter(|(_, r)| norm(r) > 0.0)
+                .map(|(u, r)| {
+                    let diff: Vec<f32> = u.iter().zip(r).map(|(u, r)| u - r).collect();
+                    norm(&diff) / norm(r)
+                })
+                .fold(0.0, f64::max)
+        };
+        let (one_losses, one) = run(vec![], true);
+        let (two_losses, two) = run(vec![cpu; 2], true);
+        for (a, b) in one_losses.iter().zip(&two_losses) {
+            assert!(
+                (a - b).abs() <= 1e-5 * a.abs(),
+                "losses {one_losses:?} vs {two_losses:?}"
+            );
+        }
+        let gathered = worst(&two, &one);
+        assert!(gathered < 1e-4, "two peers' update off by {gathered:e}");
+        let (local_losses, local) = run(vec![cpu; 2], false);
+        let apart = (local_losses[0] - one_losses[0]).abs() / one_losses[0];
+        assert!(
+            apart > 1e-2,
+            "own negatives: loss {local_losses:?} vs {one_losses:?}"
+        );
+        let ungathered = worst(&local, &one);
+        assert!(
+            ungathered > 1e-2,
+            "own negatives: update off by only {ungathered:e}"
+        );
+        eprintln!("two peers vs one: update {gathered:.1e}; own negatives: {ungathered:.1e}");
     }
 
     #[test]

@@ -248,7 +248,10 @@ impl Playground {
             let device = run.session.trainer().device().clone();
             let encoder = encoder_from_tensors(model, tensors, &device)
                 .map_err(|e| js_error(format!("{file}: {e}")))?;
-            run.session.trainer_mut().load_encoder(encoder);
+            run.session
+                .trainer_mut()
+                .load_encoder(encoder)
+                .map_err(js_error)?;
             let event = run.session.evaluate().await.map_err(js_error)?;
             to_js(&run.page_event(event))
         })

@@ -4,10 +4,9 @@
 mod kernels;
 
 use super::run_peer;
-use crate::backend::DeviceKind;
+use crate::backend::{DeviceKind, DeviceSpec};
 use crate::model::ModelName;
 use crate::train::{RunConfig, Trainer};
-use burn::tensor::Device;
 use clap::Subcommand;
 use std::time::Instant;
 
@@ -21,6 +20,9 @@ pub enum BenchCommand {
         batch_size: usize,
         #[arg(long, default_value = "cpu")]
         device: DeviceKind,
+        /// Data parallel, as `dcl pretrain --devices` (the batch is split over them).
+        #[arg(long, value_delimiter = ',', conflicts_with = "device")]
+        devices: Vec<DeviceSpec>,
         #[arg(long, default_value_t = 5)]
         steps: usize,
         /// CPU threads for dcl's kernels and the peer (default: every core).
@@ -69,11 +71,13 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
             model,
             batch_size,
             device,
+            devices,
             steps,
             threads,
             peer,
             json,
         } => {
+            let device = devices.first().map_or(device, |d| d.kind);
             let threads = threads.unwrap_or_else(num_cpus);
             anyhow::ensure!(
                 threads >= 1 && steps >= 1,
@@ -84,13 +88,20 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
                 .num_threads(threads)
                 .build_global()
                 .map_err(|e| anyhow::anyhow!("--threads {threads}: {e}"))?;
+            let names: Vec<String> = devices.iter().map(|d| d.to_string()).collect();
             let mut bench = BenchTask {
                 model,
                 batch_size,
                 steps,
+                device,
+                devices,
             }
-            .run(crate::backend::device(device)?)?;
-            bench["device"] = device.to_string().into();
+            .run()?;
+            bench["device"] = match names.is_empty() {
+                true => device.to_string(),
+                false => names.join(","),
+            }
+            .into();
             bench["threads"] = threads.into();
             if peer {
                 let args = [
@@ -148,12 +159,15 @@ struct BenchTask {
     model: ModelName,
     batch_size: usize,
     steps: usize,
+    device: DeviceKind,
+    /// Empty: `device` alone.
+    devices: Vec<DeviceSpec>,
 }
 
 impl BenchTask {
     /// Images/s over `steps` steps after one warm-up step, and the mean ms per step of each
     /// phase (the device is synchronized at each phase's end, so GPU phases do not overlap).
-    fn run(self, device: Device) -> anyhow::Result<serde_json::Value> {
+    fn run(self) -> anyhow::Result<serde_json::Value> {
         use rand::{Rng, SeedableRng};
         let n = self.batch_size * (self.steps + 1);
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
@@ -168,8 +182,11 @@ impl BenchTask {
             batch_size: self.batch_size,
             epochs: 1,
             lr: 0.01,
+            device: self.device,
+            devices: self.devices.clone(),
             ..RunConfig::default()
         };
+        let device = crate::backend::device_at(config.first_device())?;
         let mut trainer = Trainer::new(config, split, device.clone())?;
         trainer.step()?; // warm-up: kernel compilation, allocator growth
         let mut phases: Vec<(&'static str, f64)> = Vec::new();

@@ -1,0 +1,246 @@
+//! What peers training one encoder together exchange: `all_gather`, and what is built on it
+//! (sums over peers for gradients and for batch statistics, SyncBN).
+//!
+//! Why not Burn's collective: in Burn 0.22.0-pre.3, `burn::tensor::distributed::all_reduce` is
+//! implemented for CUDA (NCCL, through cubecl) and the remote backend only; the CPU backend
+//! declares `DistributedOps` with no implementation (burn-flex: "Flex does not support collective
+//! operations"), so `--devices cpu,cpu`, the setup a machine without GPUs can run and test, would
+//! panic there. Peers here exchange host copies, which every device can make; the data is small
+//! next to a step (embeddings, per-channel sums, one gradient vector).
+//!
+//! Every peer adds the gathered parts in rank order, so all of them hold the same bits afterwards
+//! and their optimizers, stepping on the same gradient, keep identical replicas.
+
+use std::cell::RefCell;
+use std::sync::{Arc, Condvar, Mutex};
+
+/// One peer's handle on the group.
+#[derive(Clone)]
+pub struct Collective {
+    rank: usize,
+    world: usize,
+    hub: Arc<Hub>,
+}
+
+struct Hub {
+    round: Mutex<Round>,
+    changed: Condvar,
+}
+
+/// One exchange at a time: parts arrive, the last arrival publishes them, every peer reads them,
+/// the last reader clears the round for the next.
+struct Round {
+    parts: Vec<Option<Vec<f64>>>,
+    arrived: usize,
+    generation: u64,
+    gathered: Option<Arc<Vec<Vec<f64>>>>,
+    read: usize,
+    /// The first peer that left the group; every later exchange fails with its rank.
+    left: Option<usize>,
+}
+
+impl Collective {
+    /// `world` handles on one new group, rank 0 first.
+    pub fn group(world: usize) -> Vec<Self> {
+        let hub = Arc::new(Hub {
+            round: Mutex::new(Round {
+                parts: vec![None; world],
+                arrived: 0,
+                generation: 0,
+                gathered: None,
+                read: 0,
+                left: None,
+            }),
+            changed: Condvar::new(),
+        });
+        (0..world)
+            .map(|rank| Self {
+                rank,
+                world,
+                hub: hub.clone(),
+            })
+            .collect()
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    pub fn world(&self) -> usize {
+        self.world
+    }
+
+    /// Every peer's `part`, by rank. Blocks until all peers have sent theirs; fails if a peer
+    /// left the group (its thread ended) before the exchange completed.
+    pub fn all_gather(&self, part: Vec<f64>) -> anyhow::Result<Arc<Vec<Vec<f64>>>> {
+        let mut round = self.lock();
+        // The previous exchange may still be being read by slower peers.
+        while round.gathered.is_some() && round.left.is_none() {
+            round = self.wait(round);
+        }
+        self.check(&round)?;
+        round.parts[self.rank] = Some(part);
+        round.arrived += 1;
+        let generation = round.generation;
+        if round.arrived == self.world {
+            let parts = round.parts.iter_mut().map(|p| p.take().unwrap_or_default());
+            round.gathered = Some(Arc::new(parts.collect()));
+            round.arrived = 0;
+            round.generation += 1;
+            self.hub.changed.notify_all();
+        }
+        while round.generation == generation {
+            self.check(&round)?;
+            round = self.wait(round);
+        }
+        let gathered = round
+            .gathered
+            .clone()
+            .expect("published with the generation");
+        round.read += 1;
+        if round.read == self.world {
+            round.gathered = None;
+            round.read = 0;
+            self.hub.changed.notify_all();
+        }
+        Ok(gathered)
+    }
+
+    /// `values` summed element-wise over the peers.
+    pub fn sum(&self, values: &mut [f64]) -> anyhow::Result<()> {
+        let parts = self.all_gather(values.to_vec())?;
+        values.fill(0.0);
+        for part in parts.iter() {
+            anyhow::ensure!(
+                part.len() == values.len(),
+                "peers disagree on a sum's length ({} vs {})",
+                part.len(),
+                values.len()
+            );
+            values.iter_mut().zip(part).for_each(|(v, p)| *v += p);
+        }
+        Ok(())
+    }
+
+    /// Marks this peer gone: peers waiting on an exchange, now or later, get an error.
+    pub fn leave(&self) {
+        let mut round = self.lock();
+        round.left.get_or_insert(self.rank);
+        self.hub.changed.notify_all();
+    }
+
+    fn check(&self, round: &Round) -> anyhow::Result<()> {
+        match round.left {
+            Some(rank) => anyhow::bail!("peer {rank} stopped; the others cannot go on without it"),
+            None => Ok(()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Round> {
+        // A peer that panicked while holding the lock left the round as it was: carry on and
+        // let `left` (set by its guard) end the exchange.
+        self.hub.round.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wait<'a>(
+        &self,
+        round: std::sync::MutexGuard<'a, Round>,
+    ) -> std::sync::MutexGuard<'a, Round> {
+        self.hub
+            .changed
+            .wait(round)
+            .unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+thread_local! {
+    /// The group whose batch statistics this thread's batch norms share, during a step.
+    static BATCH_STATISTICS: RefCell<Option<Collective>> = const { RefCell::new(None) };
+}
+
+/// While alive, batch norms on this thread take their statistics over all peers' images
+/// (SyncBN): one batch norm over the global batch, as a single device would compute it.
+pub struct SyncBatchNorm(());
+
+impl SyncBatchNorm {
+    pub fn over(group: &Collective) -> Self {
+        BATCH_STATISTICS.with(|s| *s.borrow_mut() = Some(group.clone()));
+        Self(())
+    }
+}
+
+impl Drop for SyncBatchNorm {
+    fn drop(&mut self) {
+        BATCH_STATISTICS.with(|s| *s.borrow_mut() = None);
+    }
+}
+
+/// Per-channel sums over every peer's images while a [`SyncBatchNorm`] is alive on this thread;
+/// `sums` unchanged otherwise. A failed exchange leaves them local: the step's next exchange
+/// fails with the reason, before any weight changes.
+pub fn sum_batch_statistics(sums: &mut [f64]) {
+    BATCH_STATISTICS.with(|s| {
+        if let Some(group) = s.borrow().as_ref() {
+            let local = sums.to_vec();
+            if group.sum(sums).is_err() {
+                sums.copy_from_slice(&local);
+            }
+        }
+    });
+}
+
+/// Leaves the group when dropped: a peer thread's end, by return or by panic.
+pub struct LeaveOnDrop(pub Collective);
+
+impl Drop for LeaveOnDrop {
+    fn drop(&mut self) {
+        self.0.leave();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Many rounds from threads that arrive in any order: every peer gets every part, by rank,
+    /// and the sums agree bit for bit.
+    #[test]
+    fn peers_gather_by_rank_and_sum_alike() {
+        let group = Collective::group(3);
+        let threads: Vec<_> = group
+            .into_iter()
+            .map(|peer| {
+                std::thread::spawn(move || {
+                    (0..200)
+                        .map(|round| {
+                            let mine = vec![peer.rank() as f64 + 0.1 * round as f64; 2];
+                            let parts = peer.all_gather(mine).unwrap();
+                            assert_eq!(parts.len(), 3);
+                            for (rank, part) in parts.iter().enumerate() {
+                                assert_eq!(part[0], rank as f64 + 0.1 * round as f64);
+                            }
+                            let mut sum = vec![1.0 / (peer.rank() + 1) as f64];
+                            peer.sum(&mut sum).unwrap();
+                            sum[0]
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let sums: Vec<Vec<f64>> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        assert_eq!(sums[0], sums[1]);
+        assert_eq!(sums[0], sums[2]);
+        assert!((sums[0][0] - (1.0 + 0.5 + 1.0 / 3.0)).abs() < 1e-15);
+    }
+
+    #[test]
+    fn a_peer_that_leaves_ends_the_others_exchange_with_an_error() {
+        let mut group = Collective::group(2);
+        let gone = group.pop().unwrap();
+        let waiting = std::thread::spawn(move || group[0].all_gather(vec![1.0]));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        drop(LeaveOnDrop(gone));
+        let err = waiting.join().unwrap().unwrap_err();
+        assert!(err.to_string().contains("peer 1 stopped"), "{err}");
+    }
+}
