@@ -3,6 +3,7 @@
 
 use crate::augment::ViewRecipe;
 use crate::backend::{DeviceKind, DeviceSpec};
+use crate::collective::Collective;
 use crate::data::discover;
 use crate::loss::{LossKernel, LossKind};
 use crate::model::ModelName;
@@ -26,11 +27,54 @@ pub struct PretrainArgs {
     seed: u64,
     #[command(flatten)]
     recipe: Recipe,
-    #[arg(long)]
-    out: PathBuf,
+    /// The run folder (rank 0's; other ranks of --nodes write nothing).
+    #[arg(long, required_unless_present = "node_rank")]
+    out: Option<PathBuf>,
     /// Continue the run in --out from its latest checkpoint (its config.toml wins over flags).
     #[arg(long)]
     resume: bool,
+    #[command(flatten)]
+    nodes: Nodes,
+}
+
+/// Training across processes, one device each, on one machine or several: every rank runs
+/// `dcl pretrain` with the same --nodes and --coordinator. Rank 0 listens on the coordinator
+/// address, owns the run folder and sends the others its config and weights; they bring only
+/// the data (by the run's --data name or path, on their own disk).
+#[derive(Args, Clone)]
+struct Nodes {
+    /// How many processes train together.
+    #[arg(long, default_value_t = 1)]
+    nodes: usize,
+    /// This process's rank, 0 to --nodes - 1; 0 writes the run.
+    #[arg(long)]
+    node_rank: Option<usize>,
+    /// Rank 0's HOST:PORT (it listens there; the others connect to it).
+    #[arg(long, default_value = "127.0.0.1:29500")]
+    coordinator: String,
+    /// Seconds to wait for every rank to connect.
+    #[arg(long, default_value_t = 300)]
+    connect_timeout: u64,
+}
+
+impl Nodes {
+    fn rank(&self) -> usize {
+        self.node_rank.unwrap_or(0)
+    }
+
+    /// This process's place in the group, or `None` alone.
+    fn join(&self) -> anyhow::Result<Option<Collective>> {
+        if self.nodes <= 1 {
+            anyhow::ensure!(
+                self.rank() == 0,
+                "--node-rank {} needs --nodes above it",
+                self.rank()
+            );
+            return Ok(None);
+        }
+        let patience = std::time::Duration::from_secs(self.connect_timeout);
+        Collective::join(&self.coordinator, self.rank(), self.nodes, patience).map(Some)
+    }
 }
 
 /// A run's settings apart from the loss, the batch size and the seed, which an experiment
@@ -158,13 +202,40 @@ impl Recipe {
 
 pub fn run(args: PretrainArgs) -> anyhow::Result<()> {
     let config = args.recipe.config(args.loss, args.batch_size, args.seed);
-    train(config, &args.out, args.resume)
+    anyhow::ensure!(
+        args.nodes.nodes <= 1 || config.devices.is_empty(),
+        "--nodes runs one device per process; --devices splits one process over several"
+    );
+    let nodes = args.nodes.nodes.max(1);
+    anyhow::ensure!(
+        config.batch_size.is_multiple_of(nodes) && config.batch_size / nodes >= 2,
+        "--batch-size {} does not split into {nodes} equal slices of at least 2 images (one per \
+         process of --nodes)",
+        config.batch_size
+    );
+    match (args.nodes.rank(), &args.out) {
+        (0, Some(out)) => train_in_group(config, out, args.resume, || args.nodes.join()),
+        (0, None) => anyhow::bail!("--out is needed: rank 0 writes the run"),
+        (_, _) => follow(args.nodes.join()?.expect("a rank above 0 is in a group")),
+    }
 }
 
 /// Trains `config` into the run folder `out`; with `resume`, continues the run already there
 /// from its latest checkpoint (its `config.toml` wins over `config`), and a finished run is
 /// left as it is.
 pub fn train(config: RunConfig, out: &Path, resume: bool) -> anyhow::Result<()> {
+    train_in_group(config, out, resume, || Ok(None))
+}
+
+/// [`train`] as rank 0 of the group `join` makes (joined once everything that can fail alone
+/// has been checked): the other ranks get its config and its weights and optimizer state
+/// before the first step, whether the run starts or resumes.
+fn train_in_group(
+    config: RunConfig,
+    out: &Path,
+    resume: bool,
+    join: impl FnOnce() -> anyhow::Result<Option<Collective>>,
+) -> anyhow::Result<()> {
     let existing = out.join("config.toml").is_file();
     let config = if resume && existing {
         RunDir::open(out)?.read_config()?
@@ -182,9 +253,10 @@ pub fn train(config: RunConfig, out: &Path, resume: bool) -> anyhow::Result<()> 
     let dataset = discover::load(&config.data)?;
     let device = crate::backend::device_at(config.first_device())?;
     let config = config.for_data(&dataset);
+    let group = join()?;
     let dir = RunDir::create(out)?;
     dir.write_config(&config)?;
-    let mut session = Session::new(config, &dataset, device)?;
+    let mut session = Session::in_group(config, &dataset, device, group.clone())?;
     match dir.latest_checkpoint()?.filter(|_| resume) {
         Some(ckpt) => {
             eprintln!("resuming {} after epoch {}", dir.root.display(), ckpt.epoch);
@@ -194,7 +266,56 @@ pub fn train(config: RunConfig, out: &Path, resume: bool) -> anyhow::Result<()> 
         // A fresh start (or a resume before the first checkpoint): the log starts over.
         None => dir.clear_events()?,
     }
+    if let Some(group) = group {
+        let trainer = session.trainer();
+        let (weights, optimizer) = trainer.snapshot()?;
+        let header = serde_json::json!({
+            "config": trainer.config(),
+            "epoch": trainer.epoch,
+            "weights": weights.len(),
+        });
+        let mut start = serde_json::to_vec(&header)?;
+        start.push(b'\n');
+        start.extend(weights);
+        start.extend(optimizer);
+        group.all_gather_bytes(start)?;
+    }
     session.run(&mut RunFolder { dir, bar: None })
+}
+
+/// A rank above 0 of `--nodes`: takes rank 0's config and state, then steps with it to the end.
+fn follow(group: Collective) -> anyhow::Result<()> {
+    let parts = group.all_gather_bytes(vec![])?;
+    let start = &parts[0];
+    let newline = start.iter().position(|&b| b == b'\n');
+    let (header, state) = start.split_at(newline.unwrap_or(0));
+    let header: serde_json::Value = serde_json::from_slice(header)
+        .map_err(|e| anyhow::anyhow!("rank 0 sent a start this version cannot read: {e}"))?;
+    let config: RunConfig = serde_json::from_value(header["config"].clone())?;
+    let epoch = header["epoch"].as_u64().unwrap_or(0) as usize;
+    let weights_len = header["weights"].as_u64().unwrap_or(0) as usize;
+    let state = &state[1..];
+    anyhow::ensure!(state.len() >= weights_len, "rank 0's start is truncated");
+    let (weights, optimizer) = state.split_at(weights_len);
+    let dataset = discover::load(&config.data)?;
+    let device = crate::backend::device_at(config.first_device())?;
+    eprintln!(
+        "rank {} of {}: {} from epoch {epoch}",
+        group.rank(),
+        group.world(),
+        config.data
+    );
+    let mut session = Session::in_group(config, &dataset, device, Some(group))?;
+    let trainer = session.trainer_mut();
+    trainer.restore(epoch, weights.to_vec(), optimizer.to_vec())?;
+    while !trainer.finished() {
+        if trainer.epoch_finished() {
+            trainer.end_epoch();
+            continue;
+        }
+        trainer.step()?;
+    }
+    Ok(())
 }
 
 /// The CLI's sink: events to `metrics.jsonl`, a progress bar per epoch, and at each epoch's end

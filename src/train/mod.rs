@@ -116,6 +116,16 @@ impl Trainer {
         Ok(trainer)
     }
 
+    /// A trainer as rank `group.rank()` of processes training together (`--nodes`).
+    pub fn in_group(
+        config: RunConfig,
+        train: Split,
+        device: Device,
+        group: Collective,
+    ) -> anyhow::Result<Self> {
+        Self::replica(config, train, device, group)
+    }
+
     /// One peer's trainer: rank `group.rank()` of the group (or alone, without a group).
     fn replica(
         config: RunConfig,
@@ -227,8 +237,8 @@ impl Trainer {
 
     /// This trainer's rows of every batch: all of them alone, its equal share among peers.
     fn rows(&self) -> std::ops::Range<usize> {
-        let share = self.config.batch_size / self.config.peers();
-        let rank = self.group.as_ref().map_or(0, Collective::rank);
+        let (rank, world) = (self.group.as_ref()).map_or((0, 1), |g| (g.rank(), g.world()));
+        let share = self.config.batch_size / world;
         rank * share..(rank + 1) * share
     }
 

@@ -8,6 +8,7 @@
 //! session restored from a checkpoint after epoch e goes on with epoch e + 1's first step.
 
 use super::{RunConfig, Trainer};
+use crate::collective::Collective;
 use crate::data::{Dataset, Split};
 use crate::eval::{knn_monitor_async, pixel_scores, Scores};
 use burn::module::AutodiffModule;
@@ -82,6 +83,16 @@ impl Session {
     /// A fresh run of `config` on `dataset` (its `limit` and `eval_images` applied here).
     /// `device` must have autodiff enabled (see `backend::device`).
     pub fn new(config: RunConfig, dataset: &Dataset, device: Device) -> anyhow::Result<Self> {
+        Self::in_group(config, dataset, device, None)
+    }
+
+    /// [`Session::new`] for one rank of processes that train together (`dcl pretrain --nodes`).
+    pub fn in_group(
+        config: RunConfig,
+        dataset: &Dataset,
+        device: Device,
+        group: Option<Collective>,
+    ) -> anyhow::Result<Self> {
         let config = config.for_data(dataset);
         let train = dataset.train.head(config.limit.unwrap_or(usize::MAX));
         let monitor = (!dataset.test.is_empty()).then(|| Monitor {
@@ -90,7 +101,10 @@ impl Session {
             classes: dataset.classes,
         });
         Ok(Self {
-            trainer: Trainer::new(config, train, device)?,
+            trainer: match group {
+                Some(group) => Trainer::in_group(config, train, device, group)?,
+                None => Trainer::new(config, train, device)?,
+            },
             monitor,
             evaluated: None,
             pixels_reported: false,
