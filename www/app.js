@@ -25,12 +25,23 @@ const state = {
   dataset: null,
   error: null,
   imagesPerSec: null,
+  /// The WebGPU adapter the worker trains on (vendor, architecture, description).
+  adapter: null,
+  /// The last epoch kept in IndexedDB for this run.
+  autosaved: null,
+  /// Why the GPU was lost, once it was.
+  lost: null,
+  /// Whether the first step ran past `dclPlayground.slowStepSeconds`.
+  slowStep: false,
 };
 const runs = []; // every run of this page: { label, color, losses: [[step, loss]], knn: [[epoch, top1]] }
 let scatter = null; // { points, labels }
 let worker = null;
 let nextId = 0;
 const pending = new Map();
+let lastConfig = {}; // the current run's, as the worker reported it
+let restoring = null; // the curves of an autosave being continued
+let slowStepTimer = null;
 
 function setStatus(status) {
   state.status = status;
@@ -204,6 +215,67 @@ function render() {
   });
 }
 
+// ---- the autosave: the last finished epoch of the latest run, in IndexedDB ----------------
+
+function autosaveStore(mode, use) {
+  return new Promise((resolve, reject) => {
+    const open = indexedDB.open('dcl-playground', 1);
+    open.onupgradeneeded = () => open.result.createObjectStore('runs');
+    open.onerror = () => reject(open.error);
+    open.onsuccess = () => {
+      const tx = open.result.transaction('runs', mode);
+      const request = use(tx.objectStore('runs'));
+      tx.oncomplete = () => {
+        open.result.close();
+        resolve(request.result);
+      };
+      tx.onerror = () => reject(tx.error);
+    };
+  });
+}
+
+const writeAutosave = (record) => autosaveStore('readwrite', (runs) => runs.put(record, 'latest'));
+const readAutosave = () => autosaveStore('readonly', (runs) => runs.get('latest')).catch(() => undefined);
+
+/// Reopening the page on the same data offers to continue a run that had not finished.
+async function offerAutosave() {
+  const saved = await readAutosave();
+  if (!saved || saved.dataset !== state.dataset?.name || saved.epoch >= saved.config.epochs) return;
+  if (state.status === 'running' || runs.length) return;
+  showBanner(`A run (${saved.curves.label}) was saved after epoch ${saved.epoch} of ${saved.config.epochs} ` +
+    `on ${new Date(saved.savedAt).toLocaleString()}: "Continue the saved run" picks it up.`, false);
+  $('continue').textContent = 'Continue the saved run';
+  $('continue').hidden = false;
+}
+
+/// Continues the autosaved run (after a lost GPU: in a new worker, with a new device). Without
+/// an autosave (the GPU was lost before an epoch ended), the same run starts again.
+async function continueSaved() {
+  await launched;
+  const saved = await readAutosave();
+  replaceLostWorker();
+  $('continue').hidden = true;
+  showBanner('');
+  if (!saved || saved.dataset !== state.dataset?.name) return start(lastConfig);
+  restoring = saved.curves;
+  worker.postMessage({ type: 'continue', config: saved.config, epoch: saved.epoch, bytes: saved.weights });
+}
+
+/// The first step of a run that takes far longer than a step should: say what to lower instead
+/// of leaving a tab that looks frozen.
+function watchFirstStep() {
+  clearTimeout(slowStepTimer);
+  const seconds = window.dclPlayground.slowStepSeconds;
+  slowStepTimer = setTimeout(() => {
+    const adapter = state.adapter || 'an unnamed adapter';
+    const emulated = /swiftshader/i.test(adapter) ? ', which emulates a GPU on the CPU' : '';
+    state.slowStep = true;
+    showBanner(`The first training step has run for ${seconds} s and is not done: a batch of ` +
+      `${lastConfig.batch_size} images for ${lastConfig.model} may be too much for this GPU (${adapter}` +
+      `${emulated}). Pause, then lower the batch size or pick resnet-mini and start again.`, false);
+  }, seconds * 1000);
+}
+
 // ---- worker messages -----------------------------------------------------------------------
 
 const onMessage = {
@@ -234,15 +306,55 @@ const onMessage = {
       `${summary.testImages} test images, ${summary.classes} classes, stored ${summary.shape.join('x')}.`;
     drawLegend();
     render();
+    offerAutosave();
   },
-  started({ config }) {
+  started({ config, from }) {
+    lastConfig = config;
     const color = RUN_COLORS[runs.length % RUN_COLORS.length];
-    runs.push({ label: `${config.loss} b${config.batch_size} t${config.temperature}`, color, losses: [], knn: [] });
-    Object.assign(state, { step: 0, epoch: 0, losses: [], knnTop1: [], error: null });
+    const run = { label: `${config.loss} b${config.batch_size} t${config.temperature}`, color, losses: [], knn: [] };
+    Object.assign(state, { step: 0, epoch: 0, losses: [], knnTop1: [], error: null, autosaved: null, slowStep: false });
+    if (from != null && restoring) {
+      Object.assign(run, { losses: restoring.runLosses, knn: restoring.runKnn, pixels: restoring.pixels });
+      Object.assign(state, {
+        epoch: from, step: restoring.runLosses.length, losses: restoring.losses, knnTop1: restoring.knnTop1,
+        pixelsKnnTop1: restoring.pixels, autosaved: from,
+      });
+      restoring = null;
+      watchFirstStep();
+    }
+    runs.push(run);
     showBanner('');
     render();
   },
+  adapter({ name }) {
+    state.adapter = name;
+  },
+  autosave({ epoch, config, bytes }) {
+    const run = runs[runs.length - 1];
+    // Copies: the run goes on while IndexedDB opens.
+    const curves = structuredClone({
+      label: run.label, runLosses: run.losses, runKnn: run.knn, pixels: run.pixels,
+      losses: state.losses, knnTop1: state.knnTop1,
+    });
+    const record = { epoch, config, weights: bytes, dataset: state.dataset?.name, savedAt: Date.now(), curves };
+    writeAutosave(record)
+      .then(() => { state.autosaved = epoch; render(); })
+      .catch((e) => console.warn(`the autosave of epoch ${epoch} failed: ${e.message}`));
+  },
+  'device-lost'({ reason, message }) {
+    clearTimeout(slowStepTimer);
+    state.status = 'lost';
+    state.lost = `${reason}: ${message}`;
+    state.error = null; // what the failing step said before the loss was known
+    const from = state.autosaved ? `the autosave of epoch ${state.autosaved}` : 'the start (no epoch had ended)';
+    showBanner(`The GPU was lost (${state.lost}) at epoch ${state.epoch}, step ${state.step}. ` +
+      `Resume continues from ${from} on a new device.`, true);
+    $('continue').textContent = 'Resume';
+    $('continue').hidden = false;
+    render();
+  },
   step({ step, epoch, loss, imagesPerSec }) {
+    clearTimeout(slowStepTimer);
     const run = runs[runs.length - 1];
     state.losses.push(loss);
     Object.assign(state, { step: step + 1, epoch, imagesPerSec });
@@ -259,6 +371,8 @@ const onMessage = {
     render();
   },
   epoch({ epoch, knnTop1, knn, points, labels }) {
+    // The evaluation before training is done: the first step starts now.
+    if (epoch === 0 && state.step === 0 && state.status === 'running') watchFirstStep();
     state.knnTop1.push(knnTop1);
     state.knn = knn;
     state.epoch = epoch;
@@ -269,6 +383,9 @@ const onMessage = {
   },
   error({ message, paused }) {
     if (message.startsWith('no-webgpu')) return noWebGpu(message.slice('no-webgpu: '.length));
+    // After a lost device the worker's failures are expected; Resume starts a new one.
+    if (state.lost) return;
+    clearTimeout(slowStepTimer);
     fail(paused ? `The run paused: ${message}. The curves and the last weights are kept; ` +
       'lower the batch size or the model size, then resume or start again.' : message);
     if (paused) setStatus('paused');
@@ -302,6 +419,7 @@ function formConfig() {
 async function start(overrides = {}) {
   await launched;
   if (!worker) throw new Error('this browser has no usable WebGPU, so the playground cannot train here');
+  replaceLostWorker();
   const config = { ...formConfig(), ...overrides };
   worker.postMessage({ type: 'start', config });
 }
@@ -368,6 +486,7 @@ function wire() {
     setStatus('ready');
   };
   $('save').onclick = () => save().catch((e) => fail(e.message));
+  $('continue').onclick = () => continueSaved().catch((e) => fail(e.message));
   $('load').onchange = async (e) => {
     const file = e.target.files[0];
     if (file) await loadWeights(file.name, await file.arrayBuffer()).catch((err) => fail(err.message));
@@ -402,9 +521,21 @@ async function main() {
   render();
   const problem = await webGpuProblem();
   if (problem) return noWebGpu(problem);
+  launchWorker();
+}
+
+/// After a lost GPU the worker's wasm module holds a dead device: a new worker gets a new one.
+function replaceLostWorker() {
+  if (!state.lost) return;
+  worker.terminate();
+  state.lost = null;
+  launchWorker();
+}
+
+function launchWorker() {
   worker = new Worker(new URL('./worker.js', import.meta.url), { type: 'module' });
   worker.onmessage = ({ data }) => onMessage[data.type](data);
-  worker.onerror = (e) => fail(`the training worker failed: ${e.message}`);
+  worker.onerror = (e) => state.lost || fail(`the training worker failed: ${e.message}`);
   worker.postMessage({ type: 'init' });
 }
 
@@ -425,6 +556,17 @@ window.dclPlayground = {
   // ...and through the fused WGSL kernel: {loss, gradZ1, gradZ2}.
   fusedLoss: (z1, z2, n, d, kind = 'dcl', temperature = 0.1, sigma = 0.5) =>
     ask({ type: 'loss', z1: Array.from(z1), z2: Array.from(z2), n, d, kind, temperature, sigma, fused: true }),
+  // The autosave IndexedDB holds ({epoch, config, dataset, savedAt, ...}), if any...
+  savedRun: async () => {
+    const saved = await readAutosave();
+    return saved && { epoch: saved.epoch, config: saved.config, dataset: saved.dataset, savedAt: saved.savedAt };
+  },
+  // ...continued (the "Continue" / "Resume" button).
+  continueSaved,
+  // Destroys the worker's WebGPU devices: what a lost GPU looks like, for tests and tutorials.
+  loseDevice: () => tellWorker('loseDevice'),
+  // How long the first step may run before the page suggests a smaller batch.
+  slowStepSeconds: 30,
 };
 
 // Settles once the worker exists, or once the page knows there is no WebGPU.

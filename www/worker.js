@@ -14,12 +14,44 @@ const exclusive = (fn) => (chain = chain.then(fn, fn));
 
 const post = (message, transfer = []) => self.postMessage(message, transfer);
 const VIEW_PAIRS = 8;
+// The WebGPU devices the wasm module asked for: watched for loss, and destroyed on request (to
+// simulate a lost GPU in tests and tutorials).
+const devices = [];
+let deviceLost = false;
 
 async function setup() {
   const problem = await webGpuProblem();
   if (problem) throw new Error(`no-webgpu: ${problem}`);
+  watchDevices();
   await init();
   await initWebGpu();
+}
+
+/// Wraps `navigator.gpu.requestAdapter` so that every device wgpu makes is known here: a lost
+/// device (driver reset, GPU process crash, `destroy()`) stops the run with a message the page
+/// can act on, instead of a step that never returns.
+function watchDevices() {
+  const gpu = navigator.gpu;
+  const requestAdapter = gpu.requestAdapter.bind(gpu);
+  gpu.requestAdapter = async (options) => {
+    const adapter = await requestAdapter(options);
+    if (!adapter) return adapter;
+    const info = adapter.info || {};
+    const name = [info.vendor, info.architecture, info.description].filter(Boolean).join(' ');
+    post({ type: 'adapter', name: name || 'unnamed adapter' });
+    const requestDevice = adapter.requestDevice.bind(adapter);
+    adapter.requestDevice = async (descriptor) => {
+      const device = await requestDevice(descriptor);
+      devices.push(device);
+      device.lost.then((lost) => {
+        paused = true;
+        deviceLost = true;
+        post({ type: 'device-lost', reason: lost.reason, message: lost.message || 'no details' });
+      });
+      return device;
+    };
+    return adapter;
+  };
 }
 
 /// The dataset `dcl serve` found on disk (CIFAR-10 if present, else Fashion-MNIST or MNIST).
@@ -68,24 +100,36 @@ async function loop() {
         return [await run.advance(), pixels];
       });
       report(event, pixels);
+      if (event.event === 'knn' && event.epoch > 0) await autosave(event.epoch);
       // Let queued messages (pause, save, clicks) in between events.
       await new Promise((resolve) => setTimeout(resolve, 0));
     }
   } catch (e) {
     paused = true;
-    post({ type: 'error', message: String(e.message || e), paused: true });
+    // A lost device fails the step in flight; the page hears of the loss itself.
+    if (!deviceLost) post({ type: 'error', message: String(e.message || e), paused: true });
   } finally {
     looping = false;
   }
 }
 
-async function start(config) {
+/// The weights after each epoch, for the page to keep (IndexedDB): a lost GPU or a closed tab
+/// can continue from there.
+async function autosave(epoch) {
+  const bytes = await exclusive(() => run.saveSafetensors());
+  post({ type: 'autosave', epoch, config: run.config(), bytes }, [bytes.buffer]);
+}
+
+/// A new run of `config`; with `from` ({epoch, bytes}), it continues after that epoch from
+/// those weights.
+async function start(config, from) {
   if (!dataset) throw new Error('no dataset loaded yet: pick a CIFAR-10 archive or wait for the default');
   paused = true;
   await chain;
   if (run) run.free();
   run = new Playground(dataset, config);
-  post({ type: 'started', stepsPerEpoch: run.stepsPerEpoch(), config: run.config() });
+  if (from) await exclusive(() => run.continueFrom(from.epoch, 'the autosave', new Uint8Array(from.bytes)));
+  post({ type: 'started', stepsPerEpoch: run.stepsPerEpoch(), config: run.config(), from: from?.epoch });
   paused = false;
   post({ type: 'status', status: 'running' });
   loop();
@@ -108,6 +152,11 @@ const handlers = {
     if (id !== undefined) post({ type: 'reply', id, value: dataset.summary() });
   },
   start: ({ config }) => start(config),
+  continue: ({ config, epoch, bytes }) => start(config, { epoch, bytes }),
+  loseDevice() {
+    deviceLost = true;
+    for (const device of devices) device.destroy();
+  },
   pause() {
     paused = true;
     post({ type: 'status', status: 'paused' });

@@ -467,6 +467,20 @@ impl Trainer {
         Ok(())
     }
 
+    /// Continues after `epoch` epochs from `encoder`'s weights with a fresh optimizer (see
+    /// `Session::continue_from`).
+    pub fn continue_from(&mut self, epoch: usize, encoder: Encoder) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.peers.is_empty(),
+            "continuing from weights alone is for one device; peers restore whole checkpoints"
+        );
+        self.load_encoder(encoder)?;
+        self.epoch = epoch;
+        self.step_in_epoch = 0;
+        self.shuffle();
+        Ok(())
+    }
+
     /// [`Trainer::load_encoder`] from [`module_to_bytes`]'s bytes (how peers receive weights).
     fn load_weights(&mut self, weights: Vec<u8>) -> anyhow::Result<()> {
         let fresh = Encoder::new(self.config.model, &self.device);

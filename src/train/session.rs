@@ -11,6 +11,7 @@ use super::{RunConfig, Trainer};
 use crate::collective::Collective;
 use crate::data::{Dataset, Split};
 use crate::eval::{knn_monitor_async, pixel_scores, Scores};
+use crate::model::Encoder;
 use burn::module::AutodiffModule;
 use burn::tensor::Device;
 use serde::Serialize;
@@ -138,6 +139,17 @@ impl Session {
         optimizer: Vec<u8>,
     ) -> anyhow::Result<()> {
         self.trainer.restore(epoch, weights, optimizer)?;
+        self.evaluated = Some(epoch);
+        self.pixels_reported = true;
+        self.checkpoint_due = false;
+        Ok(())
+    }
+
+    /// Continues after `epoch` epochs from weights alone, the optimizer's state started afresh:
+    /// the page's autosave, since Burn reads optimizer state back from WebGPU only by blocking,
+    /// which a page cannot do. The learning-rate schedule and the views go on from `epoch`.
+    pub fn continue_from(&mut self, epoch: usize, encoder: Encoder) -> anyhow::Result<()> {
+        self.trainer.continue_from(epoch, encoder)?;
         self.evaluated = Some(epoch);
         self.pixels_reported = true;
         self.checkpoint_due = false;
@@ -325,7 +337,7 @@ mod tests {
             }
         }
         let (weights, optimizer) = snapshot.unwrap();
-        let mut resumed = Session::new(config(), &dataset(4), device).unwrap();
+        let mut resumed = Session::new(config(), &dataset(4), device.clone()).unwrap();
         resumed.restore(1, weights, optimizer).unwrap();
         let rest = run(&mut resumed);
         assert_eq!(kinds(&rest), "ssE|.");
@@ -336,5 +348,29 @@ mod tests {
         };
         let tail: Vec<_> = events[6..].iter().map(loss).collect();
         assert_eq!(rest.iter().map(loss).collect::<Vec<_>>(), tail);
+
+        // From epoch 1's weights alone (the page's autosave): the same steps, numbered on from
+        // epoch 1 at epoch 1's learning rate, with a fresh optimizer (SGD's momentum restarts,
+        // so the losses after the first step differ).
+        let mut continued = Session::new(config(), &dataset(4), device).unwrap();
+        let weights = first.trainer().encoder().clone();
+        continued.continue_from(1, weights).unwrap();
+        let rest = run(&mut continued);
+        assert_eq!(kinds(&rest), "ssE|.");
+        let steps = |events: &[Event]| -> Vec<(usize, usize, f64)> {
+            let step = |e: &Event| match e {
+                Event::Step {
+                    epoch, step, lr, ..
+                } => Some((*epoch, *step, *lr)),
+                _ => None,
+            };
+            events.iter().filter_map(step).collect()
+        };
+        assert_eq!(steps(&rest), steps(&events[6..]));
+        assert_eq!(
+            loss(&rest[0]),
+            tail[0],
+            "the first step sees the same weights and views"
+        );
     }
 }

@@ -99,6 +99,19 @@ impl Run {
     fn test(&self) -> &Split {
         self.session.queries().expect("the page always has queries")
     }
+
+    /// The encoder in a `model.safetensors`, which must hold this run's model.
+    fn encoder_from_file(&self, file: &str, bytes: &[u8]) -> Result<Encoder, JsValue> {
+        let model = self.session.config().model;
+        let (tensors, saved) = parse_safetensors(file, bytes).map_err(js_error)?;
+        if let Some(saved) = saved.filter(|&s| s != model) {
+            return Err(js_error(format!(
+                "{file} holds a {saved}; this run trains a {model}: pick that model and start again"
+            )));
+        }
+        let device = self.session.trainer().device().clone();
+        encoder_from_tensors(model, tensors, &device).map_err(|e| js_error(format!("{file}: {e}")))
+    }
 }
 
 /// One training run in the page.
@@ -238,22 +251,28 @@ impl Playground {
     pub fn load_safetensors(&self, file: String, bytes: Vec<u8>) -> Promise {
         with_run(&self.run, |run| async move {
             let mut run = run.borrow_mut();
-            let model = run.session.config().model;
-            let (tensors, saved) = parse_safetensors(&file, &bytes).map_err(js_error)?;
-            if let Some(saved) = saved.filter(|&s| s != model) {
-                return Err(js_error(format!(
-                    "{file} holds a {saved}; this run trains a {model}: pick that model and start again"
-                )));
-            }
-            let device = run.session.trainer().device().clone();
-            let encoder = encoder_from_tensors(model, tensors, &device)
-                .map_err(|e| js_error(format!("{file}: {e}")))?;
+            let encoder = run.encoder_from_file(&file, &bytes)?;
             run.session
                 .trainer_mut()
                 .load_encoder(encoder)
                 .map_err(js_error)?;
             let event = run.session.evaluate().await.map_err(js_error)?;
             to_js(&run.page_event(event))
+        })
+    }
+
+    /// Continues this run after `epoch` epochs from an autosave's `model.safetensors` (the page
+    /// keeps one per epoch in IndexedDB): the next event is epoch `epoch + 1`'s first step. The
+    /// optimizer's state starts afresh (see `Session::continue_from`).
+    #[wasm_bindgen(js_name = continueFrom)]
+    pub fn continue_from(&self, epoch: usize, file: String, bytes: Vec<u8>) -> Promise {
+        with_run(&self.run, move |run| async move {
+            let mut run = run.borrow_mut();
+            let encoder = run.encoder_from_file(&file, &bytes)?;
+            run.session
+                .continue_from(epoch, encoder)
+                .map_err(js_error)?;
+            Ok(JsValue::UNDEFINED)
         })
     }
 

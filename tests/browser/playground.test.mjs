@@ -49,11 +49,11 @@ async function open(webgpu) {
 
 const pageState = (page) => page.evaluate(() => window.dclPlayground.state());
 
-async function waitFor(page, what, predicate, timeoutMs) {
+async function waitFor(page, what, predicate, timeoutMs, { errorsExpected = false } = {}) {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
     const s = await pageState(page);
-    if (s.error) throw new Error(`${what}: the page reports an error: ${s.error}`);
+    if (s.error && !errorsExpected) throw new Error(`${what}: the page reports an error: ${s.error}`);
     if (predicate(s)) return s;
     if (Date.now() > deadline) throw new Error(`${what}: gave up after ${timeoutMs / 1000} s; state ${JSON.stringify({ ...s, losses: s.losses.length })}`);
     await new Promise((r) => setTimeout(r, 500));
@@ -138,6 +138,55 @@ test(`the page trains on WebGPU: ${STEPS} steps, finite losses, the weights move
     }
     assert.ok(pixels >= 8 * 44 * 44, `neighbours strip painted ${pixels} pixels`);
     console.log(`# steps ${s.step}, losses ${s.losses.map((l) => l.toFixed(4)).join(' ')}, ${s.imagesPerSec.toFixed(2)} images/s`);
+  } catch (e) {
+    console.log(logs.slice(-20).join('\n'));
+    throw e;
+  } finally {
+    await browser.close();
+  }
+});
+
+// A run of 2 epochs of 2 steps. The first step (40 s or so on SwiftShader) outlasts a 5 s limit:
+// the page says what to lower. Epoch 1 is autosaved; the GPU is then lost (the device destroyed
+// mid-step): the page says so, and Resume continues in a new worker from epoch 1's weights, the
+// curves kept. The tab is then reloaded (closed and reopened): it offers the saved run, and
+// continuing it trains on from epoch 1 again.
+test('the page survives a lost GPU and a closed tab, and says when a step is too slow', { timeout: 1_500_000 }, async () => {
+  const { browser, page, logs } = await open(true);
+  try {
+    await page.evaluate(async () => {
+      const p = window.dclPlayground;
+      p.slowStepSeconds = 5;
+      await p.start({ batchSize: 4, subset: 8, evalImages: 16, epochs: 2, lr: 0.001 });
+    });
+    await waitFor(page, 'the slow-step message', (s) => s.slowStep, 600_000);
+    const slow = await page.textContent('#banner');
+    assert.match(slow, /first training step has run for 5 s and is not done: a batch of 4 images for resnet-mini/);
+    assert.match(slow, /lower the batch size/);
+    await waitFor(page, 'the autosave of epoch 1', (s) => s.autosaved === 1, 900_000);
+    const saved = await page.evaluate(() => window.dclPlayground.savedRun());
+    assert.equal(saved.epoch, 1);
+    assert.equal(saved.config.batch_size, 4);
+
+    await page.evaluate(() => window.dclPlayground.loseDevice());
+    const lost = await waitFor(page, 'the lost device', (s) => s.status === 'lost', 120_000, { errorsExpected: true });
+    assert.match(await page.textContent('#banner'), /The GPU was lost \(destroyed: .*Resume continues from the autosave of epoch 1/);
+    assert.equal(await page.textContent('#continue'), 'Resume');
+    await page.click('#continue');
+    const resumed = await waitFor(page, 'a step after the resume', (s) => s.status === 'running' && s.step > 2, 600_000);
+    assert.equal(resumed.epoch, 1, 'the resumed run goes on in epoch 1 (its second)');
+    assert.equal(resumed.losses.length, resumed.step, 'the curves before the loss were kept');
+    assert.deepEqual(resumed.losses.slice(0, 2), lost.losses.slice(0, 2));
+
+    await page.reload();
+    await waitFor(page, 'the saved run offered', (s) => s.dataset && s.status === 'ready', 300_000);
+    await page.waitForSelector('#continue:not([hidden])', { timeout: 60_000 });
+    assert.match(await page.textContent('#banner'), /saved after epoch 1 of 2/);
+    await page.click('#continue');
+    const reopened = await waitFor(page, 'a step after reopening', (s) => s.step > 2, 600_000);
+    assert.equal(reopened.epoch, 1);
+    assert.equal(reopened.knnTop1.length, 2, 'the kNN curve of epochs 0 and 1 came back');
+    console.log(`# lost at step ${lost.step}; resumed to step ${resumed.step}; reopened to step ${reopened.step}`);
   } catch (e) {
     console.log(logs.slice(-20).join('\n'));
     throw e;
