@@ -27,6 +27,27 @@ pub struct Collective {
     link: Link,
 }
 
+/// An exchange that could not complete because a peer is gone: the error of every peer left
+/// waiting (the gone peer's own error, if it had one, is the cause to report).
+#[derive(Debug)]
+pub struct PeerStopped {
+    pub rank: usize,
+    /// What the connection said, between processes.
+    pub detail: Option<String>,
+}
+
+impl std::fmt::Display for PeerStopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "peer {} stopped", self.rank)?;
+        if let Some(detail) = &self.detail {
+            write!(f, " (its connection: {detail})")?;
+        }
+        write!(f, "; the others cannot go on without it")
+    }
+}
+
+impl std::error::Error for PeerStopped {}
+
 #[derive(Clone)]
 enum Link {
     Threads(Arc<Hub>),
@@ -190,7 +211,7 @@ impl Collective {
 
     fn check(&self, round: &Round) -> anyhow::Result<()> {
         match round.left {
-            Some(rank) => anyhow::bail!("peer {rank} stopped; the others cannot go on without it"),
+            Some(rank) => Err(PeerStopped { rank, detail: None }.into()),
             None => Ok(()),
         }
     }
@@ -282,10 +303,9 @@ impl Network {
     }
 
     fn all_gather(&mut self, rank: usize, part: Vec<u8>) -> anyhow::Result<Vec<Vec<u8>>> {
-        let lost = |peer: usize, e: std::io::Error| {
-            anyhow::anyhow!(
-                "peer {peer} stopped (its connection: {e}); the others cannot go on without it"
-            )
+        let lost = |rank: usize, e: std::io::Error| PeerStopped {
+            rank,
+            detail: Some(e.to_string()),
         };
         if rank > 0 {
             let coordinator = self.streams[0].as_mut().expect("connected");

@@ -12,7 +12,7 @@
 
 use super::{RunConfig, Trainer};
 use crate::backend::DeviceSpec;
-use crate::collective::{Collective, LeaveOnDrop};
+use crate::collective::{Collective, LeaveOnDrop, PeerStopped};
 use crate::data::Split;
 use crate::model::Encoder;
 use burn::module::{Module, ModuleVisitor, Param};
@@ -150,7 +150,7 @@ pub(super) fn settle<T>(peers: &[Peer], mine: anyhow::Result<T>) -> anyhow::Resu
         }
     }
     match (mine, cause) {
-        (Err(e), Some(cause)) if e.to_string().contains("stopped") => Err(cause),
+        (Err(e), Some(cause)) if e.downcast_ref::<PeerStopped>().is_some() => Err(cause),
         (Ok(_), Some(cause)) => Err(cause),
         (mine, _) => mine,
     }
