@@ -104,6 +104,8 @@ impl Trainer {
     /// A trainer on `device`, which must have autodiff enabled (see `backend::device`). With
     /// several `config.devices`, `device` is the first one's, and a peer starts on each other.
     pub fn new(config: RunConfig, train: Split, device: Device) -> anyhow::Result<Self> {
+        // Before any peer starts: a bad setting is one error, not one per device.
+        config.validate()?;
         let world = config.peers();
         if world == 1 {
             return Self::replica(config, train, device, None);
