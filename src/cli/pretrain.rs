@@ -110,8 +110,8 @@ pub struct Recipe {
     /// (`cpu,cpu`; `cuda:0,cuda:1`); --device follows the first.
     #[arg(long, value_delimiter = ',')]
     devices: Vec<DeviceSpec>,
-    /// With --devices: draw every anchor's negatives from the whole global batch (false: from
-    /// its own device's slice only, each device with its own loss).
+    /// With --devices or --nodes: draw every anchor's negatives from the whole global batch
+    /// (false: from its own device's slice only, each device with its own loss).
     #[arg(long, default_value_t = RunConfig::default().gather_negatives, action = clap::ArgAction::Set)]
     gather_negatives: bool,
     /// Train on the first N training images only.

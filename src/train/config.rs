@@ -33,8 +33,8 @@ pub struct RunConfig {
     /// Data parallel: one peer per device (all of `device`'s kind), each on an equal slice of
     /// every batch. Empty: `device` alone.
     pub devices: Vec<DeviceSpec>,
-    /// With several devices: every anchor's negatives come from the whole global batch (the
-    /// one-device loss), not only its own device's slice.
+    /// With several devices or processes: every anchor's negatives come from the whole global
+    /// batch (the one-device loss), not only its own device's slice.
     pub gather_negatives: bool,
     /// Train on the first `limit` training images only (toy runs).
     pub limit: Option<usize>,
