@@ -183,10 +183,10 @@ impl Collective {
         Ok(gathered)
     }
 
-    /// `values` summed element-wise over the peers.
+    /// `values` summed element-wise over the peers; unchanged when the exchange fails.
     pub fn sum(&self, values: &mut [f64]) -> anyhow::Result<()> {
         let parts = self.all_gather(values.to_vec())?;
-        values.fill(0.0);
+        let mut total = vec![0.0; values.len()];
         for part in parts.iter() {
             anyhow::ensure!(
                 part.len() == values.len(),
@@ -194,8 +194,9 @@ impl Collective {
                 part.len(),
                 values.len()
             );
-            values.iter_mut().zip(part).for_each(|(v, p)| *v += p);
+            total.iter_mut().zip(part).for_each(|(t, p)| *t += p);
         }
+        values.copy_from_slice(&total);
         Ok(())
     }
 
@@ -399,10 +400,8 @@ impl Drop for SyncBatchNorm {
 pub fn sum_batch_statistics(sums: &mut [f64]) {
     BATCH_STATISTICS.with(|s| {
         if let Some(group) = s.borrow().as_ref() {
-            let local = sums.to_vec();
-            if group.sum(sums).is_err() {
-                sums.copy_from_slice(&local);
-            }
+            // On failure the sums stay local, as documented above.
+            let _ = group.sum(sums);
         }
     });
 }

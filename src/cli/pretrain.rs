@@ -269,34 +269,72 @@ fn train_in_group(
     if let Some(group) = group {
         let trainer = session.trainer();
         let (weights, optimizer) = trainer.snapshot()?;
-        let header = serde_json::json!({
-            "config": trainer.config(),
-            "epoch": trainer.epoch,
-            "weights": weights.len(),
-        });
-        let mut start = serde_json::to_vec(&header)?;
-        start.push(b'\n');
-        start.extend(weights);
-        start.extend(optimizer);
-        group.all_gather_bytes(start)?;
+        let start = Start {
+            config: trainer.config().clone(),
+            epoch: trainer.epoch,
+            weights,
+            optimizer,
+        };
+        group.all_gather_bytes(start.to_bytes()?)?;
     }
     session.run(&mut RunFolder { dir, bar: None })
+}
+
+/// What rank 0 of `--nodes` sends the others before the first step: a JSON header line (the
+/// config, the epoch, the weights' length), then the weights and the optimizer state.
+struct Start {
+    config: RunConfig,
+    epoch: usize,
+    weights: Vec<u8>,
+    optimizer: Vec<u8>,
+}
+
+impl Start {
+    fn to_bytes(&self) -> anyhow::Result<Vec<u8>> {
+        let header = serde_json::json!({
+            "config": self.config,
+            "epoch": self.epoch,
+            "weights": self.weights.len(),
+        });
+        let mut bytes = serde_json::to_vec(&header)?;
+        bytes.push(b'\n');
+        bytes.extend(&self.weights);
+        bytes.extend(&self.optimizer);
+        Ok(bytes)
+    }
+
+    fn from_bytes(bytes: &[u8]) -> anyhow::Result<Self> {
+        let unreadable = || anyhow::anyhow!("rank 0 sent a start this version cannot read");
+        let newline = bytes
+            .iter()
+            .position(|&b| b == b'\n')
+            .ok_or_else(unreadable)?;
+        let header: serde_json::Value = serde_json::from_slice(&bytes[..newline])
+            .map_err(|e| anyhow::anyhow!("rank 0 sent a start this version cannot read: {e}"))?;
+        let config: RunConfig = serde_json::from_value(header["config"].clone())?;
+        let epoch = header["epoch"].as_u64().ok_or_else(unreadable)? as usize;
+        let weights = header["weights"].as_u64().ok_or_else(unreadable)? as usize;
+        let state = &bytes[newline + 1..];
+        anyhow::ensure!(state.len() >= weights, "rank 0's start is truncated");
+        let (weights, optimizer) = state.split_at(weights);
+        Ok(Self {
+            config,
+            epoch,
+            weights: weights.to_vec(),
+            optimizer: optimizer.to_vec(),
+        })
+    }
 }
 
 /// A rank above 0 of `--nodes`: takes rank 0's config and state, then steps with it to the end.
 fn follow(group: Collective) -> anyhow::Result<()> {
     let parts = group.all_gather_bytes(vec![])?;
-    let start = &parts[0];
-    let newline = start.iter().position(|&b| b == b'\n');
-    let (header, state) = start.split_at(newline.unwrap_or(0));
-    let header: serde_json::Value = serde_json::from_slice(header)
-        .map_err(|e| anyhow::anyhow!("rank 0 sent a start this version cannot read: {e}"))?;
-    let config: RunConfig = serde_json::from_value(header["config"].clone())?;
-    let epoch = header["epoch"].as_u64().unwrap_or(0) as usize;
-    let weights_len = header["weights"].as_u64().unwrap_or(0) as usize;
-    let state = &state[1..];
-    anyhow::ensure!(state.len() >= weights_len, "rank 0's start is truncated");
-    let (weights, optimizer) = state.split_at(weights_len);
+    let Start {
+        config,
+        epoch,
+        weights,
+        optimizer,
+    } = Start::from_bytes(&parts[0])?;
     let dataset = discover::load(&config.data)?;
     let device = crate::backend::device_at(config.first_device())?;
     eprintln!(
@@ -307,7 +345,7 @@ fn follow(group: Collective) -> anyhow::Result<()> {
     );
     let mut session = Session::in_group(config, &dataset, device, Some(group))?;
     let trainer = session.trainer_mut();
-    trainer.restore(epoch, weights.to_vec(), optimizer.to_vec())?;
+    trainer.restore(epoch, weights, optimizer)?;
     while !trainer.finished() {
         if trainer.epoch_finished() {
             trainer.end_epoch();

@@ -457,8 +457,7 @@ impl Trainer {
     pub fn load_encoder(&mut self, encoder: Encoder) -> anyhow::Result<()> {
         if !self.peers.is_empty() {
             let weights = module_to_bytes(encoder.clone())?;
-            peers::send_all(&self.peers, || peers::Command::Load(weights.clone()))?;
-            peers::settle(&self.peers, Ok(()))?;
+            peers::tell_all(&self.peers, || peers::Command::Load(weights.clone()))?;
         }
         self.encoder = Some(encoder);
         self.optimizer = EncoderOptimizer::new(
@@ -491,8 +490,7 @@ impl Trainer {
 
     pub fn end_epoch(&mut self) {
         // A peer that stopped has already failed the step before this one.
-        let _ = peers::send_all(&self.peers, || peers::Command::EndEpoch)
-            .and_then(|()| peers::settle(&self.peers, Ok(())));
+        let _ = peers::tell_all(&self.peers, || peers::Command::EndEpoch);
         self.epoch += 1;
         self.step_in_epoch = 0;
         self.shuffle();
@@ -517,14 +515,11 @@ impl Trainer {
         weights: Vec<u8>,
         optimizer: Vec<u8>,
     ) -> anyhow::Result<()> {
-        if !self.peers.is_empty() {
-            peers::send_all(&self.peers, || peers::Command::Restore {
-                epoch,
-                weights: weights.clone(),
-                optimizer: optimizer.clone(),
-            })?;
-            peers::settle(&self.peers, Ok(()))?;
-        }
+        peers::tell_all(&self.peers, || peers::Command::Restore {
+            epoch,
+            weights: weights.clone(),
+            optimizer: optimizer.clone(),
+        })?;
         let fresh = Encoder::new(self.config.model, &self.device);
         self.encoder = Some(module_from_bytes(fresh, weights)?);
         let optim = EncoderOptimizer::new(
@@ -548,6 +543,14 @@ mod tests {
 
     fn device() -> Device {
         crate::backend::cpu().autodiff()
+    }
+
+    /// `n` images of varied pixels.
+    fn varied_split(n: usize) -> Split {
+        Split {
+            images: (0..n * IMAGE_LEN).map(|i| (i * 37 % 251) as u8).collect(),
+            labels: vec![0; n],
+        }
     }
 
     fn trainer(warmup_epochs: f64) -> Trainer {
@@ -591,11 +594,7 @@ mod tests {
             let mut config = trainer(0.0).config().clone();
             config.optimizer = optimizer;
             config.lr = 0.01;
-            let images: Vec<u8> = (0..8 * IMAGE_LEN).map(|i| (i * 37 % 251) as u8).collect();
-            let split = Split {
-                images,
-                labels: vec![0; 8],
-            };
+            let split = varied_split(8);
             let mut original = Trainer::new(config.clone(), split.clone(), device.clone()).unwrap();
             original.step().unwrap();
             original.step().unwrap();
@@ -618,11 +617,7 @@ mod tests {
     /// weights and trains on the same views; another seed changes both.
     #[test]
     fn a_seed_fixes_weights_and_views_whatever_the_loss() {
-        let images: Vec<u8> = (0..8 * IMAGE_LEN).map(|i| (i * 37 % 251) as u8).collect();
-        let split = Split {
-            images,
-            labels: vec![0; 8],
-        };
+        let split = varied_split(8);
         let make = |loss, seed| {
             let config = RunConfig {
                 loss,
@@ -650,11 +645,7 @@ mod tests {
     #[test]
     fn two_peers_take_the_one_device_step() {
         use crate::backend::{DeviceKind, DeviceSpec};
-        let images: Vec<u8> = (0..16 * IMAGE_LEN).map(|i| (i * 37 % 251) as u8).collect();
-        let split = Split {
-            images,
-            labels: vec![0; 16],
-        };
+        let split = varied_split(16);
         let cpu = DeviceSpec {
             kind: DeviceKind::Cpu,
             index: 0,

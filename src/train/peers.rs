@@ -156,6 +156,12 @@ pub(super) fn settle<T>(peers: &[Peer], mine: anyhow::Result<T>) -> anyhow::Resu
     }
 }
 
+/// Every peer does `command` (rank 0 does its own share, if any, itself).
+pub(super) fn tell_all(peers: &[Peer], command: impl Fn() -> Command) -> anyhow::Result<()> {
+    send_all(peers, command)?;
+    settle(peers, Ok(()))
+}
+
 /// Sends `command` to every peer; rank 0 then does its own share and calls [`settle`].
 pub(super) fn send_all(peers: &[Peer], command: impl Fn() -> Command) -> anyhow::Result<()> {
     for peer in peers {
