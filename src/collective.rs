@@ -255,7 +255,11 @@ impl Network {
                 Ok((mut stream, from)) => {
                     stream.set_nonblocking(false)?;
                     stream.set_nodelay(true)?;
-                    let rank = read_message(&mut stream)
+                    // A stranger that connects and says nothing must not hold the door.
+                    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+                    let hello = read_message(&mut stream);
+                    stream.set_read_timeout(None)?;
+                    let rank = hello
                         .ok()
                         .and_then(|hello| hello.try_into().ok())
                         .map(|b: [u8; 8]| u64::from_le_bytes(b) as usize);
