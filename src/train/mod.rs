@@ -5,6 +5,7 @@
 
 mod config;
 mod peers;
+mod prefetch;
 mod session;
 
 pub use config::RunConfig;
@@ -76,6 +77,8 @@ pub struct Trainer {
     group: Option<Collective>,
     /// Rank 0's: the other peers, each a trainer on its own thread.
     peers: Vec<peers::Peer>,
+    /// The next step's views, in the making while this step runs.
+    prefetch: prefetch::Prefetch,
 }
 
 /// The fused loss kernel on Burn's own wgpu device (`backend::wgpu_context`). The embeddings
@@ -160,6 +163,7 @@ impl Trainer {
             step_in_epoch: 0,
             group: group.into(),
             peers: vec![],
+            prefetch: Default::default(),
             config,
         };
         trainer.shuffle();
@@ -224,17 +228,45 @@ impl Trainer {
 
     /// The views of rows `rows` of the next batch. A sample's views are keyed by its place in
     /// the epoch, so a peer's slice gets the very views one device would make for those rows.
-    fn views_of(&self, rows: std::ops::Range<usize>) -> (Vec<f32>, Vec<f32>) {
+    fn views_of(&self, rows: std::ops::Range<usize>) -> prefetch::Views {
         if self.epoch_finished() {
             return (vec![], vec![]);
         }
-        let start = self.step_in_epoch * self.config.batch_size + rows.start;
-        let images: Vec<&[u8]> = self.order[start..start + rows.len()]
+        self.view_job(self.step_in_epoch, rows)()
+    }
+
+    /// Makes the views of rows `rows` of step `step` of this epoch, apart from the trainer: the
+    /// images are copied (a few kilobytes a row), so the job can run on another thread.
+    fn view_job(
+        &self,
+        step: usize,
+        rows: std::ops::Range<usize>,
+    ) -> impl FnOnce() -> prefetch::Views + Send + 'static {
+        let start = step * self.config.batch_size + rows.start;
+        let images: Vec<u8> = self.order[start..start + rows.len()]
             .iter()
-            .map(|&i| self.train.image(i))
+            .flat_map(|&i| self.train.image(i).iter().copied())
             .collect();
+        let (views, seed) = (self.views, self.config.seed);
         let stream0 = (self.epoch * self.train.len() + start) as u64;
-        view_pairs(&images, &self.views, self.config.seed, stream0)
+        move || {
+            let images: Vec<&[u8]> = images.chunks_exact(IMAGE_LEN).collect();
+            view_pairs(&images, &views, seed, stream0)
+        }
+    }
+
+    /// This step's views, from the prefetch when it made them, and the next step's set going.
+    fn take_views(&mut self, rows: std::ops::Range<usize>) -> prefetch::Views {
+        let (epoch, first, count) = (self.epoch, rows.start, rows.len());
+        let key = |step| (epoch, step, first, count);
+        let now = key(self.step_in_epoch);
+        let views = (self.prefetch.take(now)).unwrap_or_else(|| self.views_of(rows.clone()));
+        let next = self.step_in_epoch + 1;
+        if next < self.steps_per_epoch() {
+            let job = self.view_job(next, rows.clone());
+            self.prefetch.start(key(next), job);
+        }
+        views
     }
 
     /// This trainer's rows of every batch: all of them alone, its equal share among peers.
@@ -246,10 +278,10 @@ impl Trainer {
 
     /// The two augmented views of this trainer's rows of the next batch, as [B, 3, 32, 32]
     /// tensors.
-    pub fn next_views(&self) -> (Tensor<4>, Tensor<4>) {
+    fn next_views(&mut self) -> (Tensor<4>, Tensor<4>) {
         let rows = self.rows();
         let b = rows.len();
-        let (v1, v2) = self.views_of(rows);
+        let (v1, v2) = self.take_views(rows);
         let tensor = |v: Vec<f32>| {
             debug_assert_eq!(v.len(), b * IMAGE_LEN);
             Tensor::from_data(TensorData::new(v, [b, 3, SIDE, SIDE]), &self.device)
@@ -611,6 +643,30 @@ mod tests {
                 assert_eq!(a.data, b.data, "{optimizer:?}: {}", a.name);
             }
         }
+    }
+
+    /// The views a step takes from the prefetch are the ones it would have made itself, and a
+    /// restore (which moves the run elsewhere) makes the stale job's views go unused.
+    #[test]
+    fn prefetched_views_are_the_views_made_on_demand() {
+        let mut t = Trainer::new(trainer(0.0).config().clone(), varied_split(8), device()).unwrap();
+        let rows = t.rows();
+        let first = t.take_views(rows.clone());
+        assert_eq!(first, t.view_job(0, rows.clone())());
+        t.step_in_epoch = 1;
+        let expected = t.views_of(rows.clone());
+        assert_eq!(t.take_views(rows.clone()), expected, "step 1, prefetched");
+        t.end_epoch();
+        let (weights, optimizer) = t.snapshot().unwrap();
+        t.step_in_epoch = 0;
+        t.take_views(rows.clone()); // step 1 of epoch 1 in the making
+        t.restore(0, weights, optimizer).unwrap();
+        t.step_in_epoch = 1;
+        assert_eq!(
+            t.take_views(rows),
+            expected,
+            "epoch 0 again, not epoch 1's views"
+        );
     }
 
     /// What `dcl experiment batch-sweep` pairs on: one seed, every loss starts from the same
