@@ -6,7 +6,7 @@ use crate::backend::{DeviceKind, DeviceSpec};
 use crate::collective::Collective;
 use crate::data::discover;
 use crate::loss::{LossKernel, LossKind};
-use crate::model::ModelName;
+use crate::model::{ModelName, Precision};
 use crate::optim::OptimizerKind;
 use crate::run::{Checkpoint, RunDir};
 use crate::safetensors::safetensors_bytes;
@@ -129,6 +129,10 @@ pub struct Recipe {
     /// fused (the WGSL kernel; the default with --device wgpu) or reference (Burn's ops).
     #[arg(long)]
     loss_kernel: Option<LossKernel>,
+    /// f32, or bf16-mixed: convolutions and linear layers in bf16, the rest in f32 (on CUDA;
+    /// on the CPU the same roundings around f32 kernels, to measure the effect on accuracy).
+    #[arg(long, default_value_t = RunConfig::default().precision)]
+    precision: Precision,
     /// A published recipe in place of the model and optimizer flags.
     #[arg(
         long,
@@ -196,6 +200,7 @@ impl Recipe {
             loss_kernel: self
                 .loss_kernel
                 .unwrap_or(RunConfig::default_loss_kernel(device)),
+            precision: self.precision,
         }
     }
 }

@@ -7,12 +7,16 @@ use burn::module::{Module, RunningState};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Initializer, Linear, LinearConfig, PaddingConfig2d};
 use burn::tensor::activation::relu;
+use burn::tensor::ops::ConvOptions;
 use burn::tensor::{Device, Tensor};
 
 pub use crate::arch::{ModelName, ResNetArch, PROJECTION_DIM};
 
 mod conv;
 mod norm;
+mod precision;
+
+pub use precision::{MixedPrecision, Precision};
 
 fn conv3x3(c_in: usize, c_out: usize, stride: usize, device: &Device) -> Conv2d {
     conv(c_in, c_out, 3, stride, device)
@@ -36,8 +40,8 @@ fn conv(c_in: usize, c_out: usize, kernel: usize, stride: usize, device: &Device
         .init(device)
 }
 
-/// A bias-free convolution's forward pass: on the CPU device through [`conv::conv2d`] (im2col
-/// and gemm, backward included), elsewhere Burn's own.
+/// A bias-free convolution's forward pass, at the step's precision: on the CPU device through
+/// [`conv::conv2d`] (im2col and gemm, backward included), elsewhere Burn's own.
 fn conv_forward(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     let geometry = match (conv.padding.clone(), conv.stride, conv.kernel_size) {
         (PaddingConfig2d::Explicit(t, l, b, r), [s, s2], [k, k2])
@@ -50,11 +54,33 @@ fn conv_forward(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
         }
         _ => None,
     };
-    match geometry {
-        Some(geometry) if crate::backend::has_fast_conv(&x.device()) => {
-            conv::conv2d(x, conv.weight.val(), geometry)
+    // Every convolution the models build has a geometry; this covers a hand-made one.
+    let Some(geometry) = geometry else {
+        return conv.forward(x);
+    };
+    let fast = crate::backend::has_fast_conv(&x.device());
+    precision::lowered(x, conv.weight.val(), |x, weight| match fast {
+        true => conv::conv2d(x, weight, geometry),
+        false => {
+            let (s, p) = (geometry.stride, geometry.padding);
+            burn::tensor::module::conv2d(
+                x,
+                weight,
+                None,
+                ConvOptions::new([s; 2], [p; 2], [1, 1], 1),
+            )
         }
-        _ => conv.forward(x),
+    })
+}
+
+/// A linear layer at the step's precision (the bias added in f32).
+fn linear_forward(linear: &Linear, x: Tensor<2>) -> Tensor<2> {
+    let y = precision::lowered(x, linear.weight.val(), |x, weight| {
+        burn::tensor::module::linear(x, weight, None)
+    });
+    match &linear.bias {
+        Some(bias) => y + bias.val().unsqueeze(),
+        None => y,
     }
 }
 
@@ -238,10 +264,10 @@ impl ProjectionHead {
     }
 
     pub fn forward(&self, features: Tensor<2>) -> Tensor<2> {
-        let hidden = self.linear1.forward(features);
+        let hidden = linear_forward(&self.linear1, features);
         let [b, c] = hidden.dims();
         let hidden = batch_norm(&self.bn, hidden.reshape([b, c, 1, 1])).reshape([b, c]);
-        self.linear2.forward(relu(hidden))
+        linear_forward(&self.linear2, relu(hidden))
     }
 }
 

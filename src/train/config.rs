@@ -5,7 +5,7 @@
 use crate::augment::{ViewConfig, ViewRecipe};
 use crate::backend::{DeviceKind, DeviceSpec};
 use crate::loss::{ContrastiveLoss, LossKernel, LossKind};
-use crate::model::ModelName;
+use crate::model::{ModelName, Precision};
 use crate::optim::OptimizerKind;
 use serde::{Deserialize, Serialize};
 
@@ -50,6 +50,8 @@ pub struct RunConfig {
     /// The fused WGSL kernel or Burn's composed ops (runs written before the kernel existed used
     /// the latter, hence the default).
     pub loss_kernel: LossKernel,
+    /// The encoder's arithmetic while training (see `model::precision`).
+    pub precision: Precision,
 }
 
 impl Default for RunConfig {
@@ -77,6 +79,7 @@ impl Default for RunConfig {
             crop_min_scale: ViewConfig::default().crop_scale.0,
             views: ViewRecipe::Auto,
             loss_kernel: LossKernel::Reference,
+            precision: Precision::F32,
         }
     }
 }
@@ -125,6 +128,7 @@ impl RunConfig {
     /// Checks every setting that does not need the data; errors name the flag.
     pub fn validate(&self) -> anyhow::Result<()> {
         self.validate_devices()?;
+        self.precision.check(self.device)?;
         ContrastiveLoss::new(self.loss, self.temperature, self.sigma)?;
         anyhow::ensure!(
             self.batch_size >= 2,

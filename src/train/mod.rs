@@ -15,7 +15,7 @@ use crate::augment::{view_pairs, ViewConfig};
 use crate::collective::{Collective, SyncBatchNorm};
 use crate::data::{Split, IMAGE_LEN, SIDE};
 use crate::loss::{ContrastiveLoss, LossAndGrads, LossKernel};
-use crate::model::Encoder;
+use crate::model::{Encoder, MixedPrecision};
 use crate::optim::EncoderOptimizer;
 use crate::weights::{init_encoder, module_from_bytes, module_to_bytes};
 use burn::optim::GradientsParams;
@@ -323,8 +323,10 @@ impl Trainer {
         mark("data");
         let encoder = self.encoder.take().expect("encoder present");
         let sync_batch_norm = self.group.as_ref().map(SyncBatchNorm::over);
+        let precision = MixedPrecision::enter(self.config.precision, self.config.device);
         let z1 = encoder.forward(x1);
         let z2 = encoder.forward(x2);
+        drop(precision);
         let (value, objective) = match self.loss_and_objective(z1, z2).await {
             Ok(v) => v,
             Err(e) => {

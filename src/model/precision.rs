@@ -1,0 +1,173 @@
+//! Mixed precision (`--precision bf16-mixed`), as PyTorch's bf16 autocast does it: each
+//! convolution and linear layer takes bf16 inputs and weights and gives a bf16 output (a GPU's
+//! tensor cores accumulate in f32 inside), while batch norm, pooling, the loss, the optimizer and
+//! the master weights stay in f32. Gradients flow back through the same casts, so they are bf16
+//! where the activations were.
+//!
+//! On CUDA the layers compute in bf16. On the CPU the same roundings are applied around the f32
+//! kernels (operands and result rounded to bf16, the sum in f32): no faster, but numerically what
+//! the GPU does, so a CPU run measures the flag's effect on accuracy. WebGPU has no bf16.
+
+use crate::backend::DeviceKind;
+use burn::tensor::{FloatDType, Tensor};
+use std::cell::Cell;
+
+/// The arithmetic of the encoder's convolutions and linear layers during training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16Mixed,
+}
+
+choice!(
+    Precision,
+    "precision",
+    [F32 = "f32" | "fp32", Bf16Mixed = "bf16-mixed" | "bf16"]
+);
+
+impl Precision {
+    /// Refuses a device that cannot run this precision.
+    pub fn check(self, device: DeviceKind) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            !(self == Self::Bf16Mixed && device == DeviceKind::Wgpu),
+            "--precision bf16-mixed: WebGPU's shaders have no bf16 (f32 and f16 only); use \
+             --device cuda, or cpu to measure its effect on accuracy"
+        );
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Lowering {
+    /// The layers compute in bf16 (CUDA).
+    Native,
+    /// Operands and results rounded to bf16 around f32 kernels (the CPU).
+    Rounded,
+}
+
+thread_local! {
+    /// How this thread's forward passes lower their layers; `None`: f32.
+    static LOWERING: Cell<Option<Lowering>> = const { Cell::new(None) };
+}
+
+/// While alive, the encoder's forward passes on this thread run at `precision`: the trainer
+/// holds one over a step's forward (the casts it records carry the backward along).
+pub struct MixedPrecision(());
+
+impl MixedPrecision {
+    pub fn enter(precision: Precision, device: DeviceKind) -> Self {
+        let lowering = match (precision, device) {
+            (Precision::F32, _) => None,
+            (Precision::Bf16Mixed, DeviceKind::Cuda) => Some(Lowering::Native),
+            (Precision::Bf16Mixed, _) => Some(Lowering::Rounded),
+        };
+        LOWERING.with(|l| l.set(lowering));
+        Self(())
+    }
+}
+
+impl Drop for MixedPrecision {
+    fn drop(&mut self) {
+        LOWERING.with(|l| l.set(None));
+    }
+}
+
+/// `layer(x, weight)` at the precision the current step asks for; its output is f32 either way.
+pub(super) fn lowered<const D: usize, const E: usize>(
+    x: Tensor<D>,
+    weight: Tensor<E>,
+    layer: impl FnOnce(Tensor<D>, Tensor<E>) -> Tensor<D>,
+) -> Tensor<D> {
+    match LOWERING.with(Cell::get) {
+        None => layer(x, weight),
+        Some(Lowering::Native) => {
+            layer(x.cast(FloatDType::BF16), weight.cast(FloatDType::BF16)).cast(FloatDType::F32)
+        }
+        Some(Lowering::Rounded) => round(layer(round(x), round(weight))),
+    }
+}
+
+/// To the nearest bf16, kept in f32.
+fn round<const D: usize>(t: Tensor<D>) -> Tensor<D> {
+    t.cast(FloatDType::BF16).cast(FloatDType::F32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::ops::ConvOptions;
+    use burn::tensor::{Distribution, TensorData};
+
+    fn device() -> burn::tensor::Device {
+        crate::backend::cpu().autodiff()
+    }
+
+    /// 1 + 2^-10 is not a bf16 (7 fraction bits): rounded, it is 1. So is its product with 1;
+    /// and the gradient reaches the f32 operand.
+    #[test]
+    fn bf16_mixed_rounds_operands_and_result() {
+        let device = device();
+        let x =
+            Tensor::<2>::from_data(TensorData::new(vec![1.0 + 2f32.powi(-10)], [1, 1]), &device)
+                .require_grad();
+        let w = Tensor::<2>::from_data(TensorData::new(vec![1.0f32], [1, 1]), &device);
+        let product = |x: Tensor<2>, w: Tensor<2>| x.matmul(w);
+        let exact = lowered(x.clone(), w.clone(), product);
+        assert_eq!(exact.into_scalar::<f32>(), 1.0 + 2f32.powi(-10));
+        let guard = MixedPrecision::enter(Precision::Bf16Mixed, DeviceKind::Cpu);
+        let y = lowered(x.clone(), w.clone(), product);
+        drop(guard);
+        assert_eq!(y.clone().into_scalar::<f32>(), 1.0);
+        let grads = y.sum().backward();
+        assert_eq!(x.grad(&grads).unwrap().into_scalar::<f32>(), 1.0);
+        let after = lowered(x, w, product);
+        assert_eq!(
+            after.into_scalar::<f32>(),
+            1.0 + 2f32.powi(-10),
+            "the guard is gone"
+        );
+    }
+
+    /// CUDA's lowering (the layer itself in bf16) and the CPU's (roundings around f32) give the
+    /// same convolution, here both on the CPU, whose bf16 convolution sums in f32 like a GPU's.
+    #[test]
+    fn computing_in_bf16_equals_rounding_around_f32() {
+        let device = device();
+        let x = Tensor::<4>::random([2, 3, 6, 6], Distribution::Normal(0.0, 1.0), &device);
+        let w = Tensor::<4>::random([4, 3, 3, 3], Distribution::Normal(0.0, 0.3), &device);
+        let conv = |x, w| {
+            burn::tensor::module::conv2d(x, w, None, ConvOptions::new([1; 2], [1; 2], [1, 1], 1))
+        };
+        let run = |on: DeviceKind| {
+            let _guard = MixedPrecision::enter(Precision::Bf16Mixed, on);
+            lowered(x.clone(), w.clone(), conv)
+                .into_data()
+                .try_to_vec::<f32>()
+                .unwrap()
+        };
+        let (native, rounded) = (run(DeviceKind::Cuda), run(DeviceKind::Cpu));
+        let f32s: Vec<f32> = lowered(x.clone(), w.clone(), conv)
+            .into_data()
+            .try_to_vec()
+            .unwrap();
+        assert_eq!(native, rounded);
+        let worst = f32s
+            .iter()
+            .zip(&rounded)
+            .map(|(a, b)| (a - b).abs() / a.abs().max(1.0));
+        let worst = worst.fold(0.0f32, f32::max);
+        assert!(
+            worst > 0.0 && worst < 2e-2,
+            "bf16 moves a value by {worst}, relative"
+        );
+    }
+
+    #[test]
+    fn webgpu_is_refused_bf16() {
+        let error = Precision::Bf16Mixed.check(DeviceKind::Wgpu).unwrap_err();
+        assert!(error.to_string().contains("no bf16"), "{error}");
+        Precision::Bf16Mixed.check(DeviceKind::Cuda).unwrap();
+        Precision::F32.check(DeviceKind::Wgpu).unwrap();
+    }
+}
