@@ -918,11 +918,13 @@ fn gpu_check_packs_runs_without_a_gpu_and_renders() {
         .iter()
         .map(|e| e.as_str().unwrap())
         .collect();
-    assert_eq!(errors.len(), 3, "{errors:?}");
-    for (error, step) in errors
-        .iter()
-        .zip(["bench resnet-mini", "bench resnet18", "pretrain"])
-    {
+    assert_eq!(errors.len(), 4, "{errors:?}");
+    for (error, step) in errors.iter().zip([
+        "bench resnet-mini:",
+        "bench resnet18:",
+        "pretrain:",
+        "bench resnet18 bf16-mixed:",
+    ]) {
         assert!(error.starts_with(step) && error.contains("cuda"), "{error}");
     }
     let table = std::fs::read_to_string(out.join("gpu-check.md")).unwrap();
@@ -939,6 +941,7 @@ fn gpu_check_packs_runs_without_a_gpu_and_renders() {
     for row in [
         "| `resnet-mini` | 256 | 4,000.0 | 5,000.0 | 0.80 | 20.5 | 10.2 | 30.0 | 1.5 | 32.9% |",
         "| `resnet18` | 256 | 1,234.5 | 2,469.0 | 0.50 | 20.0 | 60.0 | 140.0 | 3.0 | - |",
+        "| `resnet18` (bf16-mixed) | 256 | 2,000.0 | - | - | 20.0 | 30.0 | 70.0 | 3.0 | 16.0% |",
         "468 steps in 95 s, 3,000.0 images/s.",
         "| epoch 0 (untrained) | 0.8200 | 0.7700 | 0.8300 |",
         "| raw pixels | 0.8475 | 0.8125 | 0.8505 |",

@@ -5,7 +5,7 @@ mod kernels;
 
 use super::run_peer;
 use crate::backend::{DeviceKind, DeviceSpec};
-use crate::model::ModelName;
+use crate::model::{ModelName, Precision};
 use crate::train::{RunConfig, Trainer};
 use clap::Subcommand;
 use std::time::Instant;
@@ -25,6 +25,9 @@ pub enum BenchCommand {
         devices: Vec<DeviceSpec>,
         #[arg(long, default_value_t = 5)]
         steps: usize,
+        /// As `dcl pretrain --precision` (bf16-mixed pays on CUDA only).
+        #[arg(long, default_value_t = Precision::F32)]
+        precision: Precision,
         /// CPU threads for dcl's kernels and the peer (default: every core).
         #[arg(long)]
         threads: Option<usize>,
@@ -73,6 +76,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
             device,
             devices,
             steps,
+            precision,
             threads,
             peer,
             json,
@@ -95,6 +99,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
                 steps,
                 device,
                 devices,
+                precision,
             }
             .run()?;
             bench["device"] = match names.is_empty() {
@@ -162,6 +167,7 @@ struct BenchTask {
     device: DeviceKind,
     /// Empty: `device` alone.
     devices: Vec<DeviceSpec>,
+    precision: Precision,
 }
 
 impl BenchTask {
@@ -184,6 +190,7 @@ impl BenchTask {
             lr: 0.01,
             device: self.device,
             devices: self.devices.clone(),
+            precision: self.precision,
             ..RunConfig::default()
         };
         let device = crate::backend::device_at(config.first_device())?;
@@ -219,6 +226,7 @@ impl BenchTask {
             .collect();
         Ok(serde_json::json!({
             "model": self.model.to_string(),
+            "precision": self.precision.to_string(),
             "batch_size": self.batch_size,
             "images_per_sec": ips,
             "ms_per_step": ms,
@@ -229,6 +237,15 @@ impl BenchTask {
 
 fn num_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The model, and its precision when it is not f32.
+fn model_cell(b: &serde_json::Value) -> String {
+    let model = b["model"].as_str().unwrap_or("");
+    match b["precision"].as_str() {
+        Some(p) if p != "f32" => format!("{model} ({p})"),
+        _ => model.to_string(),
+    }
 }
 
 fn print_train_bench(b: &serde_json::Value, json: bool) {
@@ -242,7 +259,7 @@ fn print_train_bench(b: &serde_json::Value, json: bool) {
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     println!(
         "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-        b["model"].as_str().unwrap_or(""),
+        model_cell(b),
         b["batch_size"],
         b["device"].as_str().unwrap_or(""),
         b["threads"],
