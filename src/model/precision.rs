@@ -130,7 +130,8 @@ mod tests {
     }
 
     /// CUDA's lowering (the layer itself in bf16) and the CPU's (roundings around f32) give the
-    /// same convolution, here both on the CPU, whose bf16 convolution sums in f32 like a GPU's.
+    /// same convolution, here both on the CPU, whose bf16 convolution sums in f32 like a GPU's:
+    /// equal values, and input gradients equal to bf16's rounding (the backward's order differs).
     #[test]
     fn computing_in_bf16_equals_rounding_around_f32() {
         let device = device();
@@ -139,14 +140,20 @@ mod tests {
         let conv = |x, w| {
             burn::tensor::module::conv2d(x, w, None, ConvOptions::new([1; 2], [1; 2], [1, 1], 1))
         };
+        let values = |t: Tensor<4>| t.into_data().try_to_vec::<f32>().unwrap();
         let run = |on: DeviceKind| {
+            let x = x.clone().require_grad();
             let _guard = MixedPrecision::enter(Precision::Bf16Mixed, on);
-            lowered(x.clone(), w.clone(), conv)
-                .into_data()
-                .try_to_vec::<f32>()
-                .unwrap()
+            let y = lowered(x.clone(), w.clone(), conv);
+            let grads = (y.clone() * y.clone()).sum().backward();
+            (values(y), values(x.grad(&grads).unwrap()))
         };
-        let (native, rounded) = (run(DeviceKind::Cuda), run(DeviceKind::Cpu));
+        let ((native, native_grad), (rounded, rounded_grad)) =
+            (run(DeviceKind::Cuda), run(DeviceKind::Cpu));
+        let gap = native_grad.iter().zip(&rounded_grad);
+        let gap = gap.map(|(a, b)| (a - b).abs() / a.abs().max(1.0));
+        let gap = gap.fold(0.0f32, f32::max);
+        assert!(gap < 1e-2, "the input gradients differ by {gap}, relative");
         let f32s: Vec<f32> = lowered(x.clone(), w.clone(), conv)
             .into_data()
             .try_to_vec()
