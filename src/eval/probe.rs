@@ -378,6 +378,54 @@ mod tests {
         }
     }
 
+    /// PyTorch's float64 L-BFGS (strong-Wolfe line search, run to a gradient under 1e-7) on the
+    /// same objective: `tests/fixtures/make_probe_fixture.py`. The fit reaches its optimum value
+    /// and its weights, having dropped the constant column.
+    #[test]
+    fn the_probe_fit_matches_pytorch() {
+        let reference: serde_json::Value =
+            serde_json::from_str(include_str!("../../tests/fixtures/probe_reference.json"))
+                .unwrap();
+        let floats = |v: &serde_json::Value| -> Vec<f64> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        };
+        let (dim, classes) = (6, 3);
+        let features: Vec<f32> = floats(&reference["features"])
+            .iter()
+            .map(|&v| v as f32)
+            .collect();
+        let labels: Vec<u16> = floats(&reference["labels"])
+            .iter()
+            .map(|&v| v as u16)
+            .collect();
+        let columns = Standardization::of(&features, dim);
+        assert_eq!(columns.kept, [0, 1, 2, 3, 4]);
+        let all: Vec<usize> = (0..labels.len()).collect();
+        let device = crate::backend::cpu().inner();
+        let rows = Rows::new(&columns, (&features, &labels), &all, classes, &device);
+        for case in reference["cases"].as_array().unwrap() {
+            let strength = case["strength"].as_f64().unwrap();
+            let weights = rows.minimize(strength, vec![0.0; 6 * classes]);
+            let (value, _) = rows.objective(&weights, strength);
+            let optimum = case["optimum"].as_f64().unwrap();
+            assert!(
+                (value - optimum).abs() < 1e-6,
+                "λ {strength}: {value} vs {optimum}"
+            );
+            let expected = [floats(&case["weights"]), floats(&case["bias"])].concat();
+            for (w, e) in weights.iter().zip(&expected) {
+                assert!(
+                    (w - e).abs() < 1e-3,
+                    "λ {strength}: {weights:?} vs {expected:?}"
+                );
+            }
+        }
+    }
+
     /// Two classes apart along one of three axes, noise on the others: the probe gets every test
     /// point right, and twice the same answer.
     #[test]
