@@ -1,7 +1,7 @@
 //! The linear probe: L2-regularized multinomial logistic regression on frozen, standardized
-//! features, fitted to convergence by L-BFGS, its regularization chosen on training rows held out
-//! from the fit. This is the protocol of Kornblith et al. (2019) that SimCLR's linear evaluation
-//! of transfer uses, on a coarser grid of strengths.
+//! features, fitted by L-BFGS, its regularization chosen on training rows held out from the fit.
+//! This is the protocol of Kornblith et al. (2019) that SimCLR's linear evaluation of transfer
+//! uses, on a coarser grid of strengths.
 //!
 //! Why not a fixed number of gradient steps: stopped early, the probe is regularized by its step
 //! count, and not alike for every representation. Measured on Fashion-MNIST (all 60,000 training
@@ -14,13 +14,17 @@ use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Tensor, TensorData};
 
 /// Strengths λ of the penalty λ‖W‖² added to the mean cross-entropy, largest first: each fit
-/// starts from the previous one's weights.
-const STRENGTHS: [f64; 5] = [1e-2, 1e-3, 1e-4, 1e-5, 1e-6];
+/// starts from the previous one's weights. Five values over four decades, not Kornblith et al.'s
+/// 45 over eleven: a fit of raw pixels (60,000 x 2,352) costs about 0.4 s per evaluation here.
+/// Raw pixels chose 1e-2 from 1e-2..1e-5 on all of Fashion-MNIST, so the grid reaches above it.
+const STRENGTHS: [f64; 5] = [1e-1, 1e-2, 1e-3, 1e-4, 1e-5];
 /// Every fifth training row is held out to choose λ; the chosen λ is then refitted on all rows.
 const HOLD_OUT_EVERY: usize = 5;
-/// A ceiling the fits do not reach on the problems measured (they converge in tens to a few
-/// hundred iterations); it bounds the time a pathological input can take.
-const MAX_ITERATIONS: usize = 1000;
+/// The most L-BFGS iterations per fit. Ill-conditioned fits reach it: on all of Fashion-MNIST, raw
+/// pixels' (2,352 correlated columns) at every strength, a 128-wide encoder's at 1e-4 and below,
+/// where the well-regularized ones stop on their own after 130-260. The cap bounds the time
+/// (pixels: about 2 minutes a fit here); the held-out rows judge whichever fit it leaves.
+const MAX_ITERATIONS: usize = 300;
 
 /// Top-1 (0..1) on `test` of the probe fitted to `train`, rows of width `dim`. Deterministic: the
 /// problem is convex, the fit starts from zero weights and the hold-out rows are fixed.
@@ -222,7 +226,7 @@ impl Rows {
 
 /// Minimizes a smooth convex `f` (value and gradient) from `x` by L-BFGS: ten (step, gradient
 /// change) pairs, backtracking to Armijo's condition. Stops when the gradient vanishes (every
-/// component under 1e-6), a step lowers f by less than a part in 1e10, no step along the direction
+/// component under 1e-6), a step lowers f by less than a part in 1e9, no step along the direction
 /// lowers f (the probe's f32 kernels resolve f to about a part in 1e7, so this is how its fits
 /// end), or after `max_iterations`.
 fn lbfgs(
@@ -279,7 +283,7 @@ fn lbfgs(
         }
         let decrease = value - next_value;
         (x, value, gradient) = (next, next_value, next_gradient);
-        if decrease <= 1e-10 * value.abs().max(1.0) {
+        if decrease <= 1e-9 * value.abs().max(1.0) {
             break;
         }
     }
