@@ -59,20 +59,22 @@ fn step_losses(events: &[Value]) -> Vec<(u64, f64)> {
 /// The short CPU run of the core issue: resnet-mini, DCL, 5,000 real Fashion-MNIST images, 3
 /// epochs at batch 32, Adam 1e-3, then `dcl eval --bank 5000` (the 10,000 test images as queries)
 /// for the encoder beside its untrained self (same seed) and raw pixels. The run is deterministic.
-/// Measured over seeds 1-5 (this exact command, `--seed 1..5`), gains over the untrained encoder:
+/// Measured over seeds 1-5 (this exact command, `--seed 1..5`; `results/ci-seeds/run.sh`
+/// then `eval.sh`, commit a52a9f3's binary; the reports are beside them), gains over the untrained encoder:
 ///
 /// | seed | kNN k=200 | kNN k=20 | linear probe |
 /// |---|---|---|---|
-/// | 1 | +2.71 | -0.23 | +0.65 |
-/// | 2 | +4.71 | +1.07 | +1.34 |
-/// | 3 | +5.81 | +2.91 | +3.54 |
-/// | 4 | +4.56 | +0.37 | +0.73 |
-/// | 5 | +2.22 | -0.28 | +2.07 |
+/// | 1 | +2.71 | -0.23 | +0.10 |
+/// | 2 | +4.71 | +1.07 | +2.07 |
+/// | 3 | +5.81 | +2.91 | +3.13 |
+/// | 4 | +4.56 | +0.37 | +0.34 |
+/// | 5 | +2.22 | -0.28 | +1.18 |
 ///
-/// So the bars: kNN k=200 at least +1.5 (the lowest seed's +2.2 less a margin), the linear probe
-/// above the untrained encoder (all five seeds are); k=20 is not asserted (two seeds of five lose).
-/// Raw pixels beat every seed at this length (k=200 0.740, k=20 0.797, linear 0.802 against
-/// 0.68-0.70, 0.74-0.76, 0.78-0.80): beating them takes the longer runs in the README.
+/// So the bars: kNN k=200 at least +1.5 (the lowest seed's +2.2 less a margin); the linear probe
+/// (`eval::probe`, L-BFGS with a held-out penalty) gains on every seed but by only 10 test images
+/// on seed 1, so it is asserted not to lose a point, which a collapsed or broken encoder would;
+/// k=20 is not asserted (two seeds of five lose). Raw pixels beat every seed at this length
+/// (k=200 0.740, k=20 0.797, linear 0.822 against 0.68-0.70, 0.74-0.76, 0.78-0.80).
 #[test]
 fn fashion_mnist_short_run_beats_the_untrained_encoder() {
     let tmp = tempfile::tempdir().unwrap();
@@ -157,8 +159,8 @@ fn fashion_mnist_short_run_beats_the_untrained_encoder() {
         gain(&["knn", "200"])
     );
     assert!(
-        gain(&["linear"]) > 0.0,
-        "the linear probe gained {:+.4} over the untrained encoder (seeds 1-5: +0.007 to +0.035)",
+        gain(&["linear"]) > -0.01,
+        "the linear probe gained {:+.4} over the untrained encoder (seeds 1-5: +0.001 to +0.031)",
         gain(&["linear"])
     );
 }
