@@ -1,6 +1,6 @@
 #!/bin/bash
-# The CI test's recipe (tests/training.rs) over seeds 1-5, then dcl eval --bank 5000 with the binary
-# $DCL (default target/release/dcl); runs go to runs/ci-seeds/. The pretraining does not depend on the probe.
+# The CI test's pretraining (tests/training.rs) over seeds 1-5 with $DCL (default
+# target/release/dcl), into runs/ci-seeds/; eval.sh then scores them. Training does not depend on the probe.
 set -e
 cd "$(dirname "$0")/../.."
 mkdir -p runs/ci-seeds

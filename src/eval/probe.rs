@@ -40,22 +40,28 @@ pub fn linear_probe(
     let (held_out, fitted): (Vec<usize>, Vec<usize>) =
         (0..train.1.len()).partition(|i| i % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1);
     let rows = |picked: &[usize]| Rows::new(&columns, train, picked, classes, device);
-    let (fit, validation) = (rows(&fitted), rows(&held_out));
-
-    let mut weights = vec![0.0; (columns.kept.len() + 1) * classes];
-    let mut chosen = (f64::NEG_INFINITY, STRENGTHS[0], weights.clone());
-    for strength in STRENGTHS {
-        weights = fit.minimize(strength, weights);
-        let accuracy = validation.accuracy(&weights);
-        if accuracy > chosen.0 {
-            chosen = (accuracy, strength, weights.clone());
-        }
-    }
-    let (_, strength, start) = chosen;
+    // The fit and hold-out rows are freed before all rows are laid out: for raw pixels each copy
+    // is gigabytes.
+    let start = vec![0.0; (columns.kept.len() + 1) * classes];
+    let (strength, start) = choose_strength(&rows(&fitted), &rows(&held_out), start);
     let all: Vec<usize> = (0..train.1.len()).collect();
     let weights = rows(&all).minimize(strength, start);
     let test_rows: Vec<usize> = (0..test.1.len()).collect();
     Rows::new(&columns, test, &test_rows, classes, device).accuracy(&weights)
+}
+
+/// The strength whose fit to `fit` scores best on `held_out` (the largest on a tie), with that
+/// fit's weights.
+fn choose_strength(fit: &Rows, held_out: &Rows, mut weights: Vec<f64>) -> (f64, Vec<f64>) {
+    let mut chosen = (f64::NEG_INFINITY, STRENGTHS[0], weights.clone());
+    for strength in STRENGTHS {
+        weights = fit.minimize(strength, weights);
+        let accuracy = held_out.accuracy(&weights);
+        if accuracy > chosen.0 {
+            chosen = (accuracy, strength, weights.clone());
+        }
+    }
+    (chosen.1, chosen.2)
 }
 
 /// Per-column mean and 1/deviation of the training rows; constant columns (a pixel that is padding
@@ -235,14 +241,13 @@ fn lbfgs(
     max_iterations: usize,
 ) -> Vec<f64> {
     const HISTORY: usize = 10;
-    let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(p, q)| p * q).sum::<f64>();
     let (mut value, mut gradient) = f(&x);
     let mut pairs: std::collections::VecDeque<(Vec<f64>, Vec<f64>, f64)> = Default::default();
     for _ in 0..max_iterations {
         if gradient.iter().all(|g| g.abs() < 1e-6) {
             break;
         }
-        let mut direction = two_loop(&gradient, &pairs, dot);
+        let mut direction = two_loop(&gradient, &pairs);
         let mut slope = dot(&gradient, &direction);
         if slope >= 0.0 {
             pairs.clear();
@@ -295,7 +300,6 @@ fn lbfgs(
 fn two_loop(
     gradient: &[f64],
     pairs: &std::collections::VecDeque<(Vec<f64>, Vec<f64>, f64)>,
-    dot: impl Fn(&[f64], &[f64]) -> f64,
 ) -> Vec<f64> {
     let mut q = gradient.to_vec();
     let mut alphas = Vec::with_capacity(pairs.len());
@@ -316,6 +320,10 @@ fn two_loop(
     }
     q.iter_mut().for_each(|q| *q = -*q);
     q
+}
+
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(p, q)| p * q).sum()
 }
 
 #[cfg(test)]
