@@ -1,7 +1,7 @@
 // The playground page: controls, live charts, view pairs, the embedding scatter. Training runs in
 // www/worker.js; this file only draws what the worker reports and forwards what the user does.
 
-import { PALETTE, webGpuProblem } from './common.js';
+import { PALETTE } from './common.js';
 
 const $ = (id) => document.getElementById(id);
 const CLASS_NAMES = {
@@ -27,6 +27,11 @@ const state = {
   imagesPerSec: null,
   /// The WebGPU adapter the worker trains on (vendor, architecture, description).
   adapter: null,
+  /// What WebGPU offers in this browser: {problem} or {name, software} (common.js).
+  webgpu: null,
+  /// The device the current run trains on ('cpu' or 'wgpu'), and why the worker picked it.
+  device: null,
+  deviceReason: null,
   /// The last epoch kept in IndexedDB for this run.
   autosaved: null,
   /// Why the GPU was lost, once it was.
@@ -186,6 +191,24 @@ function knnText(byK) {
   return Object.entries(byK || {}).map(([k, v]) => `k=${k} ${(100 * v).toFixed(1)}%`).join(', ');
 }
 
+const DEVICE_NAMES = { cpu: 'the CPU (WebAssembly)', wgpu: 'the GPU (WebGPU)' };
+
+/// Which device trains and why; before a run, what "auto" will pick.
+function deviceNote() {
+  if (state.device) return `This run trains on ${DEVICE_NAMES[state.device]}: ${state.deviceReason}.`;
+  const gpu = state.webgpu;
+  if (!gpu) return '';
+  if (gpu.problem) {
+    return `WebGPU is not available (${gpu.problem}), so runs train on the CPU in WebAssembly. For GPU ` +
+      'speed, use a recent Chrome or Edge with hardware acceleration on.';
+  }
+  if (gpu.software) {
+    return `This browser's WebGPU adapter (${gpu.name}) emulates a GPU on the CPU, so "auto" trains on ` +
+      'the CPU in WebAssembly, which is faster here; pick "GPU (WebGPU)" to try the adapter anyway.';
+  }
+  return `"auto" trains on the GPU through WebGPU (${gpu.name}).`;
+}
+
 function render() {
   const last = state.losses.length ? state.losses[state.losses.length - 1] : null;
   const knn = state.knnTop1.length ? state.knnTop1[state.knnTop1.length - 1] : null;
@@ -196,9 +219,11 @@ function render() {
     last === null ? '' : `loss ${last.toFixed(4)}`,
     knn === null ? '' : `kNN top-1 ${knnText(state.knn)} (raw pixels ${knnText(state.pixelsKnn)})`,
     state.imagesPerSec ? `${state.imagesPerSec.toFixed(1)} images/s` : '',
+    state.device ? `on ${DEVICE_NAMES[state.device]}` : '',
   ].filter(Boolean).join('   ');
+  $('device-note').textContent = deviceNote();
   const running = state.status === 'running';
-  $('start').disabled = !state.dataset || running || state.status === 'no-webgpu';
+  $('start').disabled = !state.dataset || running;
   $('pause').disabled = !(running || state.status === 'paused');
   $('pause').textContent = state.status === 'paused' ? 'Resume' : 'Pause';
   $('reset').disabled = !runs.length;
@@ -269,10 +294,11 @@ function watchFirstStep() {
   slowStepTimer = setTimeout(() => {
     const adapter = state.adapter || 'an unnamed adapter';
     const emulated = /swiftshader/i.test(adapter) ? ', which emulates a GPU on the CPU' : '';
+    const device = state.device === 'cpu' ? 'the CPU' : `this GPU (${adapter}${emulated})`;
     state.slowStep = true;
     showBanner(`The first training step has run for ${seconds} s and is not done: a batch of ` +
-      `${lastConfig.batch_size} images for ${lastConfig.model} may be too much for this GPU (${adapter}` +
-      `${emulated}). Pause, then lower the batch size or pick resnet-mini and start again.`, false);
+      `${lastConfig.batch_size} images for ${lastConfig.model} may be too much for ${device}. ` +
+      'Pause, then lower the batch size or pick resnet-mini and start again.', false);
   }, seconds * 1000);
 }
 
@@ -308,8 +334,9 @@ const onMessage = {
     render();
     offerAutosave();
   },
-  started({ config, from }) {
+  started({ config, from, device, reason }) {
     lastConfig = config;
+    Object.assign(state, { device, deviceReason: reason });
     const color = RUN_COLORS[runs.length % RUN_COLORS.length];
     const run = { label: `${config.loss} b${config.batch_size} t${config.temperature}`, color, losses: [], knn: [] };
     Object.assign(state, { step: 0, epoch: 0, losses: [], knnTop1: [], error: null, autosaved: null, slowStep: false });
@@ -328,6 +355,10 @@ const onMessage = {
   },
   adapter({ name }) {
     state.adapter = name;
+  },
+  backends({ webgpu }) {
+    state.webgpu = webgpu;
+    render();
   },
   autosave({ epoch, config, bytes }) {
     const run = runs[runs.length - 1];
@@ -382,7 +413,6 @@ const onMessage = {
     render();
   },
   error({ message, paused }) {
-    if (message.startsWith('no-webgpu')) return noWebGpu(message.slice('no-webgpu: '.length));
     // After a lost device the worker's failures are expected; Resume starts a new one.
     if (state.lost) return;
     clearTimeout(slowStepTimer);
@@ -396,13 +426,6 @@ const onMessage = {
     if (error) p.reject(new Error(error)); else p.resolve(value);
   },
 };
-
-function noWebGpu(reason) {
-  state.status = 'no-webgpu';
-  fail(`WebGPU is not available: ${reason}. This page trains on the GPU through WebGPU. Use a recent ` +
-    'Chrome or Edge (or Firefox Nightly / Safari Technology Preview with WebGPU enabled), make sure ' +
-    'hardware acceleration is on, or run the same training natively: `dcl pretrain --device cpu`.');
-}
 
 // ---- user actions --------------------------------------------------------------------------
 
@@ -418,7 +441,7 @@ function formConfig() {
 /// the worker, and the worker's queue holds it until the default data has arrived.
 async function start(overrides = {}) {
   await launched;
-  if (!worker) throw new Error('this browser has no usable WebGPU, so the playground cannot train here');
+  if (!worker) throw new Error('the training worker did not start');
   replaceLostWorker();
   const config = { ...formConfig(), ...overrides };
   worker.postMessage({ type: 'start', config });
@@ -481,7 +504,7 @@ function wire() {
     worker.postMessage({ type: 'pause' });
     runs.length = 0;
     scatter = null;
-    Object.assign(state, { step: 0, epoch: 0, losses: [], knnTop1: [], error: null });
+    Object.assign(state, { step: 0, epoch: 0, losses: [], knnTop1: [], error: null, device: null, deviceReason: null });
     drawScatter();
     setStatus('ready');
   };
@@ -519,8 +542,6 @@ function applyPreset() {
 async function main() {
   wire();
   render();
-  const problem = await webGpuProblem();
-  if (problem) return noWebGpu(problem);
   launchWorker();
 }
 
@@ -569,5 +590,5 @@ window.dclPlayground = {
   slowStepSeconds: 30,
 };
 
-// Settles once the worker exists, or once the page knows there is no WebGPU.
+// Settles once the worker exists.
 const launched = main().catch((e) => fail(String(e.message || e)));

@@ -5,10 +5,21 @@ export const PALETTE = ['#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '
 
 /// Why WebGPU is unusable here (in a page or a worker), or null when an adapter answers.
 export async function webGpuProblem() {
+  return (await webGpuAdapter()).problem;
+}
+
+/// What WebGPU offers here: {problem} when it is unusable, else {name, software}, where software
+/// says the adapter emulates a GPU on the CPU (SwiftShader, llvmpipe, WARP): slower at training
+/// than the page's CPU path.
+export async function webGpuAdapter() {
   const gpu = globalThis.navigator?.gpu;
-  if (!gpu) return 'this browser has no WebGPU (navigator.gpu is missing)';
-  if (!(await gpu.requestAdapter())) return 'WebGPU is present but requestAdapter() returned no adapter';
-  return null;
+  if (!gpu) return { problem: 'this browser has no WebGPU (navigator.gpu is missing)' };
+  const adapter = await gpu.requestAdapter();
+  if (!adapter) return { problem: 'WebGPU is present but requestAdapter() returned no adapter' };
+  const info = adapter.info || {};
+  const name = [info.vendor, info.architecture, info.description].filter(Boolean).join(' ') || 'unnamed adapter';
+  const fallback = info.isFallbackAdapter ?? adapter.isFallbackAdapter ?? false;
+  return { problem: null, name, software: fallback || /swiftshader|llvmpipe|lavapipe|warp|software/i.test(name) };
 }
 
 export async function fetchBytes(url) {

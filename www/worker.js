@@ -1,7 +1,7 @@
-// The training loop, off the page's main thread. It owns the wasm module (Burn on WebGPU) and
-// talks to www/app.js by messages: the page stays responsive while a step runs on the GPU.
+// The training loop, off the page's main thread. It owns the wasm module (Burn on WebGPU or on
+// the CPU) and talks to www/app.js by messages: the page stays responsive while a step runs.
 import init, { initWebGpu, WebDataset, Playground, lossValue, fusedLoss } from './pkg/dcl.js';
-import { fetchServedFiles, webGpuProblem } from './common.js';
+import { fetchServedFiles, webGpuAdapter } from './common.js';
 
 let dataset = null;
 let run = null;
@@ -18,13 +18,42 @@ const VIEW_PAIRS = 8;
 // simulate a lost GPU in tests and tutorials).
 const devices = [];
 let deviceLost = false;
+// What WebGPU offers here (common.js `webGpuAdapter`), probed once; Burn starts on it on first use.
+let webgpu = null;
+let webGpuStarted = false;
 
 async function setup() {
-  const problem = await webGpuProblem();
-  if (problem) throw new Error(`no-webgpu: ${problem}`);
-  watchDevices();
+  webgpu = await webGpuAdapter();
   await init();
+  post({ type: 'backends', webgpu });
+}
+
+/// Burn on the browser's WebGPU, started when a run or a loss first needs it: a run on the CPU
+/// never asks for a GPU device.
+async function startWebGpu() {
+  if (webgpu.problem) throw new Error(`WebGPU is not available here (${webgpu.problem}): train on the CPU`);
+  if (webGpuStarted) return;
+  watchDevices();
   await initWebGpu();
+  webGpuStarted = true;
+}
+
+/// The device a run trains on ('cpu' or 'wgpu') and why. `requested` is 'cpu', 'wgpu' or 'auto':
+/// a GPU adapter when there is one; the CPU path when WebGPU is missing or emulated in software,
+/// where it trains tens of times faster than the emulated GPU.
+async function chooseDevice(requested = 'auto') {
+  if (requested === 'cpu') return { device: 'cpu', reason: 'picked in the form' };
+  if (requested === 'wgpu') {
+    await startWebGpu();
+    return { device: 'wgpu', reason: `picked in the form (${webgpu.name})` };
+  }
+  if (requested !== 'auto') throw new Error(`bad playground config: device "${requested}" is not auto, cpu or wgpu`);
+  if (webgpu.problem) return { device: 'cpu', reason: webgpu.problem };
+  if (webgpu.software) {
+    return { device: 'cpu', reason: `the WebGPU adapter (${webgpu.name}) emulates a GPU on the CPU, slower than this path` };
+  }
+  await startWebGpu();
+  return { device: 'wgpu', reason: `the WebGPU adapter ${webgpu.name}` };
 }
 
 /// Wraps `navigator.gpu.requestAdapter` so that every device wgpu makes is known here: a lost
@@ -127,9 +156,11 @@ async function start(config, from) {
   paused = true;
   await chain;
   if (run) run.free();
-  run = new Playground(dataset, config);
+  run = null;
+  const { device, reason } = await chooseDevice(config.device);
+  run = new Playground(dataset, { ...config, device });
   if (from) await exclusive(() => run.continueFrom(from.epoch, 'the autosave', new Uint8Array(from.bytes)));
-  post({ type: 'started', stepsPerEpoch: run.stepsPerEpoch(), config: run.config(), from: from?.epoch });
+  post({ type: 'started', stepsPerEpoch: run.stepsPerEpoch(), config: run.config(), from: from?.epoch, device, reason });
   paused = false;
   post({ type: 'status', status: 'running' });
   loop();
@@ -138,7 +169,8 @@ async function start(config, from) {
 const handlers = {
   async init() {
     await setup();
-    post({ type: 'defaults', config: Playground.defaults() });
+    // The form's device starts at 'auto': the worker picks one per run (`chooseDevice`).
+    post({ type: 'defaults', config: { ...Playground.defaults(), device: 'auto' } });
     post({ type: 'status', status: 'ready' });
     await loadServerData();
   },
@@ -187,6 +219,7 @@ const handlers = {
     post({ type: 'reply', id, value });
   },
   async loss({ id, z1, z2, n, d, kind, temperature, sigma, fused }) {
+    await startWebGpu();
     const compute = fused ? fusedLoss : lossValue;
     const value = await compute(new Float32Array(z1), new Float32Array(z2), n, d, kind, temperature, sigma);
     post({ type: 'reply', id, value });

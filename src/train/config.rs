@@ -103,6 +103,15 @@ impl RunConfig {
         }
     }
 
+    /// This config on `device`, with the loss kernel that suits it.
+    pub fn on_device(self, device: DeviceKind) -> Self {
+        Self {
+            device,
+            loss_kernel: Self::default_loss_kernel(device),
+            ..self
+        }
+    }
+
     /// The loss kernel that suits a device when none is asked for: the fused WGSL kernel on wgpu.
     pub fn default_loss_kernel(device: DeviceKind) -> LossKernel {
         match device {

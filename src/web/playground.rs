@@ -1,5 +1,6 @@
 //! The playground's bindings: the Web Worker in `www/worker.js` drives a [`Playground`] one step
-//! at a time on the browser's WebGPU, with the same trainer, loss and model code as the native CLI.
+//! at a time, on the browser's WebGPU or on Burn's CPU backend in wasm (for a browser without a
+//! usable GPU), with the same trainer, loss and model code as the native CLI.
 //!
 //! A run's `RefCell` stays borrowed across GPU read-backs on purpose: the worker sends every call
 //! into a run through one promise chain, so no second borrow can start while one is held (and a
@@ -30,6 +31,18 @@ use wasm_bindgen_futures::future_to_promise;
 /// [`init_webgpu`] has run (the page awaits it before anything else).
 fn webgpu() -> Device {
     Device::wgpu(burn::tensor::DeviceKind::default())
+}
+
+/// The page's Burn device for a run on `kind`, without autodiff: WebGPU, or Burn's CPU backend
+/// (flex, with the CPU convolution and batch norm the native CLI uses, SIMD128, one thread).
+fn page_device(kind: DeviceKind) -> Result<Device, JsValue> {
+    match kind {
+        DeviceKind::Wgpu => Ok(webgpu()),
+        DeviceKind::Cpu => Ok(crate::backend::cpu()),
+        DeviceKind::Cuda => Err(js_error(
+            "bad playground config: the page trains on \"cpu\" or \"wgpu\" (WebGPU), not cuda",
+        )),
+    }
 }
 
 /// Starts Burn on the browser's WebGPU adapter. The page checks `navigator.gpu` and
@@ -144,7 +157,8 @@ impl Playground {
     }
 
     /// A run of the playground preset with `config`'s fields (the page's camelCase names, or
-    /// snake_case) replaced; unknown or bad fields are errors.
+    /// snake_case) replaced; unknown or bad fields are errors. `device` is `"wgpu"` (the default:
+    /// awaits [`init_webgpu`] first) or `"cpu"`; the loss kernel follows it unless given.
     #[wasm_bindgen(constructor)]
     pub fn new(dataset: &WebDataset, config: JsValue) -> Result<Playground, JsValue> {
         let overrides = if config.is_undefined() || config.is_null() {
@@ -153,12 +167,17 @@ impl Playground {
             serde_wasm_bindgen::from_value(config)
                 .map_err(|e| js_error(format!("bad playground config: {e}")))?
         };
+        let device = match overrides.get("device") {
+            Some(kind) => serde_json::from_value(kind.clone())
+                .map_err(|e| js_error(format!("bad playground config: {e}")))?,
+            None => DeviceKind::Wgpu,
+        };
         let mut config = RunConfig::playground()
+            .on_device(device)
             .overridden(&overrides)
             .map_err(|e| js_error(format!("bad playground config: {e}")))?;
         let d = &dataset.inner;
         config.data = d.name.clone();
-        config.device = DeviceKind::Wgpu;
         // Only the subsets the run uses are copied. Without a test split, the monitor holds out
         // nothing and queries the training images.
         let held_out = if d.test.is_empty() { &d.train } else { &d.test };
@@ -170,7 +189,8 @@ impl Playground {
             train: d.train.head(config.limit.unwrap_or(usize::MAX)),
             test: held_out.head(config.eval_images.unwrap_or(usize::MAX)),
         };
-        let session = Session::new(config, &subset, webgpu().autodiff()).map_err(js_error)?;
+        let device = page_device(config.device)?.autodiff();
+        let session = Session::new(config, &subset, device).map_err(js_error)?;
         Ok(Self {
             run: Rc::new(RefCell::new(Run {
                 session,
