@@ -125,8 +125,10 @@ pub fn sample_crop(rng: &mut impl Rng, side: usize, scale: (f32, f32), ratio: (f
         let height = (target / aspect).sqrt().round() as usize;
         if (1..=side).contains(&width) && (1..=side).contains(&height) {
             return Crop {
-                top: rng.gen_range(0..=side - height),
-                left: rng.gen_range(0..=side - width),
+                // Drawn as u32: a usize range draws a u64 on 64-bit hosts and a u32 in wasm32,
+                // and the page's views must be the native CLI's.
+                top: rng.gen_range(0..=(side - height) as u32) as usize,
+                left: rng.gen_range(0..=(side - width) as u32) as usize,
                 height,
                 width,
             };
