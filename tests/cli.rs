@@ -942,9 +942,9 @@ fn gpu_check_packs_runs_without_a_gpu_and_renders() {
     ]);
     let rendered = String::from_utf8_lossy(&rendered.stdout).into_owned();
     for row in [
-        "| `resnet-mini` | 256 | 4,000.0 | 5,000.0 | 0.80 | 20.5 | 10.2 | 30.0 | 1.5 | 32.9% |",
-        "| `resnet18` | 256 | 1,234.5 | 2,469.0 | 0.50 | 20.0 | 60.0 | 140.0 | 3.0 | - |",
-        "| `resnet18` (bf16-mixed) | 256 | 2,000.0 | - | - | 20.0 | 30.0 | 70.0 | 3.0 | 16.0% |",
+        "| `resnet-mini` | 256 | cuda | 4,000.0 | 5,000.0 | 0.80 | 20.5 | 10.2 | 30.0 | 1.5 | 32.9% |",
+        "| `resnet18` | 256 | cuda | 1,234.5 | 2,469.0 | 0.50 | 20.0 | 60.0 | 140.0 | 3.0 | - |",
+        "| `resnet18` (bf16-mixed) | 256 | cuda | 2,000.0 | - | - | 20.0 | 30.0 | 70.0 | 3.0 | 16.0% |",
         "468 steps in 95 s, 3,000.0 images/s.",
         "| epoch 0 (untrained) | 0.8200 | 0.7700 | 0.8300 |",
         "| raw pixels | 0.8475 | 0.8125 | 0.8505 |",
