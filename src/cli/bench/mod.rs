@@ -34,6 +34,10 @@ pub enum BenchCommand {
         /// Also run the PyTorch peer (scripts/peer_bench_train.py) and print the ratio.
         #[arg(long)]
         peer: bool,
+        /// With --peer: this many dcl and PyTorch runs, interleaved (this machine drifts by 10-30%
+        /// between runs); the medians and the spread of the pairs' ratios are reported.
+        #[arg(long, default_value_t = 1, requires = "peer")]
+        pairs: usize,
         #[arg(long)]
         json: bool,
     },
@@ -79,13 +83,14 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
             precision,
             threads,
             peer,
+            pairs,
             json,
         } => {
             let device = devices.first().map_or(device, |d| d.kind);
             let threads = threads.unwrap_or_else(num_cpus);
             anyhow::ensure!(
-                threads >= 1 && steps >= 1,
-                "--threads and --steps must be >= 1"
+                threads >= 1 && steps >= 1 && pairs >= 1,
+                "--threads, --steps and --pairs must be >= 1"
             );
             // Burn's CPU kernels (flex, gemm) run on rayon's global pool.
             rayon::ThreadPoolBuilder::new()
@@ -93,15 +98,15 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
                 .build_global()
                 .map_err(|e| anyhow::anyhow!("--threads {threads}: {e}"))?;
             let names: Vec<String> = devices.iter().map(|d| d.to_string()).collect();
-            let mut bench = BenchTask {
+            let task = BenchTask {
                 model,
                 batch_size,
                 steps,
                 device,
                 devices,
                 precision,
-            }
-            .run()?;
+            };
+            let mut bench = task.run()?;
             bench["device"] = match names.is_empty() {
                 true => device.to_string(),
                 false => names.join(","),
@@ -125,11 +130,27 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
                         _ => "cpu".into(),
                     },
                 ];
-                let pytorch = run_peer("scripts/peer_bench_train.py", &args)?;
-                let ratio = bench["images_per_sec"].as_f64().unwrap_or(0.0)
-                    / pytorch["images_per_sec"].as_f64().unwrap_or(f64::NAN);
-                bench["pytorch_images_per_sec"] = pytorch["images_per_sec"].clone();
-                bench["ratio"] = ratio.into();
+                let rate = |v: &serde_json::Value| v["images_per_sec"].as_f64().unwrap_or(f64::NAN);
+                let mut runs = vec![(
+                    rate(&bench),
+                    rate(&run_peer("scripts/peer_bench_train.py", &args)?),
+                )];
+                for _ in 1..pairs {
+                    let ours = rate(&task.run()?);
+                    runs.push((ours, rate(&run_peer("scripts/peer_bench_train.py", &args)?)));
+                }
+                let ratios: Vec<f64> = runs.iter().map(|(ours, theirs)| ours / theirs).collect();
+                bench["images_per_sec"] = median(runs.iter().map(|r| r.0).collect()).into();
+                bench["pytorch_images_per_sec"] = median(runs.iter().map(|r| r.1).collect()).into();
+                bench["ratio"] = median(ratios.clone()).into();
+                bench["ratio_range"] = serde_json::json!([
+                    ratios.iter().copied().fold(f64::INFINITY, f64::min),
+                    ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max)
+                ]);
+                bench["pairs"] = serde_json::json!(runs
+                    .iter()
+                    .map(|(ours, theirs)| serde_json::json!({"dcl": ours, "pytorch": theirs}))
+                    .collect::<Vec<_>>());
             }
             print_train_bench(&bench, json);
             Ok(())
@@ -173,7 +194,7 @@ struct BenchTask {
 impl BenchTask {
     /// Images/s over `steps` steps after one warm-up step, and the mean ms per step of each
     /// phase (the device is synchronized at each phase's end, so GPU phases do not overlap).
-    fn run(self) -> anyhow::Result<serde_json::Value> {
+    fn run(&self) -> anyhow::Result<serde_json::Value> {
         use rand::{Rng, SeedableRng};
         let n = self.batch_size * (self.steps + 1);
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
@@ -235,6 +256,16 @@ impl BenchTask {
     }
 }
 
+/// The median (the mean of the middle two for an even count).
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    match values.len() % 2 {
+        1 => values[mid],
+        _ => (values[mid - 1] + values[mid]) / 2.0,
+    }
+}
+
 fn num_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
@@ -245,6 +276,22 @@ fn model_cell(b: &serde_json::Value) -> String {
     match b["precision"].as_str() {
         Some(p) if p != "f32" => format!("{model} ({p})"),
         _ => model.to_string(),
+    }
+}
+
+/// The ratio to PyTorch; over several pairs, the median with the pairs' range.
+fn ratio_cell(b: &serde_json::Value) -> String {
+    let Some(ratio) = b["ratio"].as_f64() else {
+        return "-".into();
+    };
+    match (b["pairs"].as_array(), b["ratio_range"].as_array()) {
+        (Some(pairs), Some(range)) if pairs.len() > 1 => format!(
+            "{ratio:.2} ({:.2}-{:.2}, {} pairs)",
+            range[0].as_f64().unwrap_or(f64::NAN),
+            range[1].as_f64().unwrap_or(f64::NAN),
+            pairs.len()
+        ),
+        _ => format!("{ratio:.2}"),
     }
 }
 
@@ -265,9 +312,7 @@ fn print_train_bench(b: &serde_json::Value, json: bool) {
         b["threads"],
         f(&b["images_per_sec"]),
         f(&b["pytorch_images_per_sec"]),
-        b["ratio"]
-            .as_f64()
-            .map_or("-".into(), |r| format!("{r:.2}")),
+        ratio_cell(b),
         f(&ms["data"]),
         f(&ms["forward"]),
         f(&ms["backward"]),
