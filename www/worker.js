@@ -129,7 +129,8 @@ async function loop() {
         return [await run.advance(), pixels];
       });
       report(event, pixels);
-      if (event.event === 'knn' && event.epoch > 0) await autosave(event.epoch);
+      // The session's checkpoint moment: epoch `event.epoch` (from 1) is trained and evaluated.
+      if (event.event === 'epoch') await autosave(event.epoch);
       // Let queued messages (pause, save, clicks) in between events.
       await new Promise((resolve) => setTimeout(resolve, 0));
     }
