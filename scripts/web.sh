@@ -58,7 +58,7 @@ build_wasm() {
 shrink_wasm() {
   [ -x node_modules/.bin/wasm-opt ] || npm install --no-audit --no-fund >/dev/null
   node_modules/.bin/wasm-opt -Oz --enable-bulk-memory --enable-reference-types --enable-multivalue \
-    --enable-nontrapping-float-to-int --enable-sign-ext --enable-mutable-globals "$1" -o "$1"
+    --enable-nontrapping-float-to-int --enable-sign-ext --enable-mutable-globals --enable-simd "$1" -o "$1"
 }
 
 wasm_size() {
