@@ -1,7 +1,7 @@
 //! dcl: Decoupled Contrastive Learning (Yeh et al., ECCV 2022) for self-supervised image encoders.
 //!
 //! `data` -> `augment` -> `model` -> `loss` -> `train` -> `eval`, on any Burn backend picked in
-//! `backend`; `weights`, `safetensors` and `run` handle what goes to disk; `gpu` holds the WGSL
+//! `backend`; `weights`, `safetensors` and `run` handle what goes to disk (through `files`); `gpu` holds the WGSL
 //! kernels (the fused loss, the inference engine); `cli` is the `dcl` command (native only) and
 //! `web` the page's bindings; `collective` is what data-parallel peers exchange.
 //!
@@ -25,6 +25,7 @@ pub mod cli;
 pub mod data;
 #[cfg(feature = "train")]
 pub mod eval;
+pub mod files;
 #[cfg(any(feature = "wgpu", feature = "web-infer"))]
 pub mod gpu;
 pub mod loss;

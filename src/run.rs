@@ -4,8 +4,8 @@
 //! `state.json` carries its files' CRC-32s: a damaged checkpoint is named and skipped for the one
 //! before it.
 
+use crate::files::write_atomic;
 use crate::train::RunConfig;
-use crate::weights::write_atomic;
 use serde_json::Value;
 use std::fs;
 use std::io::Write;

@@ -9,8 +9,6 @@ use burn::nn::BatchNorm;
 use burn::store::ModuleRecord;
 use burn::tensor::{Bytes, Device, Tensor, TensorData};
 use std::collections::HashMap;
-use std::io::Write;
-use std::path::Path;
 
 /// Serializes a module's record (weights and running statistics, burnpack format) as stored.
 pub fn module_to_bytes<M: Module>(module: M) -> anyhow::Result<Vec<u8>> {
@@ -37,21 +35,6 @@ pub fn init_encoder(name: ModelName, seed: u64, device: &Device) -> anyhow::Resu
     cpu.seed(seed);
     let reference = Encoder::new(name, &cpu);
     module_from_bytes(Encoder::new(name, device), module_to_bytes(reference)?)
-}
-
-/// Writes `bytes` to `path` through a temporary file and a rename, so a crash never leaves a
-/// half-written file under the final name.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("out");
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    let mut file = std::fs::File::create(&tmp)
-        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", tmp.display()))?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        anyhow::anyhow!("cannot rename {} to {}: {e}", tmp.display(), path.display())
-    })?;
-    Ok(())
 }
 
 /// A named tensor still on its device, flattened, waiting to be read back.

@@ -2,7 +2,7 @@
 
 use crate::augment::preview;
 use crate::data::discover;
-use crate::weights::write_atomic;
+use crate::files::write_atomic;
 use clap::Subcommand;
 use std::path::PathBuf;
 

@@ -3,8 +3,8 @@
 use super::retrieval::{self, Images};
 use crate::augment::preview;
 use crate::data::{npy, Dataset};
+use crate::files::write_atomic;
 use crate::gpu::{infer::InferenceEngine, GpuContext};
-use crate::weights::write_atomic;
 use clap::Args;
 use std::path::PathBuf;
 

@@ -2,8 +2,8 @@
 //! PyTorch.
 
 use crate::data::npy;
+use crate::files::write_atomic;
 use crate::loss::{ContrastiveLoss, LossKind};
-use crate::weights::write_atomic;
 use burn::tensor::{Tensor, TensorData};
 use clap::Args;
 use std::path::{Path, PathBuf};

@@ -5,10 +5,11 @@
 use crate::augment::{view_pairs, ViewConfig};
 use crate::cli::chart::{Chart, Point, Series};
 use crate::data::{discover, Split, IMAGE_LEN, SIDE};
+use crate::files::write_atomic;
 use crate::model::{Encoder, ModelName};
 use crate::npc::{anchor_logits, summarize, Summary};
 use crate::run::RunDir;
-use crate::weights::{init_encoder, module_from_bytes, write_atomic};
+use crate::weights::{init_encoder, module_from_bytes};
 use burn::tensor::{Device, Tensor, TensorData};
 use clap::Args;
 use rand::seq::SliceRandom;
