@@ -1,9 +1,10 @@
 //! dcl: Decoupled Contrastive Learning (Yeh et al., ECCV 2022) for self-supervised image encoders.
 //!
 //! `data` -> `augment` -> `model` -> `loss` -> `train` -> `eval`, on any Burn backend picked in
-//! `backend`; `weights`, `safetensors` and `run` handle what goes to disk (through `files`); `gpu` holds the WGSL
-//! kernels (the fused loss, the inference engine); `cli` is the `dcl` command (native only) and
-//! `web` the page's bindings; `collective` is what data-parallel peers exchange.
+//! `backend`; `weights`, `safetensors` and `run` handle what goes to disk (through `files`);
+//! `gpu` holds the WGSL kernels (the fused loss, the inference engine); `cli` is the `dcl`
+//! command (native only) and `web` the page's bindings; `collective` is what data-parallel peers
+//! exchange.
 //!
 //! Without the `train` feature (the inference-only page build, `web-infer`) nothing here needs
 //! Burn: the readers, the presets (`arch`), safetensors, the loss's float64 host path and the WGSL

@@ -130,27 +130,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
                         _ => "cpu".into(),
                     },
                 ];
-                let rate = |v: &serde_json::Value| v["images_per_sec"].as_f64().unwrap_or(f64::NAN);
-                let mut runs = vec![(
-                    rate(&bench),
-                    rate(&run_peer("scripts/peer_bench_train.py", &args)?),
-                )];
-                for _ in 1..pairs {
-                    let ours = rate(&task.run()?);
-                    runs.push((ours, rate(&run_peer("scripts/peer_bench_train.py", &args)?)));
-                }
-                let ratios: Vec<f64> = runs.iter().map(|(ours, theirs)| ours / theirs).collect();
-                bench["images_per_sec"] = median(runs.iter().map(|r| r.0).collect()).into();
-                bench["pytorch_images_per_sec"] = median(runs.iter().map(|r| r.1).collect()).into();
-                bench["ratio"] = median(ratios.clone()).into();
-                bench["ratio_range"] = serde_json::json!([
-                    ratios.iter().copied().fold(f64::INFINITY, f64::min),
-                    ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max)
-                ]);
-                bench["pairs"] = serde_json::json!(runs
-                    .iter()
-                    .map(|(ours, theirs)| serde_json::json!({"dcl": ours, "pytorch": theirs}))
-                    .collect::<Vec<_>>());
+                against_pytorch(&task, &mut bench, &args, pairs)?;
             }
             print_train_bench(&bench, json);
             Ok(())
@@ -254,6 +234,34 @@ impl BenchTask {
             "data_wait_share": data / total,
         }))
     }
+}
+
+/// Runs the PyTorch peer (`args`) beside `bench`, `pairs` times interleaved with `task` again, and
+/// puts the medians, the pairs' ratio range and the pairs themselves into `bench`.
+fn against_pytorch(
+    task: &BenchTask,
+    bench: &mut serde_json::Value,
+    args: &[String],
+    pairs: usize,
+) -> anyhow::Result<()> {
+    let rate = |v: &serde_json::Value| v["images_per_sec"].as_f64().unwrap_or(f64::NAN);
+    let peer_rate = || run_peer("scripts/peer_bench_train.py", args).map(|v| rate(&v));
+    let mut runs = vec![(rate(bench), peer_rate()?)];
+    for _ in 1..pairs {
+        runs.push((rate(&task.run()?), peer_rate()?));
+    }
+    let ratios: Vec<f64> = runs.iter().map(|(ours, theirs)| ours / theirs).collect();
+    let lowest = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+    let highest = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    bench["images_per_sec"] = median(runs.iter().map(|r| r.0).collect()).into();
+    bench["pytorch_images_per_sec"] = median(runs.iter().map(|r| r.1).collect()).into();
+    bench["ratio"] = median(ratios).into();
+    bench["ratio_range"] = serde_json::json!([lowest, highest]);
+    bench["pairs"] = runs
+        .iter()
+        .map(|(ours, theirs)| serde_json::json!({"dcl": ours, "pytorch": theirs}))
+        .collect();
+    Ok(())
 }
 
 /// The median (the mean of the middle two for an even count).
