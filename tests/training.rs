@@ -204,6 +204,56 @@ fn wgpu_first_step_matches_cpu() {
     );
 }
 
+/// Both views in one encoder pass (each with its own batch statistics) equal a pass per view,
+/// on every device built in: the embeddings, and the gradient of every weight through both.
+#[test]
+fn one_pass_over_both_views_equals_a_pass_per_view() {
+    use burn::tensor::{Tensor, TensorData};
+    use dcl::weights::init_encoder;
+    // Inputs from a formula, weights from `init_encoder`: a device's own generator is shared
+    // with the tests running beside this one.
+    let values = |shape: [usize; 4], phase: f32| {
+        let n: usize = shape.iter().product();
+        let v = (0..n)
+            .map(|i| (i as f32 * 0.37 + phase).sin() * (1.0 + phase))
+            .collect();
+        TensorData::new(v, shape)
+    };
+    #[allow(unused_mut)]
+    let mut devices = vec![cpu()];
+    #[cfg(feature = "wgpu")]
+    devices.push(wgpu());
+    for device in devices {
+        let encoder = init_encoder(ModelName::ResNetMini, 5, &device).unwrap();
+        let view = |phase| Tensor::<4>::from_data(values([6, 3, 32, 32], phase), &device);
+        let (x1, x2) = (view(0.0), view(0.5));
+        // Weighted sums, so that every embedding's gradient differs.
+        let weights =
+            Tensor::<2>::from_data(values([1, 1, 6, 128], 1.0), &device).reshape([6, 128]);
+        let objective =
+            |z1: Tensor<2>, z2: Tensor<2>| (z1 * weights.clone() - z2 * weights.clone()).sum();
+        let [a1, a2] = encoder.clone().forward_views([x1.clone(), x2.clone()]);
+        let (b1, b2) = (encoder.forward(x1), encoder.forward(x2));
+        for (a, b) in [(&a1, &b1), (&a2, &b2)] {
+            let diff = (a.clone() - b.clone()).abs().max().into_scalar::<f32>();
+            assert!(diff < 1e-4, "{device:?}: embeddings differ by {diff}");
+        }
+        let grads_one = objective(a1, a2).backward();
+        let grads_two = objective(b1, b2).backward();
+        let conv = &encoder.backbone.layers[0][0].conv1.weight;
+        let (g1, g2) = (
+            conv.grad(&grads_one).unwrap(),
+            conv.grad(&grads_two).unwrap(),
+        );
+        let scale = g2.clone().abs().max().into_scalar::<f32>();
+        let diff = (g1 - g2).abs().max().into_scalar::<f32>();
+        assert!(
+            diff <= 1e-4 * scale,
+            "{device:?}: conv1 gradients differ by {diff} (max {scale})"
+        );
+    }
+}
+
 /// The fused WGSL loss trains the encoder as Burn's composed loss does: for 20 steps on the wgpu
 /// device, the fused path starts each step from the reference run's weights and optimizer state
 /// and must report the same loss and land on the same weights. (Comparing two free-running

@@ -115,6 +115,7 @@ impl FusedLoss {
             entries: &entries,
         });
         let mut encoder = gpu.device.create_command_encoder(&Default::default());
+        let mut dispatches = 0;
         {
             let mut pass = encoder.begin_compute_pass(&Default::default());
             pass.set_bind_group(0, &bind_group, &[]);
@@ -129,11 +130,13 @@ impl FusedLoss {
             ] {
                 pass.set_pipeline(pipeline);
                 pass.dispatch_workgroups(groups, 1, 1);
+                dispatches += 1;
             }
         }
         gpu.queue.submit([encoder.finish()]);
         let losses = gpu.read(&row_loss, rows).await?;
         let padded_grads = gpu.read(&grad, rows * d4 * 4).await?;
+        let host_reads = 2;
         // The buffers above, all alive until the end, and the larger of the two staging buffers
         // the read-backs made (one at a time). O(N·D): no 2N x 2N matrix exists anywhere.
         let staging = 4 * losses.len().max(padded_grads.len()) as u64;
@@ -154,6 +157,8 @@ impl FusedLoss {
             grad_z1: grads,
             grad_z2,
             device_bytes,
+            host_reads,
+            dispatches,
         })
     }
 }

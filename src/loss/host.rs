@@ -65,6 +65,8 @@ impl ContrastiveLoss {
             grad_z1: back(&grad_a, &a, &norm_a),
             grad_z2: back(&grad_b, &b, &norm_b),
             device_bytes: 0,
+            host_reads: 0,
+            dispatches: 0,
         })
     }
 }

@@ -121,4 +121,10 @@ pub struct LossAndGrads {
     /// allocated (0 on the host).
     #[serde(skip)]
     pub device_bytes: u64,
+    /// The copies back to the host it waited for, and the compute dispatches it made outside
+    /// Burn (what a step's cost is counted in: see `dcl bench train`).
+    #[serde(skip)]
+    pub host_reads: usize,
+    #[serde(skip)]
+    pub dispatches: usize,
 }

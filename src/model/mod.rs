@@ -96,11 +96,16 @@ fn bn(channels: usize, device: &Device) -> BatchNorm {
 /// walked Burn's [1, C, 1, 1] broadcast one element at a time, and the GPU backends do not mind.
 /// The projection head's BatchNorm1d runs here too, as [B, C, 1, 1], so that every running
 /// statistic is committed the same way.
-fn batch_norm(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
+///
+/// While training, x may stack `views` equal batches (both views of the same images, in one
+/// encoder pass): each is normalized by its own statistics, and the running averages take them
+/// one view after the other, which is what separate passes would compute, with half the
+/// dispatches on a GPU and larger matrices for the CPU's gemm.
+fn batch_norm(bn: &BatchNorm, x: Tensor<4>, views: usize) -> Tensor<4> {
     let c = x.dims()[1];
     match x.device().is_autodiff() {
-        true if crate::backend::has_fast_conv(&x.device()) => fused_batch_norm(bn, x),
-        true => batch_norm_from_tensor_ops(bn, x),
+        true if crate::backend::has_fast_conv(&x.device()) => fused_batch_norm(bn, x, views),
+        true => batch_norm_from_tensor_ops(bn, x, views),
         false => {
             let stat = |state: &RunningState<Tensor<1>>| state.value().reshape([1, c]);
             let (mean, var) = (stat(&bn.running_mean), stat(&bn.running_var));
@@ -110,25 +115,27 @@ fn batch_norm(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
 }
 
 /// Training mode on the CPU device: [`norm`]'s fused op.
-fn fused_batch_norm(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
-    let moments = norm::channel_moments(x.clone());
+fn fused_batch_norm(bn: &BatchNorm, x: Tensor<4>, views: usize) -> Tensor<4> {
+    let moments = norm::channel_moments(x.clone(), views);
+    let c = x.dims()[1];
     update_running(
         bn,
-        moments.clone().narrow(0, 0, 1),
-        moments.clone().narrow(0, 1, 1),
+        moments.clone().narrow(0, 0, 1).reshape([views, c]),
+        moments.clone().narrow(0, 1, 1).reshape([views, c]),
     );
     norm::batch_norm(x, bn.gamma.val(), bn.beta.val(), moments, bn.epsilon)
 }
 
 /// Training mode elsewhere: batch statistics with Burn's tensor ops, the gradient by autodiff.
-fn batch_norm_from_tensor_ops(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
+fn batch_norm_from_tensor_ops(bn: &BatchNorm, x: Tensor<4>, views: usize) -> Tensor<4> {
     let [b, c, h, w] = x.dims();
-    // Per channel: the mean over images of the mean over pixels, [1, C].
+    let n = b / views;
+    // Per view and channel: the mean over images of the mean over pixels, [views, C].
     let channel_mean = |t: Tensor<4>| {
-        t.reshape([b, c, h * w])
-            .mean_dim(2)
-            .reshape([b, c])
-            .mean_dim(0)
+        t.reshape([views, n, c, h * w])
+            .mean_dim(3)
+            .mean_dim(1)
+            .reshape([views, c])
     };
     let mean = channel_mean(x.clone());
     let var = channel_mean((x.clone() - per_image(mean.clone(), b)).square());
@@ -136,30 +143,43 @@ fn batch_norm_from_tensor_ops(bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
     normalize(bn, x, mean, var)
 }
 
-/// The running averages' momentum step from the batch's [1, C] mean and biased variance.
+/// The running averages' momentum steps from the batch's [views, C] means and biased
+/// variances, view after view.
 fn update_running(bn: &BatchNorm, mean: Tensor<2>, var: Tensor<2>) {
-    for (state, batch) in [(&bn.running_mean, mean), (&bn.running_var, var)] {
-        let old = state.value_sync().to_device(&batch.device());
-        let c = batch.dims()[1];
-        let new = batch.detach().reshape([c]).mul_scalar(bn.momentum);
-        state.update(old.mul_scalar(1.0 - bn.momentum).add(new).detach());
-        // Burn keeps an update pending until the next read, and saving or evaluating reads
-        // the value without it: commit it now, so what is saved is what was computed.
-        state.value_sync();
+    let [views, c] = mean.dims();
+    for view in 0..views {
+        for (state, batch) in [(&bn.running_mean, &mean), (&bn.running_var, &var)] {
+            let old = state.value_sync().to_device(&batch.device());
+            let batch = batch.clone().narrow(0, view, 1).detach().reshape([c]);
+            state.update(
+                old.mul_scalar(1.0 - bn.momentum)
+                    .add(batch.mul_scalar(bn.momentum))
+                    .detach(),
+            );
+            // Burn keeps an update pending until the next read, and saving or evaluating
+            // reads the value without it: commit it now, so what is saved is what was computed.
+            state.value_sync();
+        }
     }
 }
 
-/// [1, C] coefficients laid out [B, C, 1, 1] (see [`batch_norm`]).
+/// [views, C] coefficients laid out [B, C, 1, 1], each view's row for its images (see
+/// [`batch_norm`]).
 fn per_image(t: Tensor<2>, images: usize) -> Tensor<4> {
-    let c = t.dims()[1];
-    t.repeat_dim(0, images).reshape([images, c, 1, 1])
+    let [views, c] = t.dims();
+    t.reshape([views, 1, c])
+        .repeat_dim(1, images / views)
+        .reshape([images, c, 1, 1])
 }
 
-/// `x * scale + shift` from the [1, C] mean and variance.
+/// `x * scale + shift` from the [views, C] means and variances.
 fn normalize(bn: &BatchNorm, x: Tensor<4>, mean: Tensor<2>, var: Tensor<2>) -> Tensor<4> {
     let [b, c, _, _] = x.dims();
-    let scale = bn.gamma.val().reshape([1, c]) / var.add_scalar(bn.epsilon).sqrt();
-    let shift = bn.beta.val().reshape([1, c]) - mean * scale.clone();
+    let views = mean.dims()[0];
+    let gamma = bn.gamma.val().reshape([1, c]).repeat_dim(0, views);
+    let beta = bn.beta.val().reshape([1, c]).repeat_dim(0, views);
+    let scale = gamma / var.add_scalar(bn.epsilon).sqrt();
+    let shift = beta - mean * scale.clone();
     x * per_image(scale, b) + per_image(shift, b)
 }
 
@@ -194,13 +214,13 @@ impl BasicBlock {
         }
     }
 
-    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+    fn forward(&self, x: Tensor<4>, views: usize) -> Tensor<4> {
         let identity = match &self.downsample {
-            Some(d) => batch_norm(&d.bn, conv_forward(&d.conv, x.clone())),
+            Some(d) => batch_norm(&d.bn, conv_forward(&d.conv, x.clone()), views),
             None => x.clone(),
         };
-        let out = relu(batch_norm(&self.bn1, conv_forward(&self.conv1, x)));
-        let out = batch_norm(&self.bn2, conv_forward(&self.conv2, out));
+        let out = relu(batch_norm(&self.bn1, conv_forward(&self.conv1, x), views));
+        let out = batch_norm(&self.bn2, conv_forward(&self.conv2, out), views);
         relu(out + identity)
     }
 }
@@ -236,9 +256,19 @@ impl ResNet {
     }
 
     pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
-        let mut x = relu(batch_norm(&self.bn1, conv_forward(&self.conv1, images)));
+        self.forward_stacked(images, 1)
+    }
+
+    /// [`ResNet::forward`] of `views` equal stacks of images, each with its own batch
+    /// statistics while training (see [`batch_norm`]).
+    fn forward_stacked(&self, images: Tensor<4>, views: usize) -> Tensor<2> {
+        let mut x = relu(batch_norm(
+            &self.bn1,
+            conv_forward(&self.conv1, images),
+            views,
+        ));
         for block in self.layers.iter().flatten() {
-            x = block.forward(x);
+            x = block.forward(x, views);
         }
         let [b, c, h, w] = x.dims();
         // Global average pooling.
@@ -264,9 +294,13 @@ impl ProjectionHead {
     }
 
     pub fn forward(&self, features: Tensor<2>) -> Tensor<2> {
+        self.forward_stacked(features, 1)
+    }
+
+    fn forward_stacked(&self, features: Tensor<2>, views: usize) -> Tensor<2> {
         let hidden = linear_forward(&self.linear1, features);
         let [b, c] = hidden.dims();
-        let hidden = batch_norm(&self.bn, hidden.reshape([b, c, 1, 1])).reshape([b, c]);
+        let hidden = batch_norm(&self.bn, hidden.reshape([b, c, 1, 1]), views).reshape([b, c]);
         linear_forward(&self.linear2, relu(hidden))
     }
 }
@@ -290,6 +324,18 @@ impl Encoder {
     /// The embedding the contrastive loss sees.
     pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
         self.head.forward(self.backbone.forward(images))
+    }
+
+    /// The embeddings of several views of the same images in one pass: each view's batch
+    /// statistics are its own, so this equals a pass per view (to float rounding), with half
+    /// the kernel launches for two views.
+    pub fn forward_views<const V: usize>(&self, views: [Tensor<4>; V]) -> [Tensor<2>; V] {
+        let images = Tensor::cat(Vec::from(views), 0);
+        let z = self
+            .head
+            .forward_stacked(self.backbone.forward_stacked(images, V), V);
+        let mut chunks = z.chunk(V, 0).into_iter();
+        std::array::from_fn(|_| chunks.next().expect("one chunk a view"))
     }
 }
 
@@ -325,7 +371,7 @@ mod tests {
         let x_values = random([3, 5, 4, 6], 2.0, 3.0).into_data();
         // A weighted sum, so that every output's gradient differs.
         let weights = random([3, 5, 4, 6], 0.0, 1.0);
-        type Path = fn(&BatchNorm, Tensor<4>) -> Tensor<4>;
+        type Path = fn(&BatchNorm, Tensor<4>, usize) -> Tensor<4>;
         for path in [fused_batch_norm as Path, batch_norm_from_tensor_ops] {
             // A fresh leaf per path: a backward pass consumes the graph of the one before.
             let x = Tensor::<4>::from_data(x_values.clone(), &device).require_grad();
@@ -333,7 +379,7 @@ mod tests {
                 batch_norm_with(&gamma, &beta),
                 batch_norm_with(&gamma, &beta),
             );
-            let (y_ours, y_burn) = (path(&ours, x.clone()), burns.forward(x.clone()));
+            let (y_ours, y_burn) = (path(&ours, x.clone(), 1), burns.forward(x.clone()));
             assert!(max_diff(y_ours.clone(), y_burn.clone()) < 1e-5);
 
             let grads_ours = (y_ours * weights.clone()).sum().backward();
@@ -356,10 +402,67 @@ mod tests {
         );
         // One training step moves the running statistics off their initial values.
         let x = Tensor::<4>::from_data(x_values, &device);
-        let _ = (batch_norm(&ours, x.clone()), burns.forward(x.clone()));
+        let _ = (batch_norm(&ours, x.clone(), 1), burns.forward(x.clone()));
         // Eval mode (no autodiff): the running statistics, the same on both.
         let (ours, burns) = (ours.valid(), burns.valid());
         let x = x.inner();
-        assert!(max_diff(batch_norm(&ours, x.clone()), burns.forward(x)) < 1e-5);
+        assert!(max_diff(batch_norm(&ours, x.clone(), 1), burns.forward(x)) < 1e-5);
+    }
+
+    /// Two views stacked in one batch norm equal a batch norm of each view alone, on both
+    /// training paths: outputs, the gradients of the inputs, gamma and beta, and the running
+    /// statistics after both.
+    #[test]
+    fn stacked_views_equal_one_batch_norm_per_view() {
+        let device = crate::backend::cpu().autodiff();
+        device.seed(12);
+        let random = |shape: [usize; 4], mean, std| {
+            Tensor::<4>::random(shape, Distribution::Normal(mean, std), &device)
+        };
+        let gamma = random([1, 1, 1, 3], 1.0, 0.5).reshape([3]);
+        let beta = random([1, 1, 1, 3], 0.0, 0.5).reshape([3]);
+        // Views with different statistics, so that sharing them would show.
+        let views = [
+            random([4, 3, 5, 3], 1.0, 2.0),
+            random([4, 3, 5, 3], -2.0, 0.5),
+        ];
+        let weights = random([8, 3, 5, 3], 0.0, 1.0);
+        type Path = fn(&BatchNorm, Tensor<4>, usize) -> Tensor<4>;
+        for path in [fused_batch_norm as Path, batch_norm_from_tensor_ops] {
+            let leaf = |t: &Tensor<4>| Tensor::<4>::from_data(t.to_data(), &device).require_grad();
+            let (stacked_in, apart_in) = (
+                views.clone().map(|v| leaf(&v)),
+                views.clone().map(|v| leaf(&v)),
+            );
+            let (stacked, apart) = (
+                batch_norm_with(&gamma, &beta),
+                batch_norm_with(&gamma, &beta),
+            );
+            let y_stacked = path(&stacked, Tensor::cat(stacked_in.to_vec(), 0), 2);
+            let y_apart = Tensor::cat(apart_in.clone().map(|x| path(&apart, x, 1)).to_vec(), 0);
+            assert!(max_diff(y_stacked.clone(), y_apart.clone()) < 1e-5);
+
+            let grads_stacked = (y_stacked * weights.clone()).sum().backward();
+            let grads_apart = (y_apart * weights.clone()).sum().backward();
+            for (a, b) in stacked_in.iter().zip(&apart_in) {
+                let (ga, gb) = (
+                    a.grad(&grads_stacked).unwrap(),
+                    b.grad(&grads_apart).unwrap(),
+                );
+                assert!(max_diff(ga, gb) < 1e-5);
+            }
+            for (a, b) in [(&stacked.gamma, &apart.gamma), (&stacked.beta, &apart.beta)] {
+                let (ga, gb) = (
+                    a.grad(&grads_stacked).unwrap(),
+                    b.grad(&grads_apart).unwrap(),
+                );
+                assert!(max_diff(ga, gb) < 1e-4);
+            }
+            let stats =
+                |bn: &BatchNorm| [bn.running_mean.value_sync(), bn.running_var.value_sync()];
+            for (a, b) in stats(&stacked).into_iter().zip(stats(&apart)) {
+                assert!(max_diff(a, b) < 1e-6);
+            }
+        }
     }
 }

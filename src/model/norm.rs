@@ -8,6 +8,10 @@
 //! input, then the input gradient), with no intermediate tensors. Sums
 //! run per channel in f64 in a fixed order, so a run repeats bit for bit. Only the CPU device
 //! takes this path (see `backend::has_fast_conv`); it is tested equal to Burn's `BatchNorm`.
+//!
+//! A batch may stack several views (the trainer sends both views of its images through the
+//! encoder at once): each view's images are then normalized by their own statistics, as if it
+//! had passed alone. The statistics are kept per (view, channel) slot.
 
 use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
 use burn::backend::autodiff::grads::Gradients;
@@ -21,16 +25,19 @@ use rayon::prelude::*;
 use super::conv::{f32s, tensor};
 use crate::collective;
 
-/// Per channel of x [B, C, H, W]: the batch mean and the biased variance, as [2, C], without
-/// gradient (the gradient through them is part of [`batch_norm`]'s backward).
-pub fn channel_moments(x: Tensor<4>) -> Tensor<2> {
+/// Per view and channel of x [B, C, H, W], stacked from `views` equal views: the mean and the
+/// biased variance, as [2, views * C] (view after view), without gradient (the gradient through
+/// them is part of [`batch_norm`]'s backward).
+pub fn channel_moments(x: Tensor<4>, views: usize) -> Tensor<2> {
     Tensor::from_dispatch(<Dispatch as NormBackend>::channel_moments(
         x.into_dispatch(),
+        views,
     ))
 }
 
 /// `gamma * (x - mean) / sqrt(var + epsilon) + beta` per channel, where `moments` are x's own
-/// [`channel_moments`]; the gradient is the training-mode one (through the batch statistics).
+/// [`channel_moments`] (each view by its own); the gradient is the training-mode one (through
+/// the batch statistics).
 pub fn batch_norm(
     x: Tensor<4>,
     gamma: Tensor<1>,
@@ -49,7 +56,7 @@ pub fn batch_norm(
 
 #[backend_extension(Flex, Autodiff)]
 pub trait NormBackend: Backend {
-    fn channel_moments(x: FloatTensor<Self>) -> FloatTensor<Self>;
+    fn channel_moments(x: FloatTensor<Self>, views: usize) -> FloatTensor<Self>;
     fn fused_batch_norm(
         x: FloatTensor<Self>,
         gamma: FloatTensor<Self>,
@@ -60,10 +67,10 @@ pub trait NormBackend: Backend {
 }
 
 impl NormBackend for Flex {
-    fn channel_moments(x: FlexTensor) -> FlexTensor {
-        let shape = Shape::of(&x);
+    fn channel_moments(x: FlexTensor, views: usize) -> FlexTensor {
+        let shape = Shape::of(&x, views);
         let moments = shape.moments(&f32s(&x));
-        tensor(moments, &[2, shape.channels])
+        tensor(moments, &[2, shape.slots()])
     }
 
     fn fused_batch_norm(
@@ -73,7 +80,7 @@ impl NormBackend for Flex {
         moments: FlexTensor,
         epsilon: f32,
     ) -> FlexTensor {
-        let shape = Shape::of(&x);
+        let shape = Shape::with_moments(&x, &moments);
         let coefficients =
             shape.coefficients(&f32s(&gamma), &f32s(&beta), &f32s(&moments), epsilon);
         let y = shape.apply(&f32s(&x), &coefficients);
@@ -82,8 +89,8 @@ impl NormBackend for Flex {
 }
 
 impl<C: CheckpointStrategy> NormBackend for Autodiff<Flex, C> {
-    fn channel_moments(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        Self::from_inner(Flex::channel_moments(x.primitive))
+    fn channel_moments(x: FloatTensor<Self>, views: usize) -> FloatTensor<Self> {
+        Self::from_inner(Flex::channel_moments(x.primitive, views))
     }
 
     fn fused_batch_norm(
@@ -124,7 +131,7 @@ impl Backward<Flex, 3> for BatchNormGrad {
         let [x_node, gamma_node, beta_node] = ops.parents;
         let (x, gamma, moments, epsilon) = ops.state;
         let dy = grads.consume::<Flex>(&ops.node);
-        let shape = Shape::of(&x);
+        let shape = Shape::with_moments(&x, &moments);
         let [dx, dgamma, dbeta] = shape.backward(
             &f32s(&x),
             &f32s(&gamma),
@@ -145,31 +152,44 @@ impl Backward<Flex, 3> for BatchNormGrad {
     }
 }
 
-/// x as images of `channels` planes of `pixels` values each.
+/// x as `views` equal stacks of images of `channels` planes of `pixels` values each.
 #[derive(Clone, Copy, Debug)]
 struct Shape {
     images: usize,
     channels: usize,
     height: usize,
     width: usize,
+    views: usize,
 }
 
-/// Per channel: `y = x * scale + shift`.
+/// Per slot (view, channel): `y = x * scale + shift`.
 struct Coefficients {
     scale: Vec<f32>,
     shift: Vec<f32>,
 }
 
 impl Shape {
-    fn of(x: &FlexTensor) -> Self {
+    fn of(x: &FlexTensor, views: usize) -> Self {
         let shape = x.layout().shape();
         assert_eq!(shape.num_dims(), 4, "fused batch norm takes [B, C, H, W]");
+        assert!(
+            views > 0 && shape[0].is_multiple_of(views),
+            "{} images do not split into {views} views",
+            shape[0]
+        );
         Self {
             images: shape[0],
             channels: shape[1],
             height: shape[2],
             width: shape[3],
+            views,
         }
+    }
+
+    /// x's shape with as many views as its [2, views * C] `moments` have.
+    fn with_moments(x: &FlexTensor, moments: &FlexTensor) -> Self {
+        let channels = x.layout().shape()[1];
+        Self::of(x, moments.layout().shape()[1] / channels)
     }
 
     fn dims(&self) -> Vec<usize> {
@@ -180,30 +200,47 @@ impl Shape {
         self.height * self.width
     }
 
-    fn count(&self) -> f64 {
-        (self.images * self.pixels()) as f64
+    /// Statistics are kept per slot: view after view, each with its channels.
+    fn slots(&self) -> usize {
+        self.views * self.channels
     }
 
-    /// Channel `c`'s planes, image after image.
-    fn planes<'a>(&self, values: &'a [f32], c: usize) -> impl Iterator<Item = &'a [f32]> {
+    fn images_per_view(&self) -> usize {
+        self.images / self.views
+    }
+
+    /// The values one slot's statistics cover.
+    fn count(&self) -> f64 {
+        (self.images_per_view() * self.pixels()) as f64
+    }
+
+    /// The slot of `image`'s channel `c`.
+    fn slot(&self, image: usize, c: usize) -> usize {
+        image / self.images_per_view() * self.channels + c
+    }
+
+    /// Slot `s`'s planes, image after image of its view.
+    fn planes<'a>(&self, values: &'a [f32], s: usize) -> impl Iterator<Item = &'a [f32]> {
         let (pixels, image) = (self.pixels(), self.channels * self.pixels());
-        values
+        let (view, c) = (s / self.channels, s % self.channels);
+        let per_view = self.images_per_view() * image;
+        values[view * per_view..][..per_view]
             .chunks(image)
             .map(move |image| &image[c * pixels..][..pixels])
     }
 
-    /// Per channel, in parallel: `f(c)` -> k sums, returned as k vectors of `channels` values.
-    fn per_channel<const K: usize>(
+    /// Per slot, in parallel: `f(s)` -> k sums, returned as k vectors of `slots` values.
+    fn per_slot<const K: usize>(
         &self,
         f: impl Fn(usize) -> [f64; K] + Sync + Send,
     ) -> [Vec<f64>; K] {
-        let sums: Vec<[f64; K]> = (0..self.channels).into_par_iter().map(f).collect();
+        let sums: Vec<[f64; K]> = (0..self.slots()).into_par_iter().map(f).collect();
         std::array::from_fn(|k| sums.iter().map(|s| s[k]).collect())
     }
 
-    /// Per-channel sums over the whole batch: this device's images, and while peers train
+    /// Per-slot sums over the whole batch: this device's images, and while peers train
     /// together (SyncBN, see `collective`), every peer's. Returns them with the count of values
-    /// they cover.
+    /// each slot covers.
     fn over_batch(&self, mut sums: Vec<f64>) -> (Vec<f64>, f64) {
         sums.push(self.count());
         collective::sum_batch_statistics(&mut sums);
@@ -211,46 +248,50 @@ impl Shape {
         (sums, count)
     }
 
-    /// [mean..., biased variance...] per channel (two passes over each plane: exact for inputs
+    /// [mean..., biased variance...] per slot (two passes over each plane: exact for inputs
     /// far from zero mean, where one-pass sums of squares cancel).
     fn moments(&self, x: &[f32]) -> Vec<f32> {
-        let [sums] = self.per_channel(|c| [self.planes(x, c).flatten().map(|&v| v as f64).sum()]);
+        let [sums] = self.per_slot(|s| [self.planes(x, s).flatten().map(|&v| v as f64).sum()]);
         let (sums, n) = self.over_batch(sums);
         let mean: Vec<f64> = sums.iter().map(|s| s / n).collect();
-        let [squares] = self.per_channel(|c| {
-            let squares = self.planes(x, c).flatten();
-            [squares.map(|&v| (v as f64 - mean[c]).powi(2)).sum()]
+        let [squares] = self.per_slot(|s| {
+            let squares = self.planes(x, s).flatten();
+            [squares.map(|&v| (v as f64 - mean[s]).powi(2)).sum()]
         });
         let (squares, _) = self.over_batch(squares);
         let var = squares.iter().map(|s| s / n);
         mean.iter().copied().chain(var).map(|v| v as f32).collect()
     }
 
-    /// Per channel: the mean and 1 / sqrt(var + eps).
+    /// Per slot: the mean and 1 / sqrt(var + eps).
     fn normalization<'a>(&self, moments: &'a [f32], eps: f32) -> (&'a [f32], Vec<f32>) {
-        let (mean, var) = moments.split_at(self.channels);
+        let (mean, var) = moments.split_at(self.slots());
         (mean, var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect())
     }
 
     fn coefficients(&self, gamma: &[f32], beta: &[f32], moments: &[f32], eps: f32) -> Coefficients {
         let (mean, inv_std) = self.normalization(moments, eps);
-        let scale: Vec<f32> = gamma.iter().zip(&inv_std).map(|(g, s)| g * s).collect();
-        let shift = (beta.iter().zip(mean).zip(&scale))
-            .map(|((b, m), s)| b - m * s)
+        let c = self.channels;
+        let scale: Vec<f32> = (0..self.slots())
+            .map(|s| gamma[s % c] * inv_std[s])
+            .collect();
+        let shift = (0..self.slots())
+            .map(|s| beta[s % c] - mean[s] * scale[s])
             .collect();
         Coefficients { scale, shift }
     }
 
-    /// `y = x * scale + shift` per channel, images in parallel.
+    /// `y = x * scale + shift` per slot, images in parallel.
     fn apply(&self, x: &[f32], k: &Coefficients) -> Vec<f32> {
         let mut y = vec![0f32; x.len()];
         let pixels = self.pixels();
         let image = self.channels * pixels;
-        y.par_chunks_mut(image)
-            .zip(x.par_chunks(image))
-            .for_each(|(y, x)| {
+        (y.par_chunks_mut(image).zip(x.par_chunks(image)))
+            .enumerate()
+            .for_each(|(i, (y, x))| {
                 for (c, (y, x)) in y.chunks_mut(pixels).zip(x.chunks(pixels)).enumerate() {
-                    let (scale, shift) = (k.scale[c], k.shift[c]);
+                    let s = self.slot(i, c);
+                    let (scale, shift) = (k.scale[s], k.shift[s]);
                     y.iter_mut()
                         .zip(x)
                         .for_each(|(y, x)| *y = x * scale + shift);
@@ -259,10 +300,11 @@ impl Shape {
         y
     }
 
-    /// [dx, dgamma, dbeta] of the training-mode batch norm, with x̂ = (x - mean) / std:
-    /// dbeta = Σ dy, dgamma = Σ dy x̂, dx = gamma / std (dy - (dbeta + x̂ dgamma) / N). Under
-    /// SyncBN dx takes the sums over all peers' images, while dgamma and dbeta stay this
-    /// device's share: the peers' gradients are summed afterwards with every other weight's.
+    /// [dx, dgamma, dbeta] of the training-mode batch norm, with x̂ = (x - mean) / std per slot:
+    /// dbeta = Σ dy, dgamma = Σ dy x̂, dx = gamma / std (dy - (dbeta + x̂ dgamma) / N), where dx
+    /// takes its view's sums and the parameters' gradients add every view's. Under SyncBN dx
+    /// takes the sums over all peers' images, while dgamma and dbeta stay this device's share:
+    /// the peers' gradients are summed afterwards with every other weight's.
     fn backward(
         &self,
         x: &[f32],
@@ -272,9 +314,9 @@ impl Shape {
         dy: &[f32],
     ) -> [Vec<f32>; 3] {
         let (mean, inv_std) = self.normalization(moments, eps);
-        let [dgamma, dbeta] = self.per_channel(|c| {
-            let (mean, inv_std) = (mean[c], inv_std[c]);
-            let planes = self.planes(x, c).zip(self.planes(dy, c));
+        let [dgamma, dbeta] = self.per_slot(|s| {
+            let (mean, inv_std) = (mean[s], inv_std[s]);
+            let planes = self.planes(x, s).zip(self.planes(dy, s));
             planes.fold([0f64; 2], |[dgamma, dbeta], (x, dy)| {
                 let (mut plane_dgamma, mut plane_dbeta) = (0f32, 0f32);
                 for (&x, &dy) in x.iter().zip(dy) {
@@ -286,27 +328,37 @@ impl Shape {
         });
         let (global, n) = self.over_batch([dgamma.clone(), dbeta.clone()].concat());
         let to_f32 = |v: &[f64]| v.iter().map(|&v| v as f32).collect::<Vec<f32>>();
-        let (sum_dgamma, sum_dbeta) = global.split_at(self.channels);
+        let (sum_dgamma, sum_dbeta) = global.split_at(self.slots());
         let (sum_dgamma, sum_dbeta, n) = (to_f32(sum_dgamma), to_f32(sum_dbeta), n as f32);
         let pixels = self.pixels();
         let image = self.channels * pixels;
         let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(image)
-            .zip(x.par_chunks(image).zip(dy.par_chunks(image)))
-            .for_each(|(dx, (x, dy))| {
-                let planes = dx
-                    .chunks_mut(pixels)
-                    .zip(x.chunks(pixels).zip(dy.chunks(pixels)));
-                for (c, (dx, (x, dy))) in planes.enumerate() {
-                    let (mean, inv_std) = (mean[c], inv_std[c]);
-                    let scale = gamma[c] * inv_std;
-                    let (mean_dy, mean_dgamma) = (sum_dbeta[c] / n, sum_dgamma[c] / n);
-                    for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
-                        let x_hat = (x - mean) * inv_std;
-                        *dx = scale * (dy - mean_dy - x_hat * mean_dgamma);
-                    }
+        (dx.par_chunks_mut(image)
+            .zip(x.par_chunks(image).zip(dy.par_chunks(image))))
+        .enumerate()
+        .for_each(|(i, (dx, (x, dy)))| {
+            let planes = dx
+                .chunks_mut(pixels)
+                .zip(x.chunks(pixels).zip(dy.chunks(pixels)));
+            for (c, (dx, (x, dy))) in planes.enumerate() {
+                let s = self.slot(i, c);
+                let (mean, inv_std) = (mean[s], inv_std[s]);
+                let scale = gamma[c] * inv_std;
+                let (mean_dy, mean_dgamma) = (sum_dbeta[s] / n, sum_dgamma[s] / n);
+                for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
+                    let x_hat = (x - mean) * inv_std;
+                    *dx = scale * (dy - mean_dy - x_hat * mean_dgamma);
                 }
-            });
-        [dx, to_f32(&dgamma), to_f32(&dbeta)]
+            }
+        });
+        [dx, self.over_views(&dgamma), self.over_views(&dbeta)]
+    }
+
+    /// A per-slot share summed over the views, per channel.
+    fn over_views(&self, per_slot: &[f64]) -> Vec<f32> {
+        let c = self.channels;
+        (0..c)
+            .map(|ch| (0..self.views).map(|v| per_slot[v * c + ch]).sum::<f64>() as f32)
+            .collect()
     }
 }

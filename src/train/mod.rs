@@ -79,6 +79,17 @@ pub struct Trainer {
     peers: Vec<peers::Peer>,
     /// The next step's views, in the making while this step runs.
     prefetch: prefetch::Prefetch,
+    traffic: Traffic,
+}
+
+/// What this trainer's steps have cost in round trips with the device so far, beyond Burn's
+/// own kernel launches (which CubeCL's log counts: `dcl bench train`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Traffic {
+    /// Copies back to the host that a step waited for.
+    pub host_reads: usize,
+    /// Compute dispatches made outside Burn (the fused WGSL loss).
+    pub dispatches: usize,
 }
 
 /// The fused loss kernel on Burn's own wgpu device (`backend::wgpu_context`). The embeddings
@@ -164,6 +175,7 @@ impl Trainer {
             group: group.into(),
             peers: vec![],
             prefetch: Default::default(),
+            traffic: Traffic::default(),
             config,
         };
         trainer.shuffle();
@@ -194,6 +206,10 @@ impl Trainer {
     /// Full batches per epoch (the last partial batch is dropped, as contrastive training does).
     pub fn steps_per_epoch(&self) -> usize {
         self.train.len() / self.config.batch_size
+    }
+
+    pub fn traffic(&self) -> Traffic {
+        self.traffic
     }
 
     pub fn global_step(&self) -> usize {
@@ -324,8 +340,7 @@ impl Trainer {
         let encoder = self.encoder.take().expect("encoder present");
         let sync_batch_norm = self.group.as_ref().map(SyncBatchNorm::over);
         let precision = MixedPrecision::enter(self.config.precision, self.config.device);
-        let z1 = encoder.forward(x1);
-        let z2 = encoder.forward(x2);
+        let [z1, z2] = encoder.forward_views([x1, x2]);
         drop(precision);
         let (value, objective) = match self.loss_and_objective(z1, z2).await {
             Ok(v) => v,
@@ -384,6 +399,7 @@ impl Trainer {
             return self.objective_through_host(z1, z2, gathered).await;
         }
         let loss = self.loss.forward(z1, z2)?;
+        self.traffic.host_reads += 1;
         let value =
             loss.clone().into_scalar_async::<f64>().await.map_err(|e| {
                 anyhow::anyhow!("the device failed while reading the loss back: {e:?}")
@@ -412,6 +428,7 @@ impl Trainer {
         let [n, d] = z1.dims();
         let mut a = crate::backend::read_f32(z1.clone().detach()).await?;
         let mut b = crate::backend::read_f32(z2.clone().detach()).await?;
+        self.traffic.host_reads += 2;
         let mut first = 0;
         if let Some(group) = gathered {
             let mine = a.iter().chain(&b).map(|&v| v as f64).collect();
@@ -422,6 +439,8 @@ impl Trainer {
             first = group.rank() * n;
         }
         let out = self.loss_and_grads(&a, &b, a.len() / d, d).await?;
+        self.traffic.host_reads += out.host_reads;
+        self.traffic.dispatches += out.dispatches;
         let own = |g: Vec<f32>| {
             let rows = g[first * d..(first + n) * d].to_vec();
             Tensor::<2>::from_data(TensorData::new(rows, [n, d]), &self.device)
@@ -455,6 +474,8 @@ impl Trainer {
             grad_z1: crate::backend::read_f32(grad(za)).await?,
             grad_z2: crate::backend::read_f32(grad(zb)).await?,
             device_bytes: 0,
+            host_reads: 3,
+            dispatches: 0,
         })
     }
 

@@ -2,6 +2,10 @@
 
 #[cfg(feature = "wgpu")]
 mod kernels;
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+mod launches;
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+use launches::LaunchLog;
 
 use super::run_peer;
 use crate::backend::{DeviceKind, DeviceSpec};
@@ -106,7 +110,8 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
                 devices,
                 precision,
             };
-            let mut bench = task.run()?;
+            let launches = launch_log(device)?;
+            let mut bench = task.run(&launches)?;
             bench["device"] = match names.is_empty() {
                 true => device.to_string(),
                 false => names.join(","),
@@ -130,7 +135,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
                         _ => "cpu".into(),
                     },
                 ];
-                against_pytorch(&task, &mut bench, &args, pairs)?;
+                against_pytorch(&task, &launches, &mut bench, &args, pairs)?;
             }
             print_train_bench(&bench, json);
             Ok(())
@@ -161,6 +166,31 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
     }
 }
 
+/// Kernel launches are counted on the CubeCL devices; the CPU device launches none.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+fn launch_log(device: DeviceKind) -> anyhow::Result<Option<LaunchLog>> {
+    match device {
+        DeviceKind::Cpu => Ok(None),
+        _ => LaunchLog::start().map(Some),
+    }
+}
+
+#[cfg(not(any(feature = "wgpu", feature = "cuda")))]
+fn launch_log(_: DeviceKind) -> anyhow::Result<Option<LaunchLog>> {
+    Ok(None)
+}
+
+/// Without a CubeCL backend there is no launch to count.
+#[cfg(not(any(feature = "wgpu", feature = "cuda")))]
+enum LaunchLog {}
+
+#[cfg(not(any(feature = "wgpu", feature = "cuda")))]
+impl LaunchLog {
+    fn count(&self) -> usize {
+        match *self {}
+    }
+}
+
 struct BenchTask {
     model: ModelName,
     batch_size: usize,
@@ -174,7 +204,7 @@ struct BenchTask {
 impl BenchTask {
     /// Images/s over `steps` steps after one warm-up step, and the mean ms per step of each
     /// phase (the device is synchronized at each phase's end, so GPU phases do not overlap).
-    fn run(&self) -> anyhow::Result<serde_json::Value> {
+    fn run(&self, launches: &Option<LaunchLog>) -> anyhow::Result<serde_json::Value> {
         use rand::{Rng, SeedableRng};
         let n = self.batch_size * (self.steps + 1);
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
@@ -197,6 +227,9 @@ impl BenchTask {
         let device = crate::backend::device_at(config.first_device())?;
         let mut trainer = Trainer::new(config, split, device.clone())?;
         trainer.step()?; // warm-up: kernel compilation, allocator growth
+        let _ = device.sync();
+        let count = || launches.as_ref().map(LaunchLog::count);
+        let (launched, traffic) = (count(), trainer.traffic());
         let mut phases: Vec<(&'static str, f64)> = Vec::new();
         let started = Instant::now();
         let mut last = started;
@@ -214,6 +247,13 @@ impl BenchTask {
             futures_lite::future::block_on(trainer.step_marked(&mut mark))?;
         }
         let ips = (self.steps * self.batch_size) as f64 / started.elapsed().as_secs_f64();
+        let per_step = |count: usize| count as f64 / self.steps as f64;
+        let (now, before) = (trainer.traffic(), traffic);
+        // Burn's launches, and the dispatches made beside Burn (the fused loss).
+        let dispatches = count().zip(launched).map(|(now_launched, launched)| {
+            per_step(now_launched - launched + now.dispatches - before.dispatches)
+        });
+        let host_reads = per_step(now.host_reads - before.host_reads);
         // The device waits for nothing but the views while "data" runs: the next step's views
         // are made while this one computes, so only what that overlap does not hide is left.
         let total: f64 = phases.iter().map(|(_, ms)| ms).sum();
@@ -232,6 +272,8 @@ impl BenchTask {
             "images_per_sec": ips,
             "ms_per_step": ms,
             "data_wait_share": data / total,
+            "dispatches_per_step": dispatches,
+            "host_reads_per_step": host_reads,
         }))
     }
 }
@@ -240,6 +282,7 @@ impl BenchTask {
 /// puts the medians, the pairs' ratio range and the pairs themselves into `bench`.
 fn against_pytorch(
     task: &BenchTask,
+    launches: &Option<LaunchLog>,
     bench: &mut serde_json::Value,
     args: &[String],
     pairs: usize,
@@ -248,7 +291,7 @@ fn against_pytorch(
     let peer_rate = || run_peer("scripts/peer_bench_train.py", args).map(|v| rate(&v));
     let mut runs = vec![(rate(bench), peer_rate()?)];
     for _ in 1..pairs {
-        runs.push((rate(&task.run()?), peer_rate()?));
+        runs.push((rate(&task.run(launches)?), peer_rate()?));
     }
     let ratios: Vec<f64> = runs.iter().map(|(ours, theirs)| ours / theirs).collect();
     let lowest = ratios.iter().copied().fold(f64::INFINITY, f64::min);
@@ -310,10 +353,10 @@ fn print_train_bench(b: &serde_json::Value, json: bool) {
     }
     let f = |v: &serde_json::Value| v.as_f64().map_or("-".into(), |x| format!("{x:.1}"));
     let ms = &b["ms_per_step"];
-    println!("| model | batch | device | threads | dcl images/s | PyTorch images/s | ratio | ms/step: data | forward | backward | optimizer | waiting for data |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| model | batch | device | threads | dcl images/s | PyTorch images/s | ratio | ms/step: data | forward | backward | optimizer | waiting for data | dispatches/step | host reads/step |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     println!(
-        "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+        "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
         model_cell(b),
         b["batch_size"],
         b["device"].as_str().unwrap_or(""),
@@ -328,6 +371,8 @@ fn print_train_bench(b: &serde_json::Value, json: bool) {
         b["data_wait_share"]
             .as_f64()
             .map_or("-".into(), |s| format!("{:.1}%", 100.0 * s)),
+        f(&b["dispatches_per_step"]),
+        f(&b["host_reads_per_step"]),
     );
 }
 

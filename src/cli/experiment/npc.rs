@@ -144,18 +144,20 @@ fn embed_views(
 ) -> anyhow::Result<(Vec<f32>, Vec<f32>)> {
     let n = images.len();
     let (v1, v2) = view_pairs(images, &ViewConfig::default(), seed, stream * n as u64);
-    let embed = |v: Vec<f32>| {
+    let tensor = |v: Vec<f32>| {
         debug_assert_eq!(v.len(), n * IMAGE_LEN);
-        let x = Tensor::<4>::from_data(TensorData::new(v, [n, 3, SIDE, SIDE]), device);
-        let z = encoder.forward(x);
-        let rows = futures_lite::future::block_on(crate::backend::read_f32(z.clone().detach()));
-        // Batch norm takes the batch's statistics only on the autodiff device, as in training,
-        // and there a forward pass's graph lives until a backward pass consumes it: without
-        // this, memory grew with every batch (24 GB, and killed, by batch 128 here).
-        let _ = z.sum().backward();
-        rows
+        Tensor::<4>::from_data(TensorData::new(v, [n, 3, SIDE, SIDE]), device)
     };
-    Ok((embed(v1)?, embed(v2)?))
+    let [z1, z2] = encoder.forward_views([tensor(v1), tensor(v2)]);
+    let read = |z: &Tensor<2>| {
+        futures_lite::future::block_on(crate::backend::read_f32(z.clone().detach()))
+    };
+    let rows = (read(&z1)?, read(&z2)?);
+    // Batch norm takes the batch's statistics only on the autodiff device, as in training, and
+    // there a forward pass's graph lives until a backward pass consumes it: without this, memory
+    // grew with every batch (24 GB, and killed, by batch 128 here).
+    let _ = (z1.sum() + z2.sum()).backward();
+    Ok(rows)
 }
 
 fn markdown(rows: &[Row], args: &NpcArgs) -> String {
