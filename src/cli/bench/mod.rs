@@ -9,6 +9,7 @@ use launches::LaunchLog;
 
 use super::run_peer;
 use crate::backend::{DeviceKind, DeviceSpec};
+use crate::loss::LossKernel;
 use crate::model::{ModelName, Precision};
 use crate::train::{RunConfig, Trainer};
 use clap::Subcommand;
@@ -32,6 +33,9 @@ pub enum BenchCommand {
         /// As `dcl pretrain --precision` (bf16-mixed pays on CUDA only).
         #[arg(long, default_value_t = Precision::F32)]
         precision: Precision,
+        /// As `dcl pretrain --loss-kernel` (default: the device's, as there).
+        #[arg(long)]
+        loss_kernel: Option<LossKernel>,
         /// CPU threads for dcl's kernels and the peer (default: every core).
         #[arg(long)]
         threads: Option<usize>,
@@ -85,6 +89,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
             devices,
             steps,
             precision,
+            loss_kernel,
             threads,
             peer,
             pairs,
@@ -109,6 +114,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
                 device,
                 devices,
                 precision,
+                loss_kernel: loss_kernel.unwrap_or(RunConfig::default_loss_kernel(device)),
             };
             let launches = launch_log(device)?;
             let mut bench = task.run(&launches)?;
@@ -199,6 +205,7 @@ struct BenchTask {
     /// Empty: `device` alone.
     devices: Vec<DeviceSpec>,
     precision: Precision,
+    loss_kernel: LossKernel,
 }
 
 impl BenchTask {
@@ -222,6 +229,7 @@ impl BenchTask {
             device: self.device,
             devices: self.devices.clone(),
             precision: self.precision,
+            loss_kernel: self.loss_kernel,
             ..RunConfig::default()
         };
         let device = crate::backend::device_at(config.first_device())?;
@@ -268,6 +276,7 @@ impl BenchTask {
         Ok(serde_json::json!({
             "model": self.model.to_string(),
             "precision": self.precision.to_string(),
+            "loss_kernel": self.loss_kernel.to_string(),
             "batch_size": self.batch_size,
             "images_per_sec": ips,
             "ms_per_step": ms,
