@@ -119,7 +119,12 @@ impl MpiThread {
         );
         let counts: Vec<mpi::Count> = lengths.iter().map(|&n| n as mpi::Count).collect();
         let starts: Vec<mpi::Count> = offsets(&counts);
-        let mut all = vec![0u8; total as usize];
+        // An empty Vec points at address 1, which OpenMPI reads as MPI_IN_PLACE: every buffer
+        // handed to MPI gets an allocation of its own.
+        let mut part = part;
+        part.reserve(1);
+        let mut all = Vec::with_capacity(total as usize + 1);
+        all.resize(total as usize, 0u8);
         let mut parts = mpi::datatype::PartitionMut::new(&mut all[..], &counts[..], &starts[..]);
         world.all_gather_varcount_into(&part[..], &mut parts);
         let ranges = starts.iter().zip(&counts);
