@@ -213,7 +213,10 @@ fn train_in_group(
     }
     if !writer {
         let (rank, world) = group.map(|g| (g.rank(), g.world())).expect("in a group");
-        eprintln!("rank {rank} of {world}: from epoch {}", resumed.unwrap_or(0));
+        eprintln!(
+            "rank {rank} of {world}: from epoch {}",
+            resumed.unwrap_or(0)
+        );
         return session.run(&mut Silent);
     }
     let dir = RunDir::create(out)?;

@@ -81,10 +81,6 @@ impl Job {
     /// rank on stderr: the other ranks would wait for this one's next exchange forever.
     pub fn end<T>(self, result: anyhow::Result<T>) -> anyhow::Result<T> {
         #[cfg(feature = "mpi")]
-        if let Some(group) = &self.group {
-            eprintln!("TEMP rank {} sent {} bytes in {} exchanges", group.rank, TEMP_SENT.load(std::sync::atomic::Ordering::Relaxed), TEMP_CALLS.load(std::sync::atomic::Ordering::Relaxed));
-        }
-        #[cfg(feature = "mpi")]
         if let (Some(group), Err(e)) = (&self.group, &result) {
             let e = format!("{e:#}").replace('\n', " ");
             eprintln!("error: rank {} of {}: {e}", group.rank, group.world);
@@ -102,13 +98,11 @@ pub(super) struct MpiThread(std::thread::ThreadId);
 #[cfg(feature = "mpi")]
 impl MpiThread {
     /// Every rank's `part`, by rank: the lengths first, then the bytes (MPI_Allgatherv).
-    pub(super) fn all_gather(&self, part: Vec<u8>) -> anyhow::Result<Vec<Vec<u8>>> {
+    pub(super) fn all_gather(&self, mut part: Vec<u8>) -> anyhow::Result<Vec<Vec<u8>>> {
         anyhow::ensure!(
             std::thread::current().id() == self.0,
             "an MPI exchange from a thread other than the one that initialized MPI (Funneled)"
         );
-        TEMP_SENT.fetch_add(part.len() as u64 + 8, std::sync::atomic::Ordering::Relaxed);
-        TEMP_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let world = mpi::topology::SimpleCommunicator::world();
         let mut lengths = vec![0u64; world.size() as usize];
         world.all_gather_into(&(part.len() as u64), &mut lengths[..]);
@@ -121,7 +115,6 @@ impl MpiThread {
         let starts: Vec<mpi::Count> = offsets(&counts);
         // An empty Vec points at address 1, which OpenMPI reads as MPI_IN_PLACE: every buffer
         // handed to MPI gets an allocation of its own.
-        let mut part = part;
         part.reserve(1);
         let mut all = Vec::with_capacity(total as usize + 1);
         all.resize(total as usize, 0u8);
@@ -145,8 +138,3 @@ fn offsets(counts: &[mpi::Count]) -> Vec<mpi::Count> {
     };
     counts.iter().scan(0, next).collect()
 }
-
-#[cfg(feature = "mpi")]
-static TEMP_SENT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-#[cfg(feature = "mpi")]
-static TEMP_CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
