@@ -187,10 +187,15 @@ impl Collective {
 
     /// Marks this peer thread gone: peers waiting on an exchange, now or later, get an error.
     pub fn leave(&self) {
-        if let Link::Threads(hub) = &self.link {
-            let mut round = self.lock(hub);
-            round.left.get_or_insert(self.rank);
-            hub.changed.notify_all();
+        match &self.link {
+            Link::Threads(hub) => {
+                let mut round = self.lock(hub);
+                round.left.get_or_insert(self.rank);
+                hub.changed.notify_all();
+            }
+            // A rank that ends its process ends the job (see `Job`).
+            #[cfg(feature = "mpi")]
+            Link::Mpi(_) => {}
         }
     }
 
