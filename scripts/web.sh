@@ -3,10 +3,11 @@
 # what changed.
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/dcl-target}"
-# The native build carries the cuda feature everywhere (tests, ./play): `--features cuda` is then
+# The native build carries the cuda and mpi features everywhere (tests, ./play): both are then
 # proven by every build, and one set of features means Burn is compiled once. CUDA itself is
-# loaded only at run time, so this builds on machines without a GPU or toolkit.
-NATIVE_FEATURES="--features cuda"
+# loaded only at run time, so this builds on machines without a GPU or toolkit; MPI needs
+# `native_deps`.
+NATIVE_FEATURES="--features cuda,mpi"
 
 apt_install() {
   local missing=()
@@ -16,6 +17,12 @@ apt_install() {
   local sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+# What the native build needs besides Rust: OpenMPI (the mpi feature links it; mpirun runs the
+# tests' ranks) and libclang (rsmpi's bindgen reads mpi.h with it).
+native_deps() {
+  apt_install libopenmpi-dev openmpi-bin libclang-dev
 }
 
 # wasm-bindgen-cli must be the exact version of the wasm-bindgen crate in Cargo.lock.

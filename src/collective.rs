@@ -1,7 +1,7 @@
 //! What peers training one encoder together exchange: `all_gather`, and what is built on it
 //! (sums over peers for gradients and for batch statistics, SyncBN). Peers are threads of one
-//! process (`--devices`, a shared hub) or processes on several machines (`--nodes`, TCP through
-//! the coordinator, rank 0).
+//! process (`--devices`, a shared hub) or the ranks of an MPI job (`mpirun`, `srun`: see
+//! [`Job`]), one process each, on one machine or several.
 //!
 //! Why not Burn's collective: in Burn 0.22.0-pre.3, `burn::tensor::distributed::all_reduce` is
 //! implemented for CUDA (NCCL, through cubecl) and the remote backend only; the CPU backend
@@ -11,13 +11,16 @@
 //! next to a step (embeddings, per-channel sums, one gradient vector).
 //!
 //! Every peer adds the gathered parts in rank order, so all of them hold the same bits afterwards
-//! and their optimizers, stepping on the same gradient, keep identical replicas.
+//! and their optimizers, stepping on the same gradient, keep identical replicas. Between MPI
+//! ranks that is an allgather too, not MPI's allreduce, whose order of additions is the
+//! library's.
+
+mod job;
+
+pub use job::Job;
 
 use std::cell::RefCell;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
 
 /// One peer's handle on the group.
 #[derive(Clone)]
@@ -27,22 +30,21 @@ pub struct Collective {
     link: Link,
 }
 
-/// An exchange that could not complete because a peer is gone: the error of every peer left
-/// waiting (the gone peer's own error, if it had one, is the cause to report).
+/// An exchange that could not complete because a peer thread is gone: the error of every peer
+/// left waiting (the gone peer's own error, if it had one, is the cause to report). An MPI rank
+/// that dies ends the whole job instead (see [`Job`]).
 #[derive(Debug)]
 pub struct PeerStopped {
     pub rank: usize,
-    /// What the connection said, between processes.
-    pub detail: Option<String>,
 }
 
 impl std::fmt::Display for PeerStopped {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "peer {} stopped", self.rank)?;
-        if let Some(detail) = &self.detail {
-            write!(f, " (its connection: {detail})")?;
-        }
-        write!(f, "; the others cannot go on without it")
+        write!(
+            f,
+            "peer {} stopped; the others cannot go on without it",
+            self.rank
+        )
     }
 }
 
@@ -51,7 +53,9 @@ impl std::error::Error for PeerStopped {}
 #[derive(Clone)]
 enum Link {
     Threads(Arc<Hub>),
-    Network(Arc<Mutex<Network>>),
+    /// `MPI_COMM_WORLD`, from the thread that initialized MPI (see [`Job`]).
+    #[cfg(feature = "mpi")]
+    Mpi(job::MpiThread),
 }
 
 struct Hub {
@@ -94,29 +98,6 @@ impl Collective {
             .collect()
     }
 
-    /// This process's place in a group of `world` processes: rank 0 listens on `coordinator`
-    /// (HOST:PORT) until every other rank has connected to it. Gives up after `patience`.
-    pub fn join(
-        coordinator: &str,
-        rank: usize,
-        world: usize,
-        patience: Duration,
-    ) -> anyhow::Result<Self> {
-        anyhow::ensure!(
-            rank < world,
-            "--node-rank {rank} must be below --nodes {world}"
-        );
-        let network = match rank {
-            0 => Network::listen(coordinator, world, patience)?,
-            _ => Network::connect(coordinator, rank, patience)?,
-        };
-        Ok(Self {
-            rank,
-            world,
-            link: Link::Network(Arc::new(Mutex::new(network))),
-        })
-    }
-
     pub fn rank(&self) -> usize {
         self.rank
     }
@@ -126,15 +107,19 @@ impl Collective {
     }
 
     /// Every peer's `part`, by rank. Blocks until all peers have sent theirs; fails if a peer
-    /// left the group (its thread ended, its process died) before the exchange completed.
+    /// thread left the group before the exchange completed.
     pub fn all_gather_bytes(&self, part: Vec<u8>) -> anyhow::Result<Arc<Vec<Vec<u8>>>> {
         match &self.link {
             Link::Threads(hub) => self.gather_in(hub, part),
-            Link::Network(network) => {
-                let mut network = network.lock().unwrap_or_else(|e| e.into_inner());
-                network.all_gather(self.rank, part).map(Arc::new)
-            }
+            #[cfg(feature = "mpi")]
+            Link::Mpi(thread) => thread.all_gather(part).map(Arc::new),
         }
+    }
+
+    /// Rank 0's `bytes` on every peer (the others' are not sent).
+    pub fn broadcast_bytes(&self, bytes: Vec<u8>) -> anyhow::Result<Vec<u8>> {
+        let mine = if self.rank == 0 { bytes } else { vec![] };
+        Ok(self.all_gather_bytes(mine)?[0].clone())
     }
 
     /// [`Collective::all_gather_bytes`] of numbers.
@@ -200,19 +185,23 @@ impl Collective {
         Ok(())
     }
 
-    /// Marks this peer gone: peers waiting on an exchange, now or later, get an error. (A
-    /// process's peers see its connection close.)
+    /// Marks this peer thread gone: peers waiting on an exchange, now or later, get an error.
     pub fn leave(&self) {
-        if let Link::Threads(hub) = &self.link {
-            let mut round = self.lock(hub);
-            round.left.get_or_insert(self.rank);
-            hub.changed.notify_all();
+        match &self.link {
+            Link::Threads(hub) => {
+                let mut round = self.lock(hub);
+                round.left.get_or_insert(self.rank);
+                hub.changed.notify_all();
+            }
+            // A rank that ends its process ends the job (see `Job`).
+            #[cfg(feature = "mpi")]
+            Link::Mpi(_) => {}
         }
     }
 
     fn check(&self, round: &Round) -> anyhow::Result<()> {
         match round.left {
-            Some(rank) => Err(PeerStopped { rank, detail: None }.into()),
+            Some(rank) => Err(PeerStopped { rank }.into()),
             None => Ok(()),
         }
     }
@@ -230,150 +219,6 @@ impl Collective {
     ) -> std::sync::MutexGuard<'a, Round> {
         hub.changed.wait(round).unwrap_or_else(|e| e.into_inner())
     }
-}
-
-/// Processes in a star around rank 0: every exchange, the others send rank 0 their part and
-/// receive all parts back. Messages are length-prefixed; a closed connection (a process that
-/// ended or was killed) is an error that names the peer.
-struct Network {
-    /// Rank 0: one stream per other rank, by rank (index 0 unused). Others: the coordinator's.
-    streams: Vec<Option<TcpStream>>,
-}
-
-/// No message of a run is near this; a larger length is a stranger on the port.
-const MAX_MESSAGE: u64 = 1 << 34;
-
-impl Network {
-    fn listen(coordinator: &str, world: usize, patience: Duration) -> anyhow::Result<Self> {
-        let listener = TcpListener::bind(coordinator)
-            .map_err(|e| anyhow::anyhow!("--coordinator {coordinator}: cannot listen: {e}"))?;
-        listener.set_nonblocking(true)?;
-        let deadline = Instant::now() + patience;
-        let mut streams: Vec<Option<TcpStream>> = (0..world).map(|_| None).collect();
-        while streams.iter().skip(1).any(Option::is_none) {
-            match listener.accept() {
-                Ok((mut stream, from)) => {
-                    stream.set_nonblocking(false)?;
-                    stream.set_nodelay(true)?;
-                    // A stranger that connects and says nothing must not hold the door.
-                    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-                    let hello = read_message(&mut stream);
-                    stream.set_read_timeout(None)?;
-                    let rank = hello
-                        .ok()
-                        .and_then(|hello| hello.try_into().ok())
-                        .map(|b: [u8; 8]| u64::from_le_bytes(b) as usize);
-                    match rank {
-                        Some(rank) if rank > 0 && rank < world && streams[rank].is_none() => {
-                            streams[rank] = Some(stream)
-                        }
-                        _ => eprintln!("--coordinator: ignored a connection from {from} that is not a missing rank"),
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    anyhow::ensure!(
-                        Instant::now() < deadline,
-                        "--coordinator {coordinator}: ranks {:?} did not connect within {} s",
-                        (1..world)
-                            .filter(|&r| streams[r].is_none())
-                            .collect::<Vec<_>>(),
-                        patience.as_secs()
-                    );
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Err(e) => anyhow::bail!("--coordinator {coordinator}: {e}"),
-            }
-        }
-        Ok(Self { streams })
-    }
-
-    fn connect(coordinator: &str, rank: usize, patience: Duration) -> anyhow::Result<Self> {
-        let deadline = Instant::now() + patience;
-        // Rank 0 may start after the others: try until it listens.
-        let mut stream = loop {
-            match TcpStream::connect(coordinator) {
-                Ok(stream) => break stream,
-                Err(e) if Instant::now() >= deadline => anyhow::bail!(
-                    "--coordinator {coordinator}: rank 0 did not answer within {} s ({e})",
-                    patience.as_secs()
-                ),
-                Err(_) => std::thread::sleep(Duration::from_millis(100)),
-            }
-        };
-        stream.set_nodelay(true)?;
-        write_message(&mut stream, &(rank as u64).to_le_bytes())?;
-        Ok(Self {
-            streams: vec![Some(stream)],
-        })
-    }
-
-    fn all_gather(&mut self, rank: usize, part: Vec<u8>) -> anyhow::Result<Vec<Vec<u8>>> {
-        let lost = |rank: usize, e: std::io::Error| PeerStopped {
-            rank,
-            detail: Some(e.to_string()),
-        };
-        if rank > 0 {
-            let coordinator = self.streams[0].as_mut().expect("connected");
-            write_message(coordinator, &part).map_err(|e| lost(0, e))?;
-            let all = read_message(coordinator).map_err(|e| lost(0, e))?;
-            return split_parts(&all);
-        }
-        let mut parts = vec![part];
-        for (peer, stream) in self.streams.iter_mut().enumerate().skip(1) {
-            let stream = stream.as_mut().expect("connected");
-            parts.push(read_message(stream).map_err(|e| lost(peer, e))?);
-        }
-        let all = join_parts(&parts);
-        for (peer, stream) in self.streams.iter_mut().enumerate().skip(1) {
-            let stream = stream.as_mut().expect("connected");
-            write_message(stream, &all).map_err(|e| lost(peer, e))?;
-        }
-        Ok(parts)
-    }
-}
-
-fn write_message(stream: &mut TcpStream, bytes: &[u8]) -> std::io::Result<()> {
-    stream.write_all(&(bytes.len() as u64).to_le_bytes())?;
-    stream.write_all(bytes)
-}
-
-fn read_message(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
-    let mut len = [0u8; 8];
-    stream.read_exact(&mut len)?;
-    let len = u64::from_le_bytes(len);
-    if len > MAX_MESSAGE {
-        return Err(std::io::Error::other(format!("a message of {len} bytes")));
-    }
-    let mut bytes = vec![0u8; len as usize];
-    stream.read_exact(&mut bytes)?;
-    Ok(bytes)
-}
-
-/// Parts as one message: each length-prefixed.
-fn join_parts(parts: &[Vec<u8>]) -> Vec<u8> {
-    let mut all = Vec::with_capacity(parts.iter().map(|p| p.len() + 8).sum());
-    for part in parts {
-        all.extend((part.len() as u64).to_le_bytes());
-        all.extend(part);
-    }
-    all
-}
-
-fn split_parts(mut all: &[u8]) -> anyhow::Result<Vec<Vec<u8>>> {
-    let mut parts = vec![];
-    while !all.is_empty() {
-        anyhow::ensure!(all.len() >= 8, "a truncated exchange from the coordinator");
-        let (len, rest) = all.split_at(8);
-        let len = u64::from_le_bytes(len.try_into().expect("8 bytes")) as usize;
-        anyhow::ensure!(
-            rest.len() >= len,
-            "a truncated exchange from the coordinator"
-        );
-        let (part, rest) = rest.split_at(len);
-        parts.push(part.to_vec());
-        all = rest;
-    }
-    Ok(parts)
 }
 
 thread_local! {
@@ -452,42 +297,6 @@ mod tests {
         assert_eq!(sums[0], sums[1]);
         assert_eq!(sums[0], sums[2]);
         assert!((sums[0][0] - (1.0 + 0.5 + 1.0 / 3.0)).abs() < 1e-15);
-    }
-
-    /// The same exchanges between "processes" (threads here) over loopback TCP, then the end of
-    /// one: the other's next exchange fails with a message that names it.
-    #[test]
-    fn processes_gather_over_tcp_and_notice_a_peer_that_died() {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let coordinator = format!("127.0.0.1:{port}");
-        let patience = Duration::from_secs(20);
-        let joined: Vec<_> = (0..3)
-            .map(|rank| {
-                let coordinator = coordinator.clone();
-                std::thread::spawn(move || {
-                    let peer = Collective::join(&coordinator, rank, 3, patience).unwrap();
-                    let mut sum = vec![rank as f64, 1.0];
-                    peer.sum(&mut sum).unwrap();
-                    let parts = peer.all_gather_bytes(vec![rank as u8; rank]).unwrap();
-                    assert_eq!(*parts, vec![vec![], vec![1], vec![2, 2]]);
-                    (peer, sum)
-                })
-            })
-            .collect();
-        let mut peers: Vec<_> = joined.into_iter().map(|t| t.join().unwrap()).collect();
-        assert!(peers.iter().all(|(_, sum)| sum == &vec![3.0, 3.0]));
-        let (rank1, _) = peers.remove(1);
-        peers.truncate(1); // rank 2's process ends: its connection closes
-        let waiting = std::thread::spawn(move || rank1.all_gather(vec![1.0]));
-        let err = peers[0].0.all_gather(vec![0.0]).unwrap_err();
-        assert!(err.to_string().contains("peer 2 stopped"), "{err}");
-        drop(peers); // rank 0 ends with that error: rank 1 hears it
-        let err = waiting.join().unwrap().unwrap_err();
-        assert!(err.to_string().contains("peer 0 stopped"), "{err}");
     }
 
     #[test]

@@ -17,7 +17,7 @@ pub mod arch;
 pub mod augment;
 #[cfg(feature = "train")]
 pub mod backend;
-// Peers training one encoder together (`--devices`); their threads are native only.
+// Peers training one encoder together (`--devices` threads, native only; MPI ranks with `mpi`).
 #[cfg(feature = "train")]
 pub mod collective;
 // The command line: native only, so none of it reaches the page's wasm modules.

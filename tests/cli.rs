@@ -639,71 +639,54 @@ fn batch_sweep_runs_its_grid_and_survives_kill_9() {
     assert!(stderr(&out).contains("grid.json"), "{}", stderr(&out));
 }
 
-/// `dcl pretrain --nodes 2` as two processes on loopback: the run is one process's (the step
-/// losses, to float rounding: negatives gathered, batch norms synced); kill -9 of rank 1
-/// ends rank 0 with an error that names it and leaves its last checkpoint; both restarted, the
-/// run resumes and ends as the uninterrupted one did, bit for bit.
+/// `mpirun -np 2 dcl pretrain` on loopback: the run is one process's (the step losses, to float
+/// rounding: negatives gathered, batch norms synced); kill -9 of rank 1 ends the job with an
+/// error that names it and leaves the last checkpoint; `--resume` under mpirun ends the run as
+/// the uninterrupted one did, bit for bit.
+#[cfg(feature = "mpi")]
 #[test]
-fn pretrain_across_two_processes_matches_one_and_survives_kill_9() {
-    use std::process::{Child, Stdio};
+fn pretrain_under_mpirun_matches_one_process_and_survives_kill_9() {
+    use std::process::Stdio;
     use std::time::{Duration, Instant};
     let tmp = tempfile::tempdir().unwrap();
-    let data = write_cifar10(tmp.path(), 1, 64, 20);
-    let recipe = |out: Option<&Path>| {
-        let mut cmd = Command::new(dcl_bin());
+    let data = write_cifar10(tmp.path(), 1, 128, 20);
+    let pretrain = |cmd: &mut Command, out: &Path| {
         cmd.args(["pretrain", "--data", data.to_str().unwrap()])
-            .args(["--limit", "48", "--epochs", "3", "--batch-size", "8"])
-            .args([
-                "--model",
-                "resnet-mini",
-                "--optimizer",
-                "sgd",
-                "--lr",
-                "0.05",
-            ]);
-        if let Some(out) = out {
-            cmd.args(["--out", out.to_str().unwrap()]);
-        }
-        cmd
-    };
-    let free_port = || {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap().port().to_string()
-    };
-    let rank = |out: Option<&Path>, rank: usize, port: &str| -> Child {
-        let mut cmd = recipe(out);
-        cmd.args(["--nodes", "2", "--node-rank", &rank.to_string()])
-            .args(["--coordinator", &format!("127.0.0.1:{port}")])
-            .args(["--connect-timeout", "60"])
+            .args(["--limit", "128", "--epochs", "3", "--batch-size", "32"])
+            .args(["--optimizer", "sgd", "--lr", "0.05", "--seed", "11"])
+            .args(["--out", out.to_str().unwrap()])
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        cmd.spawn().unwrap()
+    };
+    let mpirun = |out: &Path| {
+        let mut cmd = Command::new("mpirun");
+        cmd.args(["-np", "2", "--oversubscribe", dcl_bin()])
+            .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+        pretrain(&mut cmd, out);
+        cmd
     };
     let losses = |run: &Path| -> Vec<f64> {
         let steps = run_events(run).into_iter().filter(|e| e["event"] == "step");
         steps.map(|e| e["loss"].as_f64().unwrap()).collect()
     };
-    let finish = |child: Child| {
-        let out = child.wait_with_output().unwrap();
+    let finish = |cmd: &mut Command| {
+        let out = cmd.output().unwrap();
         assert!(out.status.success(), "{}", stderr(&out));
         stderr(&out)
     };
 
     let one = tmp.path().join("one");
-    let out = recipe(Some(&one)).output().unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
+    let mut alone = Command::new(dcl_bin());
+    pretrain(&mut alone, &one);
+    finish(&mut alone);
     let two = tmp.path().join("two");
-    let port = free_port();
-    let follower = rank(None, 1, &port);
-    finish(rank(Some(&two), 0, &port));
-    assert!(finish(follower).contains("rank 1 of 2"));
+    assert!(finish(&mut mpirun(&two)).contains("rank 1 of 2: from epoch 0"));
     let (one_losses, two_losses) = (losses(&one), losses(&two));
-    // The first steps agree to float rounding; later ones drift apart as training amplifies
-    // the rounding (measured: 1e-6 relative at step 3, 1e-4 at step 6, 2e-3 at step 18).
-    assert_eq!(one_losses.len(), 18);
+    assert_eq!((one_losses.len(), two_losses.len()), (12, 12));
     let apart = |a: f64, b: f64| (a - b).abs() / a.abs();
-    for (step, (&a, &b)) in one_losses.iter().zip(&two_losses).enumerate() {
-        let bound = if step < 4 { 1e-4 } else { 2e-2 };
+    for (step, (&a, &b)) in one_losses.iter().zip(&two_losses).take(4).enumerate() {
+        let bound = if step < 2 { 1e-5 } else { 2e-3 };
         assert!(
             apart(a, b) <= bound,
             "step {step}: {one_losses:?}\nvs\n{two_losses:?}"
@@ -711,9 +694,7 @@ fn pretrain_across_two_processes_matches_one_and_survives_kill_9() {
     }
 
     let killed = tmp.path().join("killed");
-    let port = free_port();
-    let mut follower = rank(None, 1, &port);
-    let leader = rank(Some(&killed), 0, &port);
+    let job = mpirun(&killed).spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(300);
     while !run_events(&killed)
         .iter()
@@ -722,26 +703,45 @@ fn pretrain_across_two_processes_matches_one_and_survives_kill_9() {
         assert!(Instant::now() < deadline, "the second epoch did not start");
         std::thread::sleep(Duration::from_millis(10));
     }
-    follower.kill().unwrap();
-    follower.wait().unwrap();
-    let out = leader.wait_with_output().unwrap();
+    let rank1 = mpi_rank_pid(job.id(), 1).expect("rank 1 among mpirun's children");
+    assert!(Command::new("kill")
+        .args(["-9", &rank1.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let out = job.wait_with_output().unwrap();
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("peer 1 stopped"), "{}", stderr(&out));
+    // mpirun's own report: "process rank 1 with PID ... exited on signal 9 (Killed)".
+    assert!(stderr(&out).contains("process rank 1"), "{}", stderr(&out));
     assert_eq!(
         std::fs::read_to_string(killed.join("checkpoints/latest")).unwrap(),
         "epoch-0001"
     );
-    let port = free_port();
-    let follower = rank(None, 1, &port);
-    let mut resumed = recipe(Some(&killed));
-    resumed
-        .args(["--resume", "--nodes", "2", "--node-rank", "0"])
-        .args(["--coordinator", &format!("127.0.0.1:{port}")])
-        .stderr(Stdio::piped());
-    let leader = finish(resumed.spawn().unwrap());
-    assert!(leader.contains("resuming"), "{leader}");
-    assert!(finish(follower).contains("from epoch 1"));
+    let resumed = finish(mpirun(&killed).arg("--resume"));
+    assert!(resumed.contains("resuming"), "{resumed}");
+    assert!(resumed.contains("rank 1 of 2: from epoch 1"), "{resumed}");
     assert_eq!(losses(&killed), two_losses);
+}
+
+/// The process of MPI rank `rank` among `mpirun`'s children (OpenMPI starts the local ranks
+/// itself and tells each its rank in its environment).
+#[cfg(feature = "mpi")]
+fn mpi_rank_pid(mpirun: u32, rank: usize) -> Option<u32> {
+    let wanted = format!("OMPI_COMM_WORLD_RANK={rank}");
+    let child_of_mpirun = |pid: u32| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // After the command's name in parentheses: the state, then the parent's pid.
+        let after_name = stat.rsplit(')').next().unwrap_or_default();
+        after_name.split_whitespace().nth(1) == Some(&mpirun.to_string())
+    };
+    let has_rank = |pid: u32| {
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        (environ.split(|&b| b == 0)).any(|var| var == wanted.as_bytes())
+    };
+    std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+        .find(|&pid| child_of_mpirun(pid) && has_rank(pid))
 }
 
 /// One line of `/proc/PID/status` (`Threads`, `VmHWM` in kB, ...), as a number.

@@ -3,7 +3,7 @@
 
 use crate::augment::ViewRecipe;
 use crate::backend::{DeviceKind, DeviceSpec};
-use crate::collective::Collective;
+use crate::collective::{Collective, Job};
 use crate::data::discover;
 use crate::files::write_atomic;
 use crate::loss::{LossKernel, LossKind};
@@ -28,54 +28,12 @@ pub struct PretrainArgs {
     seed: u64,
     #[command(flatten)]
     recipe: Recipe,
-    /// The run folder (rank 0's; other ranks of --nodes write nothing).
-    #[arg(long, required_unless_present = "node_rank")]
-    out: Option<PathBuf>,
+    /// The run folder (under mpirun or srun, rank 0's; the other ranks write nothing).
+    #[arg(long)]
+    out: PathBuf,
     /// Continue the run in --out from its latest checkpoint (its config.toml wins over flags).
     #[arg(long)]
     resume: bool,
-    #[command(flatten)]
-    nodes: Nodes,
-}
-
-/// Training across processes, one device each, on one machine or several: every rank runs
-/// `dcl pretrain` with the same --nodes and --coordinator. Rank 0 listens on the coordinator
-/// address, owns the run folder and sends the others its config and weights; they bring only
-/// the data (by the run's --data name or path, on their own disk).
-#[derive(Args, Clone)]
-struct Nodes {
-    /// How many processes train together.
-    #[arg(long, default_value_t = 1)]
-    nodes: usize,
-    /// This process's rank, 0 to --nodes - 1; 0 writes the run.
-    #[arg(long)]
-    node_rank: Option<usize>,
-    /// Rank 0's HOST:PORT (it listens there; the others connect to it).
-    #[arg(long, default_value = "127.0.0.1:29500")]
-    coordinator: String,
-    /// Seconds to wait for every rank to connect.
-    #[arg(long, default_value_t = 300)]
-    connect_timeout: u64,
-}
-
-impl Nodes {
-    fn rank(&self) -> usize {
-        self.node_rank.unwrap_or(0)
-    }
-
-    /// This process's place in the group, or `None` alone.
-    fn join(&self) -> anyhow::Result<Option<Collective>> {
-        if self.nodes <= 1 {
-            anyhow::ensure!(
-                self.rank() == 0,
-                "--node-rank {} needs --nodes above it",
-                self.rank()
-            );
-            return Ok(None);
-        }
-        let patience = std::time::Duration::from_secs(self.connect_timeout);
-        Collective::join(&self.coordinator, self.rank(), self.nodes, patience).map(Some)
-    }
 }
 
 /// A run's settings apart from the loss, the batch size and the seed, which an experiment
@@ -111,7 +69,7 @@ pub struct Recipe {
     /// (`cpu,cpu`; `cuda:0,cuda:1`); --device follows the first.
     #[arg(long, value_delimiter = ',')]
     devices: Vec<DeviceSpec>,
-    /// With --devices or --nodes: draw every anchor's negatives from the whole global batch
+    /// With --devices or under mpirun: draw every anchor's negatives from the whole global batch
     /// (false: from its own device's slice only, each device with its own loss).
     #[arg(long, default_value_t = RunConfig::default().gather_negatives, action = clap::ArgAction::Set)]
     gather_negatives: bool,
@@ -207,159 +165,147 @@ impl Recipe {
 }
 
 pub fn run(args: PretrainArgs) -> anyhow::Result<()> {
+    let job = Job::join()?;
     let config = args.recipe.config(args.loss, args.batch_size, args.seed);
-    anyhow::ensure!(
-        args.nodes.nodes <= 1 || config.devices.is_empty(),
-        "--nodes runs one device per process; --devices splits one process over several"
-    );
-    let nodes = args.nodes.nodes.max(1);
-    anyhow::ensure!(
-        config.batch_size.is_multiple_of(nodes) && config.batch_size / nodes >= 2,
-        "--batch-size {} does not split into {nodes} equal slices of at least 2 images (one per \
-         process of --nodes)",
-        config.batch_size
-    );
-    match (args.nodes.rank(), &args.out) {
-        (0, Some(out)) => train_in_group(config, out, args.resume, || args.nodes.join()),
-        (0, None) => anyhow::bail!("--out is needed: rank 0 writes the run"),
-        (_, _) => follow(args.nodes.join()?.expect("a rank above 0 is in a group")),
-    }
+    let trained = train_in_group(config, &args.out, args.resume, job.group());
+    job.end(trained)
 }
 
 /// Trains `config` into the run folder `out`; with `resume`, continues the run already there
 /// from its latest checkpoint (its `config.toml` wins over `config`), and a finished run is
 /// left as it is.
 pub fn train(config: RunConfig, out: &Path, resume: bool) -> anyhow::Result<()> {
-    train_in_group(config, out, resume, || Ok(None))
+    train_in_group(config, out, resume, None)
 }
 
-/// [`train`] as rank 0 of the group `join` makes (joined once everything that can fail alone
-/// has been checked): the other ranks get its config and its weights and optimizer state
-/// before the first step, whether the run starts or resumes.
+/// [`train`] as one rank of `group`. Every rank runs this with the same flags; rank 0 alone
+/// reads and writes the run folder, and the others start from what it read.
 fn train_in_group(
     config: RunConfig,
     out: &Path,
     resume: bool,
-    join: impl FnOnce() -> anyhow::Result<Option<Collective>>,
+    group: Option<&Collective>,
 ) -> anyhow::Result<()> {
-    let existing = out.join("config.toml").is_file();
-    let config = if resume && existing {
-        RunDir::open(out)?.read_config()?
-    } else {
-        anyhow::ensure!(
-            !existing,
-            "{} already holds a run; pass --resume to continue it or pick another --out",
-            out.display()
-        );
-        config
+    let writer = group.is_none_or(|g| g.rank() == 0);
+    let start = match writer {
+        true => Start::read(config, out, resume)?,
+        false => Start {
+            config,
+            checkpoint: None,
+        },
+    };
+    let Start { config, checkpoint } = match group {
+        Some(group) => start.share(group)?,
+        None => start,
     };
     // Everything that can fail without the folder comes first, the device included: a GPU that
     // cannot start leaves nothing behind.
     config.validate()?;
+    if let Some(group) = group {
+        check_split(&config, group.world())?;
+    }
     let dataset = discover::load(&config.data)?;
     let device = crate::backend::device_at(config.first_device())?;
-    let config = config.for_data(&dataset);
-    let group = join()?;
+    let mut session = Session::in_group(config, &dataset, device, group.cloned())?;
+    let resumed = checkpoint.as_ref().map(|ckpt| ckpt.epoch);
+    if let Some(ckpt) = checkpoint {
+        session.restore(ckpt.epoch, ckpt.weights, ckpt.optimizer)?;
+    }
+    if !writer {
+        let (rank, world) = group.map(|g| (g.rank(), g.world())).expect("in a group");
+        eprintln!(
+            "rank {rank} of {world}: from epoch {}",
+            resumed.unwrap_or(0)
+        );
+        return session.run(&mut Silent);
+    }
     let dir = RunDir::create(out)?;
-    dir.write_config(&config)?;
-    let mut session = Session::in_group(config, &dataset, device, group.clone())?;
-    match dir.latest_checkpoint()?.filter(|_| resume) {
-        Some(ckpt) => {
-            eprintln!("resuming {} after epoch {}", dir.root.display(), ckpt.epoch);
-            dir.truncate_events_after(ckpt.epoch)?;
-            session.restore(ckpt.epoch, ckpt.weights, ckpt.optimizer)?;
+    dir.write_config(session.config())?;
+    match resumed {
+        Some(epoch) => {
+            eprintln!("resuming {} after epoch {epoch}", dir.root.display());
+            dir.truncate_events_after(epoch)?;
         }
         // A fresh start (or a resume before the first checkpoint): the log starts over.
         None => dir.clear_events()?,
     }
-    if let Some(group) = group {
-        let trainer = session.trainer();
-        let (weights, optimizer) = trainer.snapshot()?;
-        let start = Start {
-            config: trainer.config().clone(),
-            epoch: trainer.epoch,
-            weights,
-            optimizer,
-        };
-        group.all_gather_bytes(start.to_bytes()?)?;
-    }
     session.run(&mut RunFolder { dir, bar: None })
 }
 
-/// What rank 0 of `--nodes` sends the others before the first step: a JSON header line (the
-/// config, the epoch, the weights' length), then the weights and the optimizer state.
+/// One process per rank, each on one device and an equal slice of every batch.
+fn check_split(config: &RunConfig, world: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        config.devices.is_empty(),
+        "--devices splits one process over several devices; under mpirun each rank trains on \
+         one (--device)"
+    );
+    anyhow::ensure!(
+        config.batch_size.is_multiple_of(world) && config.batch_size / world >= 2,
+        "--batch-size {} does not split into {world} equal slices of at least 2 images (one per \
+         MPI rank)",
+        config.batch_size
+    );
+    Ok(())
+}
+
+/// What a run starts from: its config and, resuming, the checkpoint to continue.
 struct Start {
     config: RunConfig,
-    epoch: usize,
-    weights: Vec<u8>,
-    optimizer: Vec<u8>,
+    checkpoint: Option<Checkpoint>,
 }
 
 impl Start {
-    fn to_bytes(&self) -> anyhow::Result<Vec<u8>> {
-        let header = serde_json::json!({
-            "config": self.config,
-            "epoch": self.epoch,
-            "weights": self.weights.len(),
-        });
-        let mut bytes = serde_json::to_vec(&header)?;
-        bytes.push(b'\n');
-        bytes.extend(&self.weights);
-        bytes.extend(&self.optimizer);
-        Ok(bytes)
+    /// The flags' config for a new run in `out`; resuming, the folder's own and its latest
+    /// checkpoint.
+    fn read(config: RunConfig, out: &Path, resume: bool) -> anyhow::Result<Self> {
+        if !out.join("config.toml").is_file() {
+            return Ok(Self {
+                config,
+                checkpoint: None,
+            });
+        }
+        anyhow::ensure!(
+            resume,
+            "{} already holds a run; pass --resume to continue it or pick another --out",
+            out.display()
+        );
+        let dir = RunDir::open(out)?;
+        Ok(Self {
+            config: dir.read_config()?,
+            checkpoint: dir.latest_checkpoint()?,
+        })
     }
 
-    fn from_bytes(bytes: &[u8]) -> anyhow::Result<Self> {
-        let unreadable = || anyhow::anyhow!("rank 0 sent a start this version cannot read");
-        let newline = bytes
-            .iter()
-            .position(|&b| b == b'\n')
-            .ok_or_else(unreadable)?;
-        let header: serde_json::Value = serde_json::from_slice(&bytes[..newline])
-            .map_err(|e| anyhow::anyhow!("rank 0 sent a start this version cannot read: {e}"))?;
-        let config: RunConfig = serde_json::from_value(header["config"].clone())?;
-        let epoch = header["epoch"].as_u64().ok_or_else(unreadable)? as usize;
-        let weights = header["weights"].as_u64().ok_or_else(unreadable)? as usize;
-        let state = &bytes[newline + 1..];
-        anyhow::ensure!(state.len() >= weights, "rank 0's start is truncated");
-        let (weights, optimizer) = state.split_at(weights);
+    /// Rank 0's start on every rank: the run folder need only be on rank 0's disk.
+    fn share(self, group: &Collective) -> anyhow::Result<Self> {
+        let epoch = self.checkpoint.as_ref().map(|ckpt| ckpt.epoch);
+        let header = group.broadcast_bytes(serde_json::to_vec(&(&self.config, epoch))?)?;
+        let (config, epoch): (RunConfig, Option<usize>) = serde_json::from_slice(&header)
+            .map_err(|e| anyhow::anyhow!("rank 0's config is unreadable here: {e}"))?;
+        let state = self.checkpoint.map(|ckpt| (ckpt.weights, ckpt.optimizer));
+        let (weights, optimizer) = state.unwrap_or_default();
+        let (weights, optimizer) = (
+            group.broadcast_bytes(weights)?,
+            group.broadcast_bytes(optimizer)?,
+        );
         Ok(Self {
             config,
-            epoch,
-            weights: weights.to_vec(),
-            optimizer: optimizer.to_vec(),
+            checkpoint: epoch.map(|epoch| Checkpoint {
+                epoch,
+                weights,
+                optimizer,
+            }),
         })
     }
 }
 
-/// A rank above 0 of `--nodes`: takes rank 0's config and state, then steps with it to the end.
-fn follow(group: Collective) -> anyhow::Result<()> {
-    let parts = group.all_gather_bytes(vec![])?;
-    let Start {
-        config,
-        epoch,
-        weights,
-        optimizer,
-    } = Start::from_bytes(&parts[0])?;
-    let dataset = discover::load(&config.data)?;
-    let device = crate::backend::device_at(config.first_device())?;
-    eprintln!(
-        "rank {} of {}: {} from epoch {epoch}",
-        group.rank(),
-        group.world(),
-        config.data
-    );
-    let mut session = Session::in_group(config, &dataset, device, Some(group))?;
-    let trainer = session.trainer_mut();
-    trainer.restore(epoch, weights, optimizer)?;
-    while !trainer.finished() {
-        if trainer.epoch_finished() {
-            trainer.end_epoch();
-            continue;
-        }
-        trainer.step()?;
+/// Ranks above 0 write nothing: rank 0's run folder is the run's record.
+struct Silent;
+
+impl Sink for Silent {
+    fn record(&mut self, _: &Event, _: &Trainer) -> anyhow::Result<()> {
+        Ok(())
     }
-    Ok(())
 }
 
 /// The CLI's sink: events to `metrics.jsonl`, a progress bar per epoch, and at each epoch's end

@@ -132,7 +132,7 @@ impl Trainer {
         Ok(trainer)
     }
 
-    /// A trainer as rank `group.rank()` of processes training together (`--nodes`).
+    /// A trainer as rank `group.rank()` of processes training together (an MPI job).
     pub fn in_group(
         config: RunConfig,
         train: Split,

@@ -87,7 +87,8 @@ impl Session {
         Self::in_group(config, dataset, device, None)
     }
 
-    /// [`Session::new`] for one rank of processes that train together (`dcl pretrain --nodes`).
+    /// [`Session::new`] for one rank of processes that train together (an MPI job). Rank 0
+    /// alone runs the monitor: the run's record is its.
     pub fn in_group(
         config: RunConfig,
         dataset: &Dataset,
@@ -96,7 +97,8 @@ impl Session {
     ) -> anyhow::Result<Self> {
         let config = config.for_data(dataset);
         let train = dataset.train.head(config.limit.unwrap_or(usize::MAX));
-        let monitor = (!dataset.test.is_empty()).then(|| Monitor {
+        let reports = group.as_ref().is_none_or(|g| g.rank() == 0);
+        let monitor = (reports && !dataset.test.is_empty()).then(|| Monitor {
             bank: train.clone(),
             queries: dataset.test.head(config.eval_images.unwrap_or(usize::MAX)),
             classes: dataset.classes,
