@@ -464,7 +464,7 @@ impl Plan {
                     let row = (c * k + ki) * k + kj;
                     // Output columns whose input column ow * s + kj - p lies inside the image.
                     let first = p.saturating_sub(kj).div_ceil(s);
-                    let last = (w + p - kj).div_ceil(s).min(wo);
+                    let last = (w + p).saturating_sub(kj).div_ceil(s).min(wo);
                     for oh in 0..self.h_out {
                         let ih = (oh * s + ki).checked_sub(p).filter(|&i| i < self.height);
                         let run = ih.filter(|_| first < last).map(|ih| {
@@ -477,50 +477,109 @@ impl Plan {
         }
     }
 
-    /// Images [t, C, H, W] to their column matrix [C*k*k, t*Ho*Wo], image after image along the
-    /// columns (zero where a patch is padding), each entry written once.
-    fn im2col(&self, images: &[f32], cols: &mut [f32], columns: usize) {
-        let (s, wo) = (self.stride, self.w_out);
-        for (i, x) in images.chunks(self.image_in()).enumerate() {
+    /// Stride 1 with outputs as wide as the input (padding (k - 1) / 2): a column-matrix row's
+    /// lines for one image are the input's lines shifted, so one run copies them all; the
+    /// entries it takes across a line's edge (or from the next image) are padding, zeroed apart.
+    fn whole_blocks(&self) -> bool {
+        self.stride == 1 && self.w_out == self.width
+    }
+
+    /// With [`Plan::whole_blocks`]: calls `f(cols_range, x_at)` for each row of a tile's column
+    /// matrix with `columns` columns and each of its `images` images: the entries over the lines
+    /// that lie inside the image, equal to the inputs from `x_at` on (outside the padding).
+    fn for_each_block(
+        &self,
+        images: usize,
+        columns: usize,
+        mut f: impl FnMut(Range<usize>, usize),
+    ) {
+        let (k, p, h, w) = (self.kernel, self.padding, self.height, self.width);
+        let x_len = images * self.image_in();
+        for c in 0..self.c_in {
+            for ki in 0..k {
+                // Output lines whose input line oh + ki - p lies inside the image.
+                let (first, last) = (
+                    p.saturating_sub(ki),
+                    (h + p).saturating_sub(ki).min(self.h_out),
+                );
+                for kj in (0..k).filter(|_| first < last) {
+                    let row = (c * k + ki) * k + kj;
+                    for i in 0..images {
+                        let at = row * columns + i * self.pixels_out() + first * w;
+                        let x_at = i * self.image_in() + (c * h + first + ki - p) * w + kj;
+                        // Where the run would start before the tile or end past it, those
+                        // entries are padding: drop them from the run.
+                        let skip = p.saturating_sub(x_at);
+                        let len = ((last - first) * w)
+                            .saturating_sub(skip)
+                            .min((x_len + p).saturating_sub(x_at + skip));
+                        f(at + skip..at + skip + len, x_at + skip - p);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Zeroes the entries of a tile's column matrix that are padding.
+    fn zero_padding(&self, cols: &mut [f32], columns: usize, images: usize) {
+        for i in 0..images {
             let block = i * self.pixels_out();
             self.for_each_line(columns, |at, run| {
-                let line = &mut cols[block + at..][..wo];
-                let Some((x_at, range)) = run else {
+                let line = &mut cols[block + at..][..self.w_out];
+                let Some((_, range)) = run else {
                     return line.fill(0.0);
                 };
                 line[..range.start].fill(0.0);
                 line[range.end..].fill(0.0);
-                let out = &mut line[range];
-                match s {
-                    1 => out.copy_from_slice(&x[x_at..x_at + out.len()]),
-                    _ => out
-                        .iter_mut()
-                        .zip(x[x_at..].iter().step_by(s))
-                        .for_each(|(o, i)| *o = *i),
-                }
+            });
+        }
+    }
+
+    /// Images [t, C, H, W] to their column matrix [C*k*k, t*Ho*Wo], image after image along the
+    /// columns (zero where a patch is padding).
+    fn im2col(&self, x: &[f32], cols: &mut [f32], columns: usize) {
+        let (images, s) = (x.len() / self.image_in(), self.stride);
+        if self.whole_blocks() {
+            self.for_each_block(images, columns, |to, from| {
+                cols[to.clone()].copy_from_slice(&x[from..from + to.len()])
+            });
+            return self.zero_padding(cols, columns, images);
+        }
+        self.zero_padding(cols, columns, images);
+        for (i, x) in x.chunks(self.image_in()).enumerate() {
+            let block = i * self.pixels_out();
+            self.for_each_line(columns, |at, run| {
+                let Some((x_at, range)) = run else { return };
+                let out = &mut cols[block + at + range.start..][..range.len()];
+                out.iter_mut()
+                    .zip(x[x_at..].iter().step_by(s))
+                    .for_each(|(o, i)| *o = *i);
             });
         }
     }
 
     /// The adjoint of [`Plan::im2col`]: adds each column-matrix entry back onto its input pixel.
-    fn col2im(&self, cols: &[f32], images: &mut [f32], columns: usize) {
-        let s = self.stride;
-        for (i, dx) in images.chunks_mut(self.image_in()).enumerate() {
+    /// Zeroes the padding's entries of `cols` on the way.
+    fn col2im(&self, cols: &mut [f32], dx: &mut [f32], columns: usize) {
+        let (images, s) = (dx.len() / self.image_in(), self.stride);
+        if self.whole_blocks() {
+            self.zero_padding(cols, columns, images);
+            return self.for_each_block(images, columns, |from, to| {
+                let grad = &cols[from];
+                let dx = &mut dx[to..to + grad.len()];
+                dx.iter_mut().zip(grad).for_each(|(d, g)| *d += g);
+            });
+        }
+        for (i, dx) in dx.chunks_mut(self.image_in()).enumerate() {
             let block = i * self.pixels_out();
             self.for_each_line(columns, |at, run| {
                 let Some((x_at, range)) = run else { return };
                 let grad = &cols[block + at + range.start..][..range.len()];
-                match s {
-                    1 => dx[x_at..x_at + grad.len()]
-                        .iter_mut()
-                        .zip(grad)
-                        .for_each(|(d, g)| *d += g),
-                    _ => dx[x_at..]
-                        .iter_mut()
-                        .step_by(s)
-                        .zip(grad)
-                        .for_each(|(d, g)| *d += g),
-                }
+                dx[x_at..]
+                    .iter_mut()
+                    .step_by(s)
+                    .zip(grad)
+                    .for_each(|(d, g)| *d += g);
             });
         }
     }
@@ -735,7 +794,8 @@ mod tests {
         device.seed(7);
         let random =
             |shape: [usize; 4]| Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
-        // The second shape puts several images in a tile, and tiles of unequal size in a group.
+        // The second shape puts several images in a tile, and tiles of unequal size in a group;
+        // the last has a padding wider than its images.
         for (kernel, stride, padding, x_grad, shape) in [
             (3, 1, 1, true, [3, 4, 9, 7]),
             (3, 2, 1, true, [3, 4, 9, 7]),
@@ -747,6 +807,7 @@ mod tests {
             (3, 1, 1, true, [40, 2, 11, 11]),
             (3, 2, 1, true, [21, 4, 5, 4]),
             (1, 1, 0, false, [21, 4, 4, 4]),
+            (5, 1, 2, true, [3, 2, 5, 1]),
         ] {
             let x = random(shape);
             let x = if x_grad { x.require_grad() } else { x };
@@ -756,7 +817,11 @@ mod tests {
             let options = ConvOptions::new([stride; 2], [padding; 2], [1, 1], 1);
             let burns = burn::tensor::module::conv2d(x.clone(), weight.clone(), None, options);
             assert_eq!(ours.dims(), burns.dims(), "k{kernel} s{stride} p{padding}");
-            assert!(max_diff(ours.clone(), burns.clone()) < 1e-4);
+            let case = format!("k{kernel} s{stride} p{padding} {shape:?}");
+            assert!(
+                max_diff(ours.clone(), burns.clone()) < 1e-4,
+                "value, {case}"
+            );
             let r = random(ours.dims());
             let (g_ours, g_burn) = (
                 (ours * r.clone()).sum().backward(),
