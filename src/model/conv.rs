@@ -7,6 +7,7 @@
 //! `resnet-mini` training step put a quarter of it in those two outside gemm. Here a tile of
 //! images (one image at 32x32, up to 32 at 4x4) is one rayon task: im2col, then one gemm forward;
 //! im2col, two gemms and col2im backward, the weight gradient summed over fixed groups of images.
+//! Stride-1 layers at 32x32 take the shifted path instead ([`Path::Shifted`]): no column matrix.
 //! Only the CPU device takes this path (see `backend::has_fast_conv`); it is tested equal to
 //! Burn's `conv2d` in value and gradients.
 
