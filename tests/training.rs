@@ -229,7 +229,7 @@ fn one_pass_over_both_views_equals_a_pass_per_view() {
         let (x1, x2) = (view(0.0), view(0.5));
         // Weighted sums, so that every embedding's gradient differs.
         let weights =
-            Tensor::<2>::from_data(values([1, 1, 6, 128], 1.0), &device).reshape([6, 128]);
+            Tensor::<4>::from_data(values([1, 1, 6, 128], 1.0), &device).reshape([6, 128]);
         let objective =
             |z1: Tensor<2>, z2: Tensor<2>| (z1 * weights.clone() - z2 * weights.clone()).sum();
         let [a1, a2] = encoder.clone().forward_views([x1.clone(), x2.clone()]);
