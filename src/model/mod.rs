@@ -343,7 +343,7 @@ impl Encoder {
 mod tests {
     use super::*;
     use burn::module::{AutodiffModule, Param};
-    use burn::tensor::Distribution;
+    use burn::tensor::{Distribution, Gradients};
 
     /// A batch norm with the given affine parameters and fresh running statistics.
     fn batch_norm_with(gamma: &Tensor<1>, beta: &Tensor<1>) -> BatchNorm {
@@ -357,17 +357,48 @@ mod tests {
         (a - b).abs().max().into_scalar::<f32>()
     }
 
+    /// The CPU's autodiff device, seeded, and normal draws of shape [B, C, H, W] on it.
+    fn seeded(seed: u64) -> (Device, impl Fn([usize; 4], f64, f64) -> Tensor<4>) {
+        let device = crate::backend::cpu().autodiff();
+        device.seed(seed);
+        let on = device.clone();
+        let random = move |shape, mean, std| {
+            Tensor::<4>::random(shape, Distribution::Normal(mean, std), &on)
+        };
+        (device, random)
+    }
+
+    /// gamma and beta of `channels`, drawn around 1 and 0.
+    fn affine(
+        random: impl Fn([usize; 4], f64, f64) -> Tensor<4>,
+        channels: usize,
+    ) -> [Tensor<1>; 2] {
+        [1.0, 0.0].map(|mean| random([1, 1, 1, channels], mean, 0.5).reshape([channels]))
+    }
+
+    /// Two batch norms' gamma and beta gradients and their running statistics agree.
+    fn assert_parameters_agree(
+        a: &BatchNorm,
+        grads_a: &Gradients,
+        b: &BatchNorm,
+        grads_b: &Gradients,
+    ) {
+        for (pa, pb) in [(&a.gamma, &b.gamma), (&a.beta, &b.beta)] {
+            let (ga, gb) = (pa.grad(grads_a).unwrap(), pb.grad(grads_b).unwrap());
+            assert!(max_diff(ga, gb) < 1e-4);
+        }
+        let stats = |bn: &BatchNorm| [bn.running_mean.value_sync(), bn.running_var.value_sync()];
+        for (sa, sb) in stats(a).into_iter().zip(stats(b)) {
+            assert!(max_diff(sa, sb) < 1e-6);
+        }
+    }
+
     /// Both training paths (the CPU's fused op, the tensor ops GPU devices take) against Burn's
     /// `BatchNorm`: output, gradients of input, gamma and beta, running statistics; then eval.
     #[test]
     fn batch_norm_equals_burns_in_training_and_in_eval() {
-        let device = crate::backend::cpu().autodiff();
-        device.seed(11);
-        let random = |shape: [usize; 4], mean, std| {
-            Tensor::<4>::random(shape, Distribution::Normal(mean, std), &device)
-        };
-        let gamma = random([1, 1, 1, 5], 1.0, 0.5).reshape([5]);
-        let beta = random([1, 1, 1, 5], 0.0, 0.5).reshape([5]);
+        let (device, random) = seeded(11);
+        let [gamma, beta] = affine(&random, 5);
         let x_values = random([3, 5, 4, 6], 2.0, 3.0).into_data();
         // A weighted sum, so that every output's gradient differs.
         let weights = random([3, 5, 4, 6], 0.0, 1.0);
@@ -386,15 +417,7 @@ mod tests {
             let grads_burn = (y_burn * weights.clone()).sum().backward();
             let grad = |t: &Tensor<4>, g| t.grad(g).unwrap();
             assert!(max_diff(grad(&x, &grads_ours), grad(&x, &grads_burn)) < 1e-5);
-            for (a, b) in [(&ours.gamma, &burns.gamma), (&ours.beta, &burns.beta)] {
-                let (ga, gb) = (a.grad(&grads_ours).unwrap(), b.grad(&grads_burn).unwrap());
-                assert!(max_diff(ga, gb) < 1e-4);
-            }
-            let stats =
-                |bn: &BatchNorm| [bn.running_mean.value_sync(), bn.running_var.value_sync()];
-            for (a, b) in stats(&ours).into_iter().zip(stats(&burns)) {
-                assert!(max_diff(a, b) < 1e-6);
-            }
+            assert_parameters_agree(&ours, &grads_ours, &burns, &grads_burn);
         }
         let (ours, burns) = (
             batch_norm_with(&gamma, &beta),
@@ -414,13 +437,8 @@ mod tests {
     /// statistics after both.
     #[test]
     fn stacked_views_equal_one_batch_norm_per_view() {
-        let device = crate::backend::cpu().autodiff();
-        device.seed(12);
-        let random = |shape: [usize; 4], mean, std| {
-            Tensor::<4>::random(shape, Distribution::Normal(mean, std), &device)
-        };
-        let gamma = random([1, 1, 1, 3], 1.0, 0.5).reshape([3]);
-        let beta = random([1, 1, 1, 3], 0.0, 0.5).reshape([3]);
+        let (device, random) = seeded(12);
+        let [gamma, beta] = affine(&random, 3);
         // Views with different statistics, so that sharing them would show.
         let views = [
             random([4, 3, 5, 3], 1.0, 2.0),
@@ -451,18 +469,7 @@ mod tests {
                 );
                 assert!(max_diff(ga, gb) < 1e-5);
             }
-            for (a, b) in [(&stacked.gamma, &apart.gamma), (&stacked.beta, &apart.beta)] {
-                let (ga, gb) = (
-                    a.grad(&grads_stacked).unwrap(),
-                    b.grad(&grads_apart).unwrap(),
-                );
-                assert!(max_diff(ga, gb) < 1e-4);
-            }
-            let stats =
-                |bn: &BatchNorm| [bn.running_mean.value_sync(), bn.running_var.value_sync()];
-            for (a, b) in stats(&stacked).into_iter().zip(stats(&apart)) {
-                assert!(max_diff(a, b) < 1e-6);
-            }
+            assert_parameters_agree(&stacked, &grads_stacked, &apart, &grads_apart);
         }
     }
 }
