@@ -126,40 +126,47 @@ fn fused_batch_norm(bn: &BatchNorm, x: Tensor<4>, views: usize) -> Tensor<4> {
     norm::batch_norm(x, bn.gamma.val(), bn.beta.val(), moments, bn.epsilon)
 }
 
-/// Training mode elsewhere: batch statistics with Burn's tensor ops, the gradient by autodiff.
+/// Training mode elsewhere (the GPU devices): batch statistics with Burn's tensor ops, the
+/// gradient by autodiff. x is seen as [views, N, C, H*W], so each view's statistics broadcast
+/// over its own images: no coefficients copied out per image, which on a GPU cost a dispatch
+/// forward and a reduction backward for every one.
 fn batch_norm_from_tensor_ops(bn: &BatchNorm, x: Tensor<4>, views: usize) -> Tensor<4> {
     let [b, c, h, w] = x.dims();
-    let n = b / views;
-    // Per view and channel: the mean over images of the mean over pixels, [views, C].
-    let channel_mean = |t: Tensor<4>| {
-        t.reshape([views, n, c, h * w])
-            .mean_dim(3)
-            .mean_dim(1)
-            .reshape([views, c])
-    };
+    let x = x.reshape([views, b / views, c, h * w]);
+    // Per view and channel: the mean over images of the mean over pixels, [views, 1, C, 1].
+    let channel_mean = |t: Tensor<4>| t.mean_dim(3).mean_dim(1);
     let mean = channel_mean(x.clone());
-    let var = channel_mean((x.clone() - per_image(mean.clone(), b)).square());
-    update_running(bn, mean.clone(), var.clone());
-    normalize(bn, x, mean, var)
+    let centered = x - mean.clone();
+    let var = channel_mean(centered.clone().square());
+    update_running(
+        bn,
+        mean.reshape([views, c]),
+        var.clone().reshape([views, c]),
+    );
+    let gamma = bn.gamma.val().reshape([1, 1, c, 1]);
+    let beta = bn.beta.val().reshape([1, 1, c, 1]);
+    let scale = gamma / var.add_scalar(bn.epsilon).sqrt();
+    (centered * scale + beta).reshape([b, c, h, w])
 }
 
 /// The running averages' momentum steps from the batch's [views, C] means and biased
-/// variances, view after view.
+/// variances, view after view, folded into one update per statistic:
+/// r <- (1-m)^V r + sum_v m (1-m)^(V-1-v) batch_v (a GPU's dispatches are per op, not per view).
 fn update_running(bn: &BatchNorm, mean: Tensor<2>, var: Tensor<2>) {
-    let [views, c] = mean.dims();
-    for view in 0..views {
-        for (state, batch) in [(&bn.running_mean, &mean), (&bn.running_var, &var)] {
-            let old = state.value_sync().to_device(&batch.device());
-            let batch = batch.clone().narrow(0, view, 1).detach().reshape([c]);
-            state.update(
-                old.mul_scalar(1.0 - bn.momentum)
-                    .add(batch.mul_scalar(bn.momentum))
-                    .detach(),
-            );
-            // Burn keeps an update pending until the next read, and saving or evaluating
-            // reads the value without it: commit it now, so what is saved is what was computed.
-            state.value_sync();
-        }
+    let [views, _] = mean.dims();
+    let m = bn.momentum;
+    let decay = |steps: usize| (1.0 - m).powi(steps as i32);
+    let weights: Vec<f32> = (0..views)
+        .map(|v| (m * decay(views - 1 - v)) as f32)
+        .collect();
+    let weights = Tensor::<1>::from_floats(weights.as_slice(), &mean.device()).reshape([views, 1]);
+    for (state, batch) in [(&bn.running_mean, mean), (&bn.running_var, var)] {
+        let old = state.value_sync().to_device(&batch.device());
+        let batch = (batch.detach() * weights.clone()).sum_dim(0).squeeze_dim(0);
+        state.update(old.mul_scalar(decay(views)).add(batch).detach());
+        // Burn keeps an update pending until the next read, and saving or evaluating reads
+        // the value without it: commit it now, so what is saved is what was computed.
+        state.value_sync();
     }
 }
 
