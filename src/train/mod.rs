@@ -1,26 +1,26 @@
 //! The trainer, one step at a time (`step()`, `end_epoch()`); [`Session`] drives it through a
-//! run for the CLI, the page and experiments alike. Everything random is keyed by (seed, epoch,
-//! sample), so a run resumed from an epoch checkpoint replays exactly what an uninterrupted run
-//! would.
+//! run for the CLI, the page and experiments alike. What it trains on and when is its
+//! [`schedule`]'s; the weights and the optimizer's state, and their snapshots, its [`replica`]'s.
 
 mod config;
 mod peers;
 mod prefetch;
+mod replica;
+mod schedule;
 mod session;
 
 pub use config::RunConfig;
 pub use session::{Event, Session, Sink};
 
-use crate::augment::{view_pairs, ViewConfig};
 use crate::collective::{Collective, SyncBatchNorm};
 use crate::data::{Split, IMAGE_LEN, SIDE};
 use crate::loss::{ContrastiveLoss, LossAndGrads, LossKernel};
 use crate::model::{Encoder, MixedPrecision};
-use crate::optim::EncoderOptimizer;
-use crate::weights::{init_encoder, module_from_bytes, module_to_bytes};
+use crate::weights::module_to_bytes;
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
-use rand::seq::SliceRandom;
+use replica::Replica;
+use schedule::Schedule;
 use serde::Serialize;
 
 /// One optimization step, as reported to the event sink.
@@ -59,26 +59,16 @@ pub struct Trainer {
     /// Private: the loss is built from it once, so a change afterwards would do nothing.
     config: RunConfig,
     loss: ContrastiveLoss,
-    views: ViewConfig,
-    /// `None` only inside `step`, while the optimizer owns the weights.
-    encoder: Option<Encoder>,
+    replica: Replica,
     /// The WGSL kernel and its device, made on the first fused step (making it must be awaited).
     #[cfg(any(feature = "wgpu", feature = "webgpu"))]
     fused: Option<FusedPath>,
-    optimizer: EncoderOptimizer,
     device: Device,
-    train: Split,
-    order: Vec<usize>,
-    /// Epochs completed so far.
-    pub epoch: usize,
-    /// Steps taken in the current epoch.
-    pub step_in_epoch: usize,
+    schedule: Schedule,
     /// This trainer's place among the peers of `--devices`; `None` alone on one device.
     group: Option<Collective>,
     /// Rank 0's: the other peers, each a trainer on its own thread.
     peers: Vec<peers::Peer>,
-    /// The next step's views, in the making while this step runs.
-    prefetch: prefetch::Prefetch,
     traffic: Traffic,
 }
 
@@ -151,42 +141,19 @@ impl Trainer {
     ) -> anyhow::Result<Self> {
         config.validate()?;
         let loss = ContrastiveLoss::new(config.loss, config.temperature, config.sigma)?;
-        anyhow::ensure!(
-            train.len() >= config.batch_size,
-            "{} training images are fewer than one batch of {}",
-            train.len(),
-            config.batch_size
-        );
-        let encoder = init_encoder(config.model, config.seed, &device)?;
-        let optimizer =
-            EncoderOptimizer::new(config.optimizer, config.weight_decay, config.momentum);
-        let mut trainer = Self {
+        let schedule = Schedule::new(&config, train)?;
+        Ok(Self {
             loss,
-            views: config.views.config(config.crop_min_scale),
-            encoder: Some(encoder),
+            replica: Replica::new(&config, &device)?,
             #[cfg(any(feature = "wgpu", feature = "webgpu"))]
             fused: None,
-            optimizer,
             device,
-            train,
-            order: vec![],
-            epoch: 0,
-            step_in_epoch: 0,
+            schedule,
             group: group.into(),
             peers: vec![],
-            prefetch: Default::default(),
             traffic: Traffic::default(),
             config,
-        };
-        trainer.shuffle();
-        Ok(trainer)
-    }
-
-    fn shuffle(&mut self) {
-        let mut rng =
-            crate::augment::sample_rng(self.config.seed ^ 0x005e_ed0f_0d3e, self.epoch as u64);
-        self.order = (0..self.train.len()).collect();
-        self.order.shuffle(&mut rng);
+        })
     }
 
     pub fn config(&self) -> &RunConfig {
@@ -194,95 +161,44 @@ impl Trainer {
     }
 
     pub fn encoder(&self) -> &Encoder {
-        self.encoder
-            .as_ref()
-            .expect("encoder present between steps")
+        self.replica.encoder()
     }
 
     pub fn device(&self) -> &Device {
         &self.device
     }
 
+    /// Epochs completed so far.
+    pub fn epoch(&self) -> usize {
+        self.schedule.epoch
+    }
+
+    /// Steps taken in the current epoch.
+    pub fn step_in_epoch(&self) -> usize {
+        self.schedule.step_in_epoch
+    }
+
     /// Full batches per epoch (the last partial batch is dropped, as contrastive training does).
     pub fn steps_per_epoch(&self) -> usize {
-        self.train.len() / self.config.batch_size
+        self.schedule.steps_per_epoch()
     }
 
     pub fn traffic(&self) -> Traffic {
         self.traffic
     }
 
-    pub fn global_step(&self) -> usize {
-        self.epoch * self.steps_per_epoch() + self.step_in_epoch
-    }
-
     pub fn epoch_finished(&self) -> bool {
-        self.step_in_epoch >= self.steps_per_epoch()
+        self.schedule.epoch_finished()
     }
 
     pub fn finished(&self) -> bool {
-        self.epoch >= self.config.epochs
-    }
-
-    /// Linear warm-up, then cosine decay to zero over the whole run.
-    pub fn learning_rate(&self, step: usize) -> f64 {
-        let total = (self.config.epochs * self.steps_per_epoch()).max(1) as f64;
-        let warmup = (self.config.warmup_epochs * self.steps_per_epoch() as f64).round();
-        let step = step as f64;
-        if step < warmup {
-            return self.config.lr * (step + 1.0) / warmup;
-        }
-        let progress = ((step - warmup) / (total - warmup).max(1.0)).min(1.0);
-        self.config.lr * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+        self.schedule.finished()
     }
 
     /// The two augmented views of the first `count` images of the next batch, flattened
     /// [count, 3, 32, 32]: exactly what the next step trains on (the page shows them).
     pub fn upcoming_views(&self, count: usize) -> (Vec<f32>, Vec<f32>) {
-        self.views_of(0..count.min(self.config.batch_size))
-    }
-
-    /// The views of rows `rows` of the next batch. A sample's views are keyed by its place in
-    /// the epoch, so a peer's slice gets the very views one device would make for those rows.
-    fn views_of(&self, rows: std::ops::Range<usize>) -> prefetch::Views {
-        if self.epoch_finished() {
-            return (vec![], vec![]);
-        }
-        self.view_job(self.step_in_epoch, rows)()
-    }
-
-    /// Makes the views of rows `rows` of step `step` of this epoch, apart from the trainer: the
-    /// images are copied (a few kilobytes a row), so the job can run on another thread.
-    fn view_job(
-        &self,
-        step: usize,
-        rows: std::ops::Range<usize>,
-    ) -> impl FnOnce() -> prefetch::Views + Send + 'static {
-        let start = step * self.config.batch_size + rows.start;
-        let images: Vec<u8> = self.order[start..start + rows.len()]
-            .iter()
-            .flat_map(|&i| self.train.image(i).iter().copied())
-            .collect();
-        let (views, seed) = (self.views, self.config.seed);
-        let stream0 = (self.epoch * self.train.len() + start) as u64;
-        move || {
-            let images: Vec<&[u8]> = images.chunks_exact(IMAGE_LEN).collect();
-            view_pairs(&images, &views, seed, stream0)
-        }
-    }
-
-    /// This step's views, from the prefetch when it made them, and the next step's set going.
-    fn take_views(&mut self, rows: std::ops::Range<usize>) -> prefetch::Views {
-        let (epoch, first, count) = (self.epoch, rows.start, rows.len());
-        let key = |step| (epoch, step, first, count);
-        let now = key(self.step_in_epoch);
-        let views = (self.prefetch.take(now)).unwrap_or_else(|| self.views_of(rows.clone()));
-        let next = self.step_in_epoch + 1;
-        if next < self.steps_per_epoch() {
-            let job = self.view_job(next, rows.clone());
-            self.prefetch.start(key(next), job);
-        }
-        views
+        (self.schedule).views_of(0..count.min(self.config.batch_size))
     }
 
     /// This trainer's rows of every batch: all of them alone, its equal share among peers.
@@ -297,7 +213,7 @@ impl Trainer {
     fn next_views(&mut self) -> (Tensor<4>, Tensor<4>) {
         let rows = self.rows();
         let b = rows.len();
-        let (v1, v2) = self.take_views(rows);
+        let (v1, v2) = self.schedule.take_views(rows);
         let tensor = |v: Vec<f32>| {
             debug_assert_eq!(v.len(), b * IMAGE_LEN);
             Tensor::from_data(TensorData::new(v, [b, 3, SIDE, SIDE]), &self.device)
@@ -333,11 +249,11 @@ impl Trainer {
         anyhow::ensure!(
             !self.epoch_finished(),
             "epoch {} has no steps left: call end_epoch()",
-            self.epoch
+            self.epoch()
         );
         let (x1, x2) = self.next_views();
         mark("data");
-        let encoder = self.encoder.take().expect("encoder present");
+        let encoder = self.replica.encoder.take().expect("encoder present");
         let sync_batch_norm = self.group.as_ref().map(SyncBatchNorm::over);
         let precision = MixedPrecision::enter(self.config.precision, self.config.device);
         let [z1, z2] = encoder.forward_views([x1, x2]);
@@ -345,14 +261,14 @@ impl Trainer {
         let (value, objective) = match self.loss_and_objective(z1, z2).await {
             Ok(v) => v,
             Err(e) => {
-                self.encoder = Some(encoder);
+                self.replica.encoder = Some(encoder);
                 return Err(e);
             }
         };
         mark("forward");
-        let (epoch, step) = (self.epoch, self.step_in_epoch);
+        let (epoch, step) = (self.epoch(), self.step_in_epoch());
         if !value.is_finite() {
-            self.encoder = Some(encoder);
+            self.replica.encoder = Some(encoder);
             return Err(TrainError::NonFiniteLoss {
                 epoch,
                 step,
@@ -360,26 +276,27 @@ impl Trainer {
             }
             .into());
         }
-        let lr = self.learning_rate(self.global_step());
+        let lr = self.schedule.learning_rate(self.schedule.global_step());
         let grads = GradientsParams::from_grads(objective.backward(), &encoder);
         drop(sync_batch_norm);
         let grads = match &self.group {
             Some(group) => match peers::sum_gradients(group, &encoder, grads) {
                 Ok(grads) => grads,
                 Err(e) => {
-                    self.encoder = Some(encoder);
+                    self.replica.encoder = Some(encoder);
                     return Err(e);
                 }
             },
             None => grads,
         };
         mark("backward");
-        self.encoder = Some(self.optimizer.step(lr, encoder, grads));
+        let replica = &mut self.replica;
+        replica.encoder = Some(replica.optimizer.step(lr, encoder, grads));
         mark("optimizer");
-        self.step_in_epoch += 1;
+        self.schedule.step_in_epoch += 1;
         Ok(StepEvent {
             epoch,
-            step: self.global_step() - 1,
+            step: self.schedule.global_step() - 1,
             loss: value,
             lr,
         })
@@ -514,12 +431,7 @@ impl Trainer {
             let weights = module_to_bytes(encoder.clone())?;
             peers::tell_all(&self.peers, || peers::Command::Load(weights.clone()))?;
         }
-        self.encoder = Some(encoder);
-        self.optimizer = EncoderOptimizer::new(
-            self.config.optimizer,
-            self.config.weight_decay,
-            self.config.momentum,
-        );
+        self.replica = Replica::with(&self.config, encoder);
         Ok(())
     }
 
@@ -531,36 +443,32 @@ impl Trainer {
             "continuing from weights alone is for one device; peers restore whole checkpoints"
         );
         self.load_encoder(encoder)?;
-        self.epoch = epoch;
-        self.step_in_epoch = 0;
-        self.shuffle();
+        self.schedule.start_epoch(epoch);
         Ok(())
     }
 
     /// [`Trainer::load_encoder`] from [`module_to_bytes`]'s bytes (how peers receive weights).
     fn load_weights(&mut self, weights: Vec<u8>) -> anyhow::Result<()> {
-        let fresh = Encoder::new(self.config.model, &self.device);
-        self.load_encoder(module_from_bytes(fresh, weights)?)
+        self.load_encoder(replica::weights_from_bytes(
+            &self.config,
+            &self.device,
+            weights,
+        )?)
     }
 
     pub fn end_epoch(&mut self) {
         // A peer that stopped has already failed the step before this one.
         let _ = peers::tell_all(&self.peers, || peers::Command::EndEpoch);
-        self.epoch += 1;
-        self.step_in_epoch = 0;
-        self.shuffle();
+        self.schedule.start_epoch(self.epoch() + 1);
     }
 
     /// Weights and optimizer state at an epoch boundary.
     pub fn snapshot(&self) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
         anyhow::ensure!(
-            self.step_in_epoch == 0,
+            self.step_in_epoch() == 0,
             "snapshots are taken at epoch boundaries"
         );
-        Ok((
-            module_to_bytes(self.encoder().clone())?,
-            self.optimizer.to_bytes()?,
-        ))
+        self.replica.snapshot()
     }
 
     /// Restores a snapshot taken after `epoch` completed epochs.
@@ -575,17 +483,8 @@ impl Trainer {
             weights: weights.clone(),
             optimizer: optimizer.clone(),
         })?;
-        let fresh = Encoder::new(self.config.model, &self.device);
-        self.encoder = Some(module_from_bytes(fresh, weights)?);
-        let optim = EncoderOptimizer::new(
-            self.config.optimizer,
-            self.config.weight_decay,
-            self.config.momentum,
-        );
-        self.optimizer = optim.from_bytes(optimizer)?;
-        self.epoch = epoch;
-        self.step_in_epoch = 0;
-        self.shuffle();
+        self.replica = Replica::restore(&self.config, &self.device, weights, optimizer)?;
+        self.schedule.start_epoch(epoch);
         Ok(())
     }
 }
@@ -625,21 +524,6 @@ mod tests {
         Trainer::new(config, split, device()).unwrap()
     }
 
-    #[test]
-    fn warmup_then_cosine_to_zero() {
-        let t = trainer(2.0); // 10 steps per epoch, 100 in all, 20 of warm-up
-        assert!((t.learning_rate(0) - 0.5 / 20.0).abs() < 1e-12);
-        assert!((t.learning_rate(19) - 0.5).abs() < 1e-12);
-        assert!((t.learning_rate(20) - 0.5).abs() < 1e-12);
-        assert!(
-            (t.learning_rate(60) - 0.25).abs() < 1e-12,
-            "half way through the cosine"
-        );
-        assert!(t.learning_rate(99) < 0.001);
-        let t = trainer(0.0);
-        assert!((t.learning_rate(0) - 0.5).abs() < 1e-12);
-    }
-
     /// A trainer restored from a snapshot takes the very step the original takes next, for each
     /// optimizer (its momenta and moments travel in the snapshot).
     #[test]
@@ -674,19 +558,23 @@ mod tests {
     fn prefetched_views_are_the_views_made_on_demand() {
         let mut t = Trainer::new(trainer(0.0).config().clone(), varied_split(8), device()).unwrap();
         let rows = t.rows();
-        let first = t.take_views(rows.clone());
-        assert_eq!(first, t.view_job(0, rows.clone())());
-        t.step_in_epoch = 1;
-        let expected = t.views_of(rows.clone());
-        assert_eq!(t.take_views(rows.clone()), expected, "step 1, prefetched");
+        let first = t.schedule.take_views(rows.clone());
+        assert_eq!(first, t.schedule.view_job(0, rows.clone())());
+        t.schedule.step_in_epoch = 1;
+        let expected = t.schedule.views_of(rows.clone());
+        assert_eq!(
+            t.schedule.take_views(rows.clone()),
+            expected,
+            "step 1, prefetched"
+        );
         t.end_epoch();
         let (weights, optimizer) = t.snapshot().unwrap();
-        t.step_in_epoch = 0;
-        t.take_views(rows.clone()); // step 1 of epoch 1 in the making
+        t.schedule.step_in_epoch = 0;
+        t.schedule.take_views(rows.clone()); // step 1 of epoch 1 in the making
         t.restore(0, weights, optimizer).unwrap();
-        t.step_in_epoch = 1;
+        t.schedule.step_in_epoch = 1;
         assert_eq!(
-            t.take_views(rows),
+            t.schedule.take_views(rows),
             expected,
             "epoch 0 again, not epoch 1's views"
         );
