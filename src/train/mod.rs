@@ -6,20 +6,22 @@ mod config;
 mod peers;
 mod prefetch;
 mod replica;
+mod route;
 mod schedule;
 mod session;
 
 pub use config::RunConfig;
+pub use route::Traffic;
 pub use session::{Event, Session, Sink};
 
 use crate::collective::{Collective, SyncBatchNorm};
 use crate::data::{Split, IMAGE_LEN, SIDE};
-use crate::loss::{ContrastiveLoss, LossAndGrads, LossKernel};
 use crate::model::{Encoder, MixedPrecision};
 use crate::weights::module_to_bytes;
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
 use replica::Replica;
+use route::LossRoute;
 use schedule::Schedule;
 use serde::Serialize;
 
@@ -58,50 +60,14 @@ impl std::error::Error for TrainError {}
 pub struct Trainer {
     /// Private: the loss is built from it once, so a change afterwards would do nothing.
     config: RunConfig,
-    loss: ContrastiveLoss,
+    route: LossRoute,
     replica: Replica,
-    /// The WGSL kernel and its device, made on the first fused step (making it must be awaited).
-    #[cfg(any(feature = "wgpu", feature = "webgpu"))]
-    fused: Option<FusedPath>,
     device: Device,
     schedule: Schedule,
     /// This trainer's place among the peers of `--devices`; `None` alone on one device.
     group: Option<Collective>,
     /// Rank 0's: the other peers, each a trainer on its own thread.
     peers: Vec<peers::Peer>,
-    traffic: Traffic,
-}
-
-/// What this trainer's steps have cost in round trips with the device so far, beyond Burn's
-/// own kernel launches (which CubeCL's log counts: `dcl bench train`).
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Traffic {
-    /// Copies back to the host that a step waited for.
-    pub host_reads: usize,
-    /// Compute dispatches made outside Burn (the fused WGSL loss).
-    pub dispatches: usize,
-}
-
-/// The fused loss kernel on Burn's own wgpu device (`backend::wgpu_context`). The embeddings
-/// still cross through the host, a few hundred kilobytes a step: Burn's buffers are not handed
-/// to the kernel.
-#[cfg(any(feature = "wgpu", feature = "webgpu"))]
-struct FusedPath {
-    gpu: std::sync::Arc<crate::gpu::GpuContext>,
-    kernel: crate::gpu::loss::FusedLoss,
-}
-
-#[cfg(any(feature = "wgpu", feature = "webgpu"))]
-impl FusedPath {
-    fn new() -> anyhow::Result<Self> {
-        let gpu = crate::backend::wgpu_context().ok_or_else(|| {
-            anyhow::anyhow!(
-                "the fused loss kernel runs on the wgpu device that backend::device makes"
-            )
-        })?;
-        let kernel = crate::gpu::loss::FusedLoss::new(&gpu);
-        Ok(Self { gpu, kernel })
-    }
 }
 
 impl Trainer {
@@ -140,18 +106,15 @@ impl Trainer {
         group: impl Into<Option<Collective>>,
     ) -> anyhow::Result<Self> {
         config.validate()?;
-        let loss = ContrastiveLoss::new(config.loss, config.temperature, config.sigma)?;
+        let route = LossRoute::new(&config, device.clone())?;
         let schedule = Schedule::new(&config, train)?;
         Ok(Self {
-            loss,
+            route,
             replica: Replica::new(&config, &device)?,
-            #[cfg(any(feature = "wgpu", feature = "webgpu"))]
-            fused: None,
             device,
             schedule,
             group: group.into(),
             peers: vec![],
-            traffic: Traffic::default(),
             config,
         })
     }
@@ -184,7 +147,7 @@ impl Trainer {
     }
 
     pub fn traffic(&self) -> Traffic {
-        self.traffic
+        self.route.traffic
     }
 
     pub fn epoch_finished(&self) -> bool {
@@ -258,7 +221,7 @@ impl Trainer {
         let precision = MixedPrecision::enter(self.config.precision, self.config.device);
         let [z1, z2] = encoder.forward_views([x1, x2]);
         drop(precision);
-        let (value, objective) = match self.loss_and_objective(z1, z2).await {
+        let (value, objective) = match self.route.objective(z1, z2, self.group.as_ref()).await {
             Ok(v) => v,
             Err(e) => {
                 self.replica.encoder = Some(encoder);
@@ -300,129 +263,6 @@ impl Trainer {
             loss: value,
             lr,
         })
-    }
-
-    /// The loss value and the scalar whose gradient trains the encoder: the loss itself on the
-    /// reference path; on the fused and the gathered paths sum(z1·g1 + z2·g2) with the loss'
-    /// gradients g held constant, which hands autodiff exactly dL/dz and leaves the encoder's
-    /// backward to Burn.
-    async fn loss_and_objective(
-        &mut self,
-        z1: Tensor<2>,
-        z2: Tensor<2>,
-    ) -> anyhow::Result<(f64, Tensor<1>)> {
-        let gathered = self.group.clone().filter(|_| self.config.gather_negatives);
-        if self.config.loss_kernel == LossKernel::Fused || gathered.is_some() {
-            return self.objective_through_host(z1, z2, gathered).await;
-        }
-        let loss = self.loss.forward(z1, z2)?;
-        self.traffic.host_reads += 1;
-        let value =
-            loss.clone().into_scalar_async::<f64>().await.map_err(|e| {
-                anyhow::anyhow!("the device failed while reading the loss back: {e:?}")
-            })?;
-        match &self.group {
-            // Each peer's own batch (`--gather-negatives false`): the run's loss is the mean
-            // of the peers' losses, and so is the objective once the gradients are summed.
-            Some(group) => {
-                let mut values = [value];
-                group.sum(&mut values)?;
-                let world = group.world() as f64;
-                Ok((values[0] / world, loss.div_scalar(world)))
-            }
-            None => Ok((value, loss)),
-        }
-    }
-
-    /// The loss over the batch, the whole global one when `gathered` (every peer's embeddings,
-    /// by rank), and its exact gradient with respect to this device's rows.
-    async fn objective_through_host(
-        &mut self,
-        z1: Tensor<2>,
-        z2: Tensor<2>,
-        gathered: Option<Collective>,
-    ) -> anyhow::Result<(f64, Tensor<1>)> {
-        let [n, d] = z1.dims();
-        let mut a = crate::backend::read_f32(z1.clone().detach()).await?;
-        let mut b = crate::backend::read_f32(z2.clone().detach()).await?;
-        self.traffic.host_reads += 2;
-        let mut first = 0;
-        if let Some(group) = gathered {
-            let mine = a.iter().chain(&b).map(|&v| v as f64).collect();
-            let parts = group.all_gather(mine)?;
-            let view = |part: &[f64]| part.iter().map(|&v| v as f32).collect::<Vec<_>>();
-            a = parts.iter().flat_map(|p| view(&p[..n * d])).collect();
-            b = parts.iter().flat_map(|p| view(&p[n * d..])).collect();
-            first = group.rank() * n;
-        }
-        let out = self.loss_and_grads(&a, &b, a.len() / d, d).await?;
-        self.traffic.host_reads += out.host_reads;
-        self.traffic.dispatches += out.dispatches;
-        let own = |g: Vec<f32>| {
-            let rows = g[first * d..(first + n) * d].to_vec();
-            Tensor::<2>::from_data(TensorData::new(rows, [n, d]), &self.device)
-        };
-        let objective = (z1 * own(out.grad_z1)).sum() + (z2 * own(out.grad_z2)).sum();
-        Ok((out.loss as f64, objective))
-    }
-
-    /// The loss of embeddings `a`, `b` ([n, d]) and its gradients: the fused kernel, or Burn's
-    /// ops on leaves of the trainer's device.
-    async fn loss_and_grads(
-        &mut self,
-        a: &[f32],
-        b: &[f32],
-        n: usize,
-        d: usize,
-    ) -> anyhow::Result<LossAndGrads> {
-        if self.config.loss_kernel == LossKernel::Fused {
-            return self.fused_loss_and_grads(a, b, n, d).await;
-        }
-        let leaf = |v: &[f32]| {
-            Tensor::<2>::from_data(TensorData::new(v.to_vec(), [n, d]), &self.device).require_grad()
-        };
-        let (za, zb) = (leaf(a), leaf(b));
-        let loss = self.loss.forward(za.clone(), zb.clone())?;
-        let value = crate::backend::read_f32(loss.clone().detach()).await?;
-        let grads = loss.backward();
-        let grad = |z: Tensor<2>| z.grad(&grads).expect("a leaf of the loss");
-        Ok(LossAndGrads {
-            loss: value[0],
-            grad_z1: crate::backend::read_f32(grad(za)).await?,
-            grad_z2: crate::backend::read_f32(grad(zb)).await?,
-            device_bytes: 0,
-            host_reads: 3,
-            dispatches: 0,
-        })
-    }
-
-    #[cfg(any(feature = "wgpu", feature = "webgpu"))]
-    async fn fused_loss_and_grads(
-        &mut self,
-        a: &[f32],
-        b: &[f32],
-        n: usize,
-        d: usize,
-    ) -> anyhow::Result<LossAndGrads> {
-        if self.fused.is_none() {
-            self.fused = Some(FusedPath::new()?);
-        }
-        let fused = self.fused.as_ref().expect("made above");
-        fused
-            .kernel
-            .compute(&fused.gpu, &self.loss, a, b, n, d)
-            .await
-    }
-
-    #[cfg(not(any(feature = "wgpu", feature = "webgpu")))]
-    async fn fused_loss_and_grads(
-        &mut self,
-        _a: &[f32],
-        _b: &[f32],
-        _n: usize,
-        _d: usize,
-    ) -> anyhow::Result<LossAndGrads> {
-        anyhow::bail!("--loss-kernel fused needs a build with the wgpu feature; use reference")
     }
 
     /// Replaces the weights (a saved `model.safetensors`, say) and starts the optimizer afresh.
