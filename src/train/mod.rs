@@ -216,22 +216,15 @@ impl Trainer {
         );
         let (x1, x2) = self.next_views();
         mark("data");
-        let encoder = self.replica.encoder.take().expect("encoder present");
+        let encoder = self.replica.encoder();
         let sync_batch_norm = self.group.as_ref().map(SyncBatchNorm::over);
         let precision = MixedPrecision::enter(self.config.precision, self.config.device);
         let [z1, z2] = encoder.forward_views([x1, x2]);
         drop(precision);
-        let (value, objective) = match self.route.objective(z1, z2, self.group.as_ref()).await {
-            Ok(v) => v,
-            Err(e) => {
-                self.replica.encoder = Some(encoder);
-                return Err(e);
-            }
-        };
+        let (value, objective) = self.route.objective(z1, z2, self.group.as_ref()).await?;
         mark("forward");
         let (epoch, step) = (self.epoch(), self.step_in_epoch());
         if !value.is_finite() {
-            self.replica.encoder = Some(encoder);
             return Err(TrainError::NonFiniteLoss {
                 epoch,
                 step,
@@ -240,21 +233,14 @@ impl Trainer {
             .into());
         }
         let lr = self.schedule.learning_rate(self.schedule.global_step());
-        let grads = GradientsParams::from_grads(objective.backward(), &encoder);
+        let grads = GradientsParams::from_grads(objective.backward(), encoder);
         drop(sync_batch_norm);
         let grads = match &self.group {
-            Some(group) => match peers::sum_gradients(group, &encoder, grads) {
-                Ok(grads) => grads,
-                Err(e) => {
-                    self.replica.encoder = Some(encoder);
-                    return Err(e);
-                }
-            },
+            Some(group) => peers::sum_gradients(group, encoder, grads)?,
             None => grads,
         };
         mark("backward");
-        let replica = &mut self.replica;
-        replica.encoder = Some(replica.optimizer.step(lr, encoder, grads));
+        self.replica.update(lr, grads);
         mark("optimizer");
         self.schedule.step_in_epoch += 1;
         Ok(StepEvent {

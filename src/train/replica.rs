@@ -1,17 +1,20 @@
 //! What a trainer trains: the encoder's weights and the optimizer's state (momenta, moments),
 //! made together, replaced together, and saved together at an epoch boundary as a snapshot (what
-//! a checkpoint holds) from which a run continues exactly.
+//! a checkpoint holds) from which a run continues exactly. The replica is the encoder's one
+//! owner: a step borrows the weights, and only [`Replica::update`], which cannot fail, hands
+//! them to the optimizer, so no error leaves a trainer without them.
 
 use super::RunConfig;
 use crate::model::Encoder;
 use crate::optim::EncoderOptimizer;
 use crate::weights::{init_encoder, module_from_bytes, module_to_bytes};
+use burn::optim::GradientsParams;
 use burn::tensor::Device;
 
 pub(super) struct Replica {
-    /// `None` only inside a step, while the optimizer owns the weights.
-    pub(super) encoder: Option<Encoder>,
-    pub(super) optimizer: EncoderOptimizer,
+    /// `None` only inside [`Replica::update`], while the optimizer owns the weights.
+    encoder: Option<Encoder>,
+    optimizer: EncoderOptimizer,
 }
 
 impl Replica {
@@ -35,6 +38,12 @@ impl Replica {
         self.encoder
             .as_ref()
             .expect("encoder present between steps")
+    }
+
+    /// The optimizer's step from `grads` (of the current weights) at learning rate `lr`.
+    pub(super) fn update(&mut self, lr: f64, grads: GradientsParams) {
+        let encoder = self.encoder.take().expect("encoder present between steps");
+        self.encoder = Some(self.optimizer.step(lr, encoder, grads));
     }
 
     /// Weights and optimizer state, as bytes.
