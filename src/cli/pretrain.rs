@@ -368,7 +368,7 @@ fn progress_bar(trainer: &Trainer) -> indicatif::ProgressBar {
     bar.set_style(
         indicatif::ProgressStyle::with_template(&format!(
             "epoch {}/{} [{{bar:30}}] {{pos}}/{{len}} {{msg}} ETA {{eta}}",
-            trainer.epoch + 1,
+            trainer.epoch() + 1,
             trainer.config().epochs
         ))
         .expect("template")

@@ -167,6 +167,11 @@ impl RunConfig {
              use --loss-kernel reference",
             self.device
         );
+        anyhow::ensure!(
+            self.loss_kernel == LossKernel::Reference
+                || cfg!(any(feature = "wgpu", feature = "webgpu")),
+            "--loss-kernel fused needs a build with the wgpu feature; use reference"
+        );
         anyhow::ensure!(self.limit != Some(0), "--limit must be at least 1");
         anyhow::ensure!(
             self.eval_images != Some(0),

@@ -1,26 +1,28 @@
 //! The trainer, one step at a time (`step()`, `end_epoch()`); [`Session`] drives it through a
-//! run for the CLI, the page and experiments alike. Everything random is keyed by (seed, epoch,
-//! sample), so a run resumed from an epoch checkpoint replays exactly what an uninterrupted run
-//! would.
+//! run for the CLI, the page and experiments alike. What it trains on and when is its
+//! [`schedule`]'s; the weights and the optimizer's state, and their snapshots, its [`replica`]'s.
 
 mod config;
 mod peers;
 mod prefetch;
+mod replica;
+mod route;
+mod schedule;
 mod session;
 
 pub use config::RunConfig;
+pub use route::Traffic;
 pub use session::{Event, Session, Sink};
 
-use crate::augment::{view_pairs, ViewConfig};
 use crate::collective::{Collective, SyncBatchNorm};
 use crate::data::{Split, IMAGE_LEN, SIDE};
-use crate::loss::{ContrastiveLoss, LossAndGrads, LossKernel};
 use crate::model::{Encoder, MixedPrecision};
-use crate::optim::EncoderOptimizer;
-use crate::weights::{init_encoder, module_from_bytes, module_to_bytes};
+use crate::weights::module_to_bytes;
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
-use rand::seq::SliceRandom;
+use replica::Replica;
+use route::LossRoute;
+use schedule::Schedule;
 use serde::Serialize;
 
 /// One optimization step, as reported to the event sink.
@@ -58,60 +60,14 @@ impl std::error::Error for TrainError {}
 pub struct Trainer {
     /// Private: the loss is built from it once, so a change afterwards would do nothing.
     config: RunConfig,
-    loss: ContrastiveLoss,
-    views: ViewConfig,
-    /// `None` only inside `step`, while the optimizer owns the weights.
-    encoder: Option<Encoder>,
-    /// The WGSL kernel and its device, made on the first fused step (making it must be awaited).
-    #[cfg(any(feature = "wgpu", feature = "webgpu"))]
-    fused: Option<FusedPath>,
-    optimizer: EncoderOptimizer,
+    route: LossRoute,
+    replica: Replica,
     device: Device,
-    train: Split,
-    order: Vec<usize>,
-    /// Epochs completed so far.
-    pub epoch: usize,
-    /// Steps taken in the current epoch.
-    pub step_in_epoch: usize,
+    schedule: Schedule,
     /// This trainer's place among the peers of `--devices`; `None` alone on one device.
     group: Option<Collective>,
     /// Rank 0's: the other peers, each a trainer on its own thread.
     peers: Vec<peers::Peer>,
-    /// The next step's views, in the making while this step runs.
-    prefetch: prefetch::Prefetch,
-    traffic: Traffic,
-}
-
-/// What this trainer's steps have cost in round trips with the device so far, beyond Burn's
-/// own kernel launches (which CubeCL's log counts: `dcl bench train`).
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Traffic {
-    /// Copies back to the host that a step waited for.
-    pub host_reads: usize,
-    /// Compute dispatches made outside Burn (the fused WGSL loss).
-    pub dispatches: usize,
-}
-
-/// The fused loss kernel on Burn's own wgpu device (`backend::wgpu_context`). The embeddings
-/// still cross through the host, a few hundred kilobytes a step: Burn's buffers are not handed
-/// to the kernel.
-#[cfg(any(feature = "wgpu", feature = "webgpu"))]
-struct FusedPath {
-    gpu: std::sync::Arc<crate::gpu::GpuContext>,
-    kernel: crate::gpu::loss::FusedLoss,
-}
-
-#[cfg(any(feature = "wgpu", feature = "webgpu"))]
-impl FusedPath {
-    fn new() -> anyhow::Result<Self> {
-        let gpu = crate::backend::wgpu_context().ok_or_else(|| {
-            anyhow::anyhow!(
-                "the fused loss kernel runs on the wgpu device that backend::device makes"
-            )
-        })?;
-        let kernel = crate::gpu::loss::FusedLoss::new(&gpu);
-        Ok(Self { gpu, kernel })
-    }
 }
 
 impl Trainer {
@@ -150,43 +106,17 @@ impl Trainer {
         group: impl Into<Option<Collective>>,
     ) -> anyhow::Result<Self> {
         config.validate()?;
-        let loss = ContrastiveLoss::new(config.loss, config.temperature, config.sigma)?;
-        anyhow::ensure!(
-            train.len() >= config.batch_size,
-            "{} training images are fewer than one batch of {}",
-            train.len(),
-            config.batch_size
-        );
-        let encoder = init_encoder(config.model, config.seed, &device)?;
-        let optimizer =
-            EncoderOptimizer::new(config.optimizer, config.weight_decay, config.momentum);
-        let mut trainer = Self {
-            loss,
-            views: config.views.config(config.crop_min_scale),
-            encoder: Some(encoder),
-            #[cfg(any(feature = "wgpu", feature = "webgpu"))]
-            fused: None,
-            optimizer,
+        let route = LossRoute::new(&config, device.clone())?;
+        let schedule = Schedule::new(&config, train)?;
+        Ok(Self {
+            route,
+            replica: Replica::new(&config, &device)?,
             device,
-            train,
-            order: vec![],
-            epoch: 0,
-            step_in_epoch: 0,
+            schedule,
             group: group.into(),
             peers: vec![],
-            prefetch: Default::default(),
-            traffic: Traffic::default(),
             config,
-        };
-        trainer.shuffle();
-        Ok(trainer)
-    }
-
-    fn shuffle(&mut self) {
-        let mut rng =
-            crate::augment::sample_rng(self.config.seed ^ 0x005e_ed0f_0d3e, self.epoch as u64);
-        self.order = (0..self.train.len()).collect();
-        self.order.shuffle(&mut rng);
+        })
     }
 
     pub fn config(&self) -> &RunConfig {
@@ -194,95 +124,44 @@ impl Trainer {
     }
 
     pub fn encoder(&self) -> &Encoder {
-        self.encoder
-            .as_ref()
-            .expect("encoder present between steps")
+        self.replica.encoder()
     }
 
     pub fn device(&self) -> &Device {
         &self.device
     }
 
+    /// Epochs completed so far.
+    pub fn epoch(&self) -> usize {
+        self.schedule.epoch
+    }
+
+    /// Steps taken in the current epoch.
+    pub fn step_in_epoch(&self) -> usize {
+        self.schedule.step_in_epoch
+    }
+
     /// Full batches per epoch (the last partial batch is dropped, as contrastive training does).
     pub fn steps_per_epoch(&self) -> usize {
-        self.train.len() / self.config.batch_size
+        self.schedule.steps_per_epoch()
     }
 
     pub fn traffic(&self) -> Traffic {
-        self.traffic
-    }
-
-    pub fn global_step(&self) -> usize {
-        self.epoch * self.steps_per_epoch() + self.step_in_epoch
+        self.route.traffic
     }
 
     pub fn epoch_finished(&self) -> bool {
-        self.step_in_epoch >= self.steps_per_epoch()
+        self.schedule.epoch_finished()
     }
 
     pub fn finished(&self) -> bool {
-        self.epoch >= self.config.epochs
-    }
-
-    /// Linear warm-up, then cosine decay to zero over the whole run.
-    pub fn learning_rate(&self, step: usize) -> f64 {
-        let total = (self.config.epochs * self.steps_per_epoch()).max(1) as f64;
-        let warmup = (self.config.warmup_epochs * self.steps_per_epoch() as f64).round();
-        let step = step as f64;
-        if step < warmup {
-            return self.config.lr * (step + 1.0) / warmup;
-        }
-        let progress = ((step - warmup) / (total - warmup).max(1.0)).min(1.0);
-        self.config.lr * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+        self.schedule.finished()
     }
 
     /// The two augmented views of the first `count` images of the next batch, flattened
     /// [count, 3, 32, 32]: exactly what the next step trains on (the page shows them).
     pub fn upcoming_views(&self, count: usize) -> (Vec<f32>, Vec<f32>) {
-        self.views_of(0..count.min(self.config.batch_size))
-    }
-
-    /// The views of rows `rows` of the next batch. A sample's views are keyed by its place in
-    /// the epoch, so a peer's slice gets the very views one device would make for those rows.
-    fn views_of(&self, rows: std::ops::Range<usize>) -> prefetch::Views {
-        if self.epoch_finished() {
-            return (vec![], vec![]);
-        }
-        self.view_job(self.step_in_epoch, rows)()
-    }
-
-    /// Makes the views of rows `rows` of step `step` of this epoch, apart from the trainer: the
-    /// images are copied (a few kilobytes a row), so the job can run on another thread.
-    fn view_job(
-        &self,
-        step: usize,
-        rows: std::ops::Range<usize>,
-    ) -> impl FnOnce() -> prefetch::Views + Send + 'static {
-        let start = step * self.config.batch_size + rows.start;
-        let images: Vec<u8> = self.order[start..start + rows.len()]
-            .iter()
-            .flat_map(|&i| self.train.image(i).iter().copied())
-            .collect();
-        let (views, seed) = (self.views, self.config.seed);
-        let stream0 = (self.epoch * self.train.len() + start) as u64;
-        move || {
-            let images: Vec<&[u8]> = images.chunks_exact(IMAGE_LEN).collect();
-            view_pairs(&images, &views, seed, stream0)
-        }
-    }
-
-    /// This step's views, from the prefetch when it made them, and the next step's set going.
-    fn take_views(&mut self, rows: std::ops::Range<usize>) -> prefetch::Views {
-        let (epoch, first, count) = (self.epoch, rows.start, rows.len());
-        let key = |step| (epoch, step, first, count);
-        let now = key(self.step_in_epoch);
-        let views = (self.prefetch.take(now)).unwrap_or_else(|| self.views_of(rows.clone()));
-        let next = self.step_in_epoch + 1;
-        if next < self.steps_per_epoch() {
-            let job = self.view_job(next, rows.clone());
-            self.prefetch.start(key(next), job);
-        }
-        views
+        (self.schedule).views_of(0..count.min(self.config.batch_size))
     }
 
     /// This trainer's rows of every batch: all of them alone, its equal share among peers.
@@ -297,7 +176,7 @@ impl Trainer {
     fn next_views(&mut self) -> (Tensor<4>, Tensor<4>) {
         let rows = self.rows();
         let b = rows.len();
-        let (v1, v2) = self.take_views(rows);
+        let (v1, v2) = self.schedule.take_views(rows);
         let tensor = |v: Vec<f32>| {
             debug_assert_eq!(v.len(), b * IMAGE_LEN);
             Tensor::from_data(TensorData::new(v, [b, 3, SIDE, SIDE]), &self.device)
@@ -333,26 +212,19 @@ impl Trainer {
         anyhow::ensure!(
             !self.epoch_finished(),
             "epoch {} has no steps left: call end_epoch()",
-            self.epoch
+            self.epoch()
         );
         let (x1, x2) = self.next_views();
         mark("data");
-        let encoder = self.encoder.take().expect("encoder present");
+        let encoder = self.replica.encoder();
         let sync_batch_norm = self.group.as_ref().map(SyncBatchNorm::over);
         let precision = MixedPrecision::enter(self.config.precision, self.config.device);
         let [z1, z2] = encoder.forward_views([x1, x2]);
         drop(precision);
-        let (value, objective) = match self.loss_and_objective(z1, z2).await {
-            Ok(v) => v,
-            Err(e) => {
-                self.encoder = Some(encoder);
-                return Err(e);
-            }
-        };
+        let (value, objective) = self.route.objective(z1, z2, self.group.as_ref()).await?;
         mark("forward");
-        let (epoch, step) = (self.epoch, self.step_in_epoch);
+        let (epoch, step) = (self.epoch(), self.step_in_epoch());
         if !value.is_finite() {
-            self.encoder = Some(encoder);
             return Err(TrainError::NonFiniteLoss {
                 epoch,
                 step,
@@ -360,152 +232,23 @@ impl Trainer {
             }
             .into());
         }
-        let lr = self.learning_rate(self.global_step());
-        let grads = GradientsParams::from_grads(objective.backward(), &encoder);
+        let lr = self.schedule.learning_rate(self.schedule.global_step());
+        let grads = GradientsParams::from_grads(objective.backward(), encoder);
         drop(sync_batch_norm);
         let grads = match &self.group {
-            Some(group) => match peers::sum_gradients(group, &encoder, grads) {
-                Ok(grads) => grads,
-                Err(e) => {
-                    self.encoder = Some(encoder);
-                    return Err(e);
-                }
-            },
+            Some(group) => peers::sum_gradients(group, encoder, grads)?,
             None => grads,
         };
         mark("backward");
-        self.encoder = Some(self.optimizer.step(lr, encoder, grads));
+        self.replica.update(lr, grads);
         mark("optimizer");
-        self.step_in_epoch += 1;
+        self.schedule.step_in_epoch += 1;
         Ok(StepEvent {
             epoch,
-            step: self.global_step() - 1,
+            step: self.schedule.global_step() - 1,
             loss: value,
             lr,
         })
-    }
-
-    /// The loss value and the scalar whose gradient trains the encoder: the loss itself on the
-    /// reference path; on the fused and the gathered paths sum(z1·g1 + z2·g2) with the loss'
-    /// gradients g held constant, which hands autodiff exactly dL/dz and leaves the encoder's
-    /// backward to Burn.
-    async fn loss_and_objective(
-        &mut self,
-        z1: Tensor<2>,
-        z2: Tensor<2>,
-    ) -> anyhow::Result<(f64, Tensor<1>)> {
-        let gathered = self.group.clone().filter(|_| self.config.gather_negatives);
-        if self.config.loss_kernel == LossKernel::Fused || gathered.is_some() {
-            return self.objective_through_host(z1, z2, gathered).await;
-        }
-        let loss = self.loss.forward(z1, z2)?;
-        self.traffic.host_reads += 1;
-        let value =
-            loss.clone().into_scalar_async::<f64>().await.map_err(|e| {
-                anyhow::anyhow!("the device failed while reading the loss back: {e:?}")
-            })?;
-        match &self.group {
-            // Each peer's own batch (`--gather-negatives false`): the run's loss is the mean
-            // of the peers' losses, and so is the objective once the gradients are summed.
-            Some(group) => {
-                let mut values = [value];
-                group.sum(&mut values)?;
-                let world = group.world() as f64;
-                Ok((values[0] / world, loss.div_scalar(world)))
-            }
-            None => Ok((value, loss)),
-        }
-    }
-
-    /// The loss over the batch, the whole global one when `gathered` (every peer's embeddings,
-    /// by rank), and its exact gradient with respect to this device's rows.
-    async fn objective_through_host(
-        &mut self,
-        z1: Tensor<2>,
-        z2: Tensor<2>,
-        gathered: Option<Collective>,
-    ) -> anyhow::Result<(f64, Tensor<1>)> {
-        let [n, d] = z1.dims();
-        let mut a = crate::backend::read_f32(z1.clone().detach()).await?;
-        let mut b = crate::backend::read_f32(z2.clone().detach()).await?;
-        self.traffic.host_reads += 2;
-        let mut first = 0;
-        if let Some(group) = gathered {
-            let mine = a.iter().chain(&b).map(|&v| v as f64).collect();
-            let parts = group.all_gather(mine)?;
-            let view = |part: &[f64]| part.iter().map(|&v| v as f32).collect::<Vec<_>>();
-            a = parts.iter().flat_map(|p| view(&p[..n * d])).collect();
-            b = parts.iter().flat_map(|p| view(&p[n * d..])).collect();
-            first = group.rank() * n;
-        }
-        let out = self.loss_and_grads(&a, &b, a.len() / d, d).await?;
-        self.traffic.host_reads += out.host_reads;
-        self.traffic.dispatches += out.dispatches;
-        let own = |g: Vec<f32>| {
-            let rows = g[first * d..(first + n) * d].to_vec();
-            Tensor::<2>::from_data(TensorData::new(rows, [n, d]), &self.device)
-        };
-        let objective = (z1 * own(out.grad_z1)).sum() + (z2 * own(out.grad_z2)).sum();
-        Ok((out.loss as f64, objective))
-    }
-
-    /// The loss of embeddings `a`, `b` ([n, d]) and its gradients: the fused kernel, or Burn's
-    /// ops on leaves of the trainer's device.
-    async fn loss_and_grads(
-        &mut self,
-        a: &[f32],
-        b: &[f32],
-        n: usize,
-        d: usize,
-    ) -> anyhow::Result<LossAndGrads> {
-        if self.config.loss_kernel == LossKernel::Fused {
-            return self.fused_loss_and_grads(a, b, n, d).await;
-        }
-        let leaf = |v: &[f32]| {
-            Tensor::<2>::from_data(TensorData::new(v.to_vec(), [n, d]), &self.device).require_grad()
-        };
-        let (za, zb) = (leaf(a), leaf(b));
-        let loss = self.loss.forward(za.clone(), zb.clone())?;
-        let value = crate::backend::read_f32(loss.clone().detach()).await?;
-        let grads = loss.backward();
-        let grad = |z: Tensor<2>| z.grad(&grads).expect("a leaf of the loss");
-        Ok(LossAndGrads {
-            loss: value[0],
-            grad_z1: crate::backend::read_f32(grad(za)).await?,
-            grad_z2: crate::backend::read_f32(grad(zb)).await?,
-            device_bytes: 0,
-            host_reads: 3,
-            dispatches: 0,
-        })
-    }
-
-    #[cfg(any(feature = "wgpu", feature = "webgpu"))]
-    async fn fused_loss_and_grads(
-        &mut self,
-        a: &[f32],
-        b: &[f32],
-        n: usize,
-        d: usize,
-    ) -> anyhow::Result<LossAndGrads> {
-        if self.fused.is_none() {
-            self.fused = Some(FusedPath::new()?);
-        }
-        let fused = self.fused.as_ref().expect("made above");
-        fused
-            .kernel
-            .compute(&fused.gpu, &self.loss, a, b, n, d)
-            .await
-    }
-
-    #[cfg(not(any(feature = "wgpu", feature = "webgpu")))]
-    async fn fused_loss_and_grads(
-        &mut self,
-        _a: &[f32],
-        _b: &[f32],
-        _n: usize,
-        _d: usize,
-    ) -> anyhow::Result<LossAndGrads> {
-        anyhow::bail!("--loss-kernel fused needs a build with the wgpu feature; use reference")
     }
 
     /// Replaces the weights (a saved `model.safetensors`, say) and starts the optimizer afresh.
@@ -514,12 +257,7 @@ impl Trainer {
             let weights = module_to_bytes(encoder.clone())?;
             peers::tell_all(&self.peers, || peers::Command::Load(weights.clone()))?;
         }
-        self.encoder = Some(encoder);
-        self.optimizer = EncoderOptimizer::new(
-            self.config.optimizer,
-            self.config.weight_decay,
-            self.config.momentum,
-        );
+        self.replica = Replica::with(&self.config, encoder);
         Ok(())
     }
 
@@ -531,36 +269,32 @@ impl Trainer {
             "continuing from weights alone is for one device; peers restore whole checkpoints"
         );
         self.load_encoder(encoder)?;
-        self.epoch = epoch;
-        self.step_in_epoch = 0;
-        self.shuffle();
+        self.schedule.start_epoch(epoch);
         Ok(())
     }
 
     /// [`Trainer::load_encoder`] from [`module_to_bytes`]'s bytes (how peers receive weights).
     fn load_weights(&mut self, weights: Vec<u8>) -> anyhow::Result<()> {
-        let fresh = Encoder::new(self.config.model, &self.device);
-        self.load_encoder(module_from_bytes(fresh, weights)?)
+        self.load_encoder(replica::weights_from_bytes(
+            &self.config,
+            &self.device,
+            weights,
+        )?)
     }
 
     pub fn end_epoch(&mut self) {
         // A peer that stopped has already failed the step before this one.
         let _ = peers::tell_all(&self.peers, || peers::Command::EndEpoch);
-        self.epoch += 1;
-        self.step_in_epoch = 0;
-        self.shuffle();
+        self.schedule.start_epoch(self.epoch() + 1);
     }
 
     /// Weights and optimizer state at an epoch boundary.
     pub fn snapshot(&self) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
         anyhow::ensure!(
-            self.step_in_epoch == 0,
+            self.step_in_epoch() == 0,
             "snapshots are taken at epoch boundaries"
         );
-        Ok((
-            module_to_bytes(self.encoder().clone())?,
-            self.optimizer.to_bytes()?,
-        ))
+        self.replica.snapshot()
     }
 
     /// Restores a snapshot taken after `epoch` completed epochs.
@@ -575,17 +309,8 @@ impl Trainer {
             weights: weights.clone(),
             optimizer: optimizer.clone(),
         })?;
-        let fresh = Encoder::new(self.config.model, &self.device);
-        self.encoder = Some(module_from_bytes(fresh, weights)?);
-        let optim = EncoderOptimizer::new(
-            self.config.optimizer,
-            self.config.weight_decay,
-            self.config.momentum,
-        );
-        self.optimizer = optim.from_bytes(optimizer)?;
-        self.epoch = epoch;
-        self.step_in_epoch = 0;
-        self.shuffle();
+        self.replica = Replica::restore(&self.config, &self.device, weights, optimizer)?;
+        self.schedule.start_epoch(epoch);
         Ok(())
     }
 }
@@ -625,21 +350,6 @@ mod tests {
         Trainer::new(config, split, device()).unwrap()
     }
 
-    #[test]
-    fn warmup_then_cosine_to_zero() {
-        let t = trainer(2.0); // 10 steps per epoch, 100 in all, 20 of warm-up
-        assert!((t.learning_rate(0) - 0.5 / 20.0).abs() < 1e-12);
-        assert!((t.learning_rate(19) - 0.5).abs() < 1e-12);
-        assert!((t.learning_rate(20) - 0.5).abs() < 1e-12);
-        assert!(
-            (t.learning_rate(60) - 0.25).abs() < 1e-12,
-            "half way through the cosine"
-        );
-        assert!(t.learning_rate(99) < 0.001);
-        let t = trainer(0.0);
-        assert!((t.learning_rate(0) - 0.5).abs() < 1e-12);
-    }
-
     /// A trainer restored from a snapshot takes the very step the original takes next, for each
     /// optimizer (its momenta and moments travel in the snapshot).
     #[test]
@@ -674,19 +384,23 @@ mod tests {
     fn prefetched_views_are_the_views_made_on_demand() {
         let mut t = Trainer::new(trainer(0.0).config().clone(), varied_split(8), device()).unwrap();
         let rows = t.rows();
-        let first = t.take_views(rows.clone());
-        assert_eq!(first, t.view_job(0, rows.clone())());
-        t.step_in_epoch = 1;
-        let expected = t.views_of(rows.clone());
-        assert_eq!(t.take_views(rows.clone()), expected, "step 1, prefetched");
+        let first = t.schedule.take_views(rows.clone());
+        assert_eq!(first, t.schedule.view_job(0, rows.clone())());
+        t.schedule.step_in_epoch = 1;
+        let expected = t.schedule.views_of(rows.clone());
+        assert_eq!(
+            t.schedule.take_views(rows.clone()),
+            expected,
+            "step 1, prefetched"
+        );
         t.end_epoch();
         let (weights, optimizer) = t.snapshot().unwrap();
-        t.step_in_epoch = 0;
-        t.take_views(rows.clone()); // step 1 of epoch 1 in the making
+        t.schedule.step_in_epoch = 0;
+        t.schedule.take_views(rows.clone()); // step 1 of epoch 1 in the making
         t.restore(0, weights, optimizer).unwrap();
-        t.step_in_epoch = 1;
+        t.schedule.step_in_epoch = 1;
         assert_eq!(
-            t.take_views(rows),
+            t.schedule.take_views(rows),
             expected,
             "epoch 0 again, not epoch 1's views"
         );

@@ -1,6 +1,6 @@
 //! The next step's views, made on another thread while the device runs this step, so a GPU
 //! does not sit idle while the CPU augments. Views are a pure function of where the batch sits
-//! in the run (see `Trainer::views_of`), so a prefetched batch is bit for bit the one that would
+//! in the run (see `Schedule::views_of`), so a prefetched batch is bit for bit the one that would
 //! be made on demand, and a stale one (after a restore, say) is recognised by its key. The
 //! page's worker has no threads: there every batch is made on demand.
 

@@ -174,7 +174,7 @@ impl Session {
                 scores,
             });
         }
-        let epoch = self.trainer.epoch;
+        let epoch = self.trainer.epoch();
         if self.monitor.is_some() && self.evaluated != Some(epoch) {
             self.evaluated = Some(epoch);
             return self.evaluate().await;
@@ -187,7 +187,7 @@ impl Session {
         }
         let started = *self.epoch_started.get_or_insert_with(Instant::now);
         let step = self.trainer.step_async().await?;
-        let images = self.trainer.step_in_epoch * self.config().batch_size;
+        let images = self.trainer.step_in_epoch() * self.config().batch_size;
         Ok(Event::Step {
             epoch: step.epoch,
             step: step.step,
@@ -200,7 +200,7 @@ impl Session {
     /// The kNN monitor on the current encoder, now (the page asks after loading weights);
     /// `knn_top1` is NaN without a test split.
     pub async fn evaluate(&self) -> anyhow::Result<Event> {
-        let epoch = self.trainer.epoch;
+        let epoch = self.trainer.epoch();
         let Some(m) = &self.monitor else {
             return Ok(Event::Evaluation {
                 epoch,

@@ -212,7 +212,7 @@ impl Playground {
     }
 
     pub fn epoch(&self) -> usize {
-        self.run.borrow().session.trainer().epoch
+        self.run.borrow().session.trainer().epoch()
     }
 
     #[wasm_bindgen(js_name = batchSize)]
