@@ -213,17 +213,20 @@ fn train_in_group(
     }
     if !writer {
         let (rank, world) = group.map(|g| (g.rank(), g.world())).expect("in a group");
-        eprintln!(
+        say(format!(
             "rank {rank} of {world}: from epoch {}",
             resumed.unwrap_or(0)
-        );
+        ));
         return session.run(&mut Silent);
     }
     let dir = RunDir::create(out)?;
     dir.write_config(session.config())?;
     match resumed {
         Some(epoch) => {
-            eprintln!("resuming {} after epoch {epoch}", dir.root.display());
+            say(format!(
+                "resuming {} after epoch {epoch}",
+                dir.root.display()
+            ));
             dir.truncate_events_after(epoch)?;
         }
         // A fresh start (or a resume before the first checkpoint): the log starts over.
@@ -246,6 +249,13 @@ fn check_split(config: &RunConfig, world: usize) -> anyhow::Result<()> {
         config.batch_size
     );
     Ok(())
+}
+
+/// A line on stderr in one write: `eprintln!` writes its pieces one by one (stderr is not
+/// buffered), and mpirun, relaying every rank's stream, would splice two ranks' lines.
+fn say(mut line: String) {
+    line.push('\n');
+    eprint!("{line}");
 }
 
 /// What a run starts from: its config and, resuming, the checkpoint to continue.
