@@ -1,23 +1,25 @@
-//! The trainer, one step at a time (`step()`, `end_epoch()`); [`Session`] drives it through a
-//! run for the CLI, the page and experiments alike. What it trains on and when is its
-//! [`schedule`]'s; the weights and the optimizer's state, and their snapshots, its [`replica`]'s.
+//! The trainer of one replica, one step at a time (`step()`, `end_epoch()`); [`Session`] drives a
+//! run's replicas, laid out by a [`Strategy`] (one device, `--devices`, MPI ranks), for the CLI,
+//! the page and experiments alike. What a trainer trains on and when is its [`schedule`]'s; the
+//! weights and the optimizer's state, and their snapshots, its [`replica`]'s; how the embeddings
+//! become the loss its [`route`]'s.
 
 mod config;
-mod peers;
 mod prefetch;
 mod replica;
 mod route;
 mod schedule;
 mod session;
+mod strategy;
 
 pub use config::RunConfig;
 pub use route::Traffic;
 pub use session::{Event, Session, Sink};
+pub use strategy::Strategy;
 
 use crate::collective::{Collective, SyncBatchNorm};
 use crate::data::{Split, IMAGE_LEN, SIDE};
 use crate::model::{Encoder, MixedPrecision};
-use crate::weights::module_to_bytes;
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
 use replica::Replica;
@@ -64,31 +66,24 @@ pub struct Trainer {
     replica: Replica,
     device: Device,
     schedule: Schedule,
-    /// This trainer's place among the peers of `--devices`; `None` alone on one device.
+    /// This trainer's place among the replicas it trains with; `None` alone.
     group: Option<Collective>,
-    /// Rank 0's: the other peers, each a trainer on its own thread.
-    peers: Vec<peers::Peer>,
 }
 
 impl Trainer {
-    /// A trainer on `device`, which must have autodiff enabled (see `backend::device`). With
-    /// several `config.devices`, `device` is the first one's, and a peer starts on each other.
+    /// A trainer alone on `device`, which must have autodiff enabled (see `backend::device`).
+    /// Several `config.devices` train through a [`Strategy`].
     pub fn new(config: RunConfig, train: Split, device: Device) -> anyhow::Result<Self> {
-        // Before any peer starts: a bad setting is one error, not one per device.
-        config.validate()?;
-        let world = config.peers();
-        if world == 1 {
-            return Self::replica(config, train, device, None);
-        }
-        let mut group = Collective::group(world);
-        let rank0 = group.remove(0);
-        let peers = peers::start(&config, &train, group)?;
-        let mut trainer = Self::replica(config, train, device, Some(rank0))?;
-        trainer.peers = peers;
-        Ok(trainer)
+        anyhow::ensure!(
+            config.peers() == 1,
+            "{} devices train together through train::Strategy, not one Trainer",
+            config.peers()
+        );
+        Self::replica(config, train, device, None)
     }
 
-    /// A trainer as rank `group.rank()` of processes training together (an MPI job).
+    /// A trainer as rank `group.rank()` of replicas training together: a `--devices` peer or
+    /// an MPI rank.
     pub fn in_group(
         config: RunConfig,
         train: Split,
@@ -98,7 +93,7 @@ impl Trainer {
         Self::replica(config, train, device, group)
     }
 
-    /// One peer's trainer: rank `group.rank()` of the group (or alone, without a group).
+    /// Rank `group.rank()` of the group's replicas, or alone without a group.
     fn replica(
         config: RunConfig,
         train: Split,
@@ -114,7 +109,6 @@ impl Trainer {
             device,
             schedule,
             group: group.into(),
-            peers: vec![],
             config,
         })
     }
@@ -187,28 +181,15 @@ impl Trainer {
     /// One optimization step on the next batch. A non-finite loss is an error and leaves the
     /// weights as they were.
     pub fn step(&mut self) -> anyhow::Result<StepEvent> {
-        futures_lite::future::block_on(self.step_async())
-    }
-
-    /// [`Trainer::step`] for callers that cannot block on the GPU (the page's worker).
-    pub async fn step_async(&mut self) -> anyhow::Result<StepEvent> {
-        self.step_marked(&mut |_| {}).await
+        futures_lite::future::block_on(self.step_marked(&mut |_| {}))
     }
 
     /// A step that calls `mark(phase)` as each phase ends: "data" (views made and uploaded),
     /// "forward" (encoder and loss), "backward", "optimizer". Benchmarks time the phases with it.
-    /// With peers, each takes the step on its slice at the same time.
     pub async fn step_marked(
         &mut self,
         mark: &mut dyn FnMut(&'static str),
     ) -> anyhow::Result<StepEvent> {
-        peers::send_all(&self.peers, || peers::Command::Step)?;
-        let mine = self.step_own(mark).await;
-        peers::settle(&self.peers, mine)
-    }
-
-    /// This trainer's part of a step.
-    async fn step_own(&mut self, mark: &mut dyn FnMut(&'static str)) -> anyhow::Result<StepEvent> {
         anyhow::ensure!(
             !self.epoch_finished(),
             "epoch {} has no steps left: call end_epoch()",
@@ -236,7 +217,7 @@ impl Trainer {
         let grads = GradientsParams::from_grads(objective.backward(), encoder);
         drop(sync_batch_norm);
         let grads = match &self.group {
-            Some(group) => peers::sum_gradients(group, encoder, grads)?,
+            Some(group) => replica::sum_gradients(group, encoder, grads)?,
             None => grads,
         };
         mark("backward");
@@ -253,10 +234,6 @@ impl Trainer {
 
     /// Replaces the weights (a saved `model.safetensors`, say) and starts the optimizer afresh.
     pub fn load_encoder(&mut self, encoder: Encoder) -> anyhow::Result<()> {
-        if !self.peers.is_empty() {
-            let weights = module_to_bytes(encoder.clone())?;
-            peers::tell_all(&self.peers, || peers::Command::Load(weights.clone()))?;
-        }
         self.replica = Replica::with(&self.config, encoder);
         Ok(())
     }
@@ -264,27 +241,19 @@ impl Trainer {
     /// Continues after `epoch` epochs from `encoder`'s weights with a fresh optimizer (see
     /// `Session::continue_from`).
     pub fn continue_from(&mut self, epoch: usize, encoder: Encoder) -> anyhow::Result<()> {
-        anyhow::ensure!(
-            self.peers.is_empty(),
-            "continuing from weights alone is for one device; peers restore whole checkpoints"
-        );
         self.load_encoder(encoder)?;
         self.schedule.start_epoch(epoch);
         Ok(())
     }
 
-    /// [`Trainer::load_encoder`] from [`module_to_bytes`]'s bytes (how peers receive weights).
+    /// [`Trainer::load_encoder`] from `weights::module_to_bytes`' bytes (how peers receive
+    /// weights).
     fn load_weights(&mut self, weights: Vec<u8>) -> anyhow::Result<()> {
-        self.load_encoder(replica::weights_from_bytes(
-            &self.config,
-            &self.device,
-            weights,
-        )?)
+        let encoder = replica::weights_from_bytes(&self.config, &self.device, weights)?;
+        self.load_encoder(encoder)
     }
 
     pub fn end_epoch(&mut self) {
-        // A peer that stopped has already failed the step before this one.
-        let _ = peers::tell_all(&self.peers, || peers::Command::EndEpoch);
         self.schedule.start_epoch(self.epoch() + 1);
     }
 
@@ -304,11 +273,6 @@ impl Trainer {
         weights: Vec<u8>,
         optimizer: Vec<u8>,
     ) -> anyhow::Result<()> {
-        peers::tell_all(&self.peers, || peers::Command::Restore {
-            epoch,
-            weights: weights.clone(),
-            optimizer: optimizer.clone(),
-        })?;
         self.replica = Replica::restore(&self.config, &self.device, weights, optimizer)?;
         self.schedule.start_epoch(epoch);
         Ok(())
@@ -321,19 +285,19 @@ mod tests {
     use crate::loss::LossKind;
     use crate::optim::OptimizerKind;
 
-    fn device() -> Device {
+    pub(super) fn device() -> Device {
         crate::backend::cpu().autodiff()
     }
 
     /// `n` images of varied pixels.
-    fn varied_split(n: usize) -> Split {
+    pub(super) fn varied_split(n: usize) -> Split {
         Split {
             images: (0..n * IMAGE_LEN).map(|i| (i * 37 % 251) as u8).collect(),
             labels: vec![0; n],
         }
     }
 
-    fn trainer(warmup_epochs: f64) -> Trainer {
+    pub(super) fn trainer(warmup_epochs: f64) -> Trainer {
         let config = RunConfig {
             data: "synthetic".into(),
             batch_size: 4,
@@ -429,82 +393,6 @@ mod tests {
         let other = make(LossKind::Dcl, 2);
         assert!(weights(&dcl) != weights(&other));
         assert_ne!(dcl.upcoming_views(4), other.upcoming_views(4));
-    }
-
-    /// The exactness of data parallel (`peers`): two CPU peers with half a batch each, negatives
-    /// gathered and batch norms synced, take one device's step on the whole batch (the loss and
-    /// every tensor's update, running statistics included, to float rounding), and their
-    /// replicas stay equal into the next step; each peer with its own negatives does not.
-    #[test]
-    fn two_peers_take_the_one_device_step() {
-        use crate::backend::{DeviceKind, DeviceSpec};
-        let split = varied_split(16);
-        let cpu = DeviceSpec {
-            kind: DeviceKind::Cpu,
-            index: 0,
-        };
-        let config = RunConfig {
-            batch_size: 8,
-            optimizer: OptimizerKind::Sgd,
-            lr: 0.5,
-            ..trainer(0.0).config().clone()
-        };
-        let weights = |t: &Trainer| crate::weights::torchvision_tensors(t.encoder());
-        let initial = weights(&Trainer::new(config.clone(), split.clone(), device()).unwrap());
-        // Two steps: the losses, and each tensor's change over them.
-        let run = |devices: Vec<DeviceSpec>, gather_negatives| {
-            let config = RunConfig {
-                devices,
-                gather_negatives,
-                ..config.clone()
-            };
-            let mut trainer = Trainer::new(config, split.clone(), device()).unwrap();
-            let losses = [trainer.step().unwrap().loss, trainer.step().unwrap().loss];
-            let updates: Vec<Vec<f32>> = (weights(&trainer).iter().zip(&initial))
-                .map(|(after, before)| {
-                    after
-                        .data
-                        .iter()
-                        .zip(&before.data)
-                        .map(|(a, b)| a - b)
-                        .collect()
-                })
-                .collect();
-            (losses, updates)
-        };
-        let norm = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-        // The largest relative difference of an update from the one-device one.
-        let worst = |updates: &[Vec<f32>], reference: &[Vec<f32>]| {
-            (updates.iter().zip(reference))
-                .filter(|(_, r)| norm(r) > 0.0)
-                .map(|(u, r)| {
-                    let diff: Vec<f32> = u.iter().zip(r).map(|(u, r)| u - r).collect();
-                    norm(&diff) / norm(r)
-                })
-                .fold(0.0, f64::max)
-        };
-        let (one_losses, one) = run(vec![], true);
-        let (two_losses, two) = run(vec![cpu; 2], true);
-        for (a, b) in one_losses.iter().zip(&two_losses) {
-            assert!(
-                (a - b).abs() <= 1e-5 * a.abs(),
-                "losses {one_losses:?} vs {two_losses:?}"
-            );
-        }
-        let gathered = worst(&two, &one);
-        assert!(gathered < 1e-4, "two peers' update off by {gathered:e}");
-        let (local_losses, local) = run(vec![cpu; 2], false);
-        let apart = (local_losses[0] - one_losses[0]).abs() / one_losses[0];
-        assert!(
-            apart > 1e-2,
-            "own negatives: loss {local_losses:?} vs {one_losses:?}"
-        );
-        let ungathered = worst(&local, &one);
-        assert!(
-            ungathered > 1e-2,
-            "own negatives: update off by only {ungathered:e}"
-        );
-        eprintln!("two peers vs one: update {gathered:.1e}; own negatives: {ungathered:.1e}");
     }
 
     #[test]

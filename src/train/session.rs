@@ -7,7 +7,7 @@
 //! its steps, the evaluation after it, and `Epoch` (a checkpoint is due); `Finished` last. A
 //! session restored from a checkpoint after epoch e goes on with epoch e + 1's first step.
 
-use super::{RunConfig, Trainer};
+use super::{RunConfig, Strategy, Trainer};
 use crate::collective::Collective;
 use crate::data::{Dataset, Split};
 use crate::eval::{knn_monitor_async, pixel_scores, Scores};
@@ -70,7 +70,9 @@ struct Monitor {
 }
 
 pub struct Session {
-    trainer: Trainer,
+    /// The run's replicas; the session reports on this process's trainer (rank 0's with
+    /// `--devices`).
+    strategy: Strategy,
     /// `None` when the dataset has no test split.
     monitor: Option<Monitor>,
     /// The epoch whose evaluation has been reported.
@@ -104,9 +106,9 @@ impl Session {
             classes: dataset.classes,
         });
         Ok(Self {
-            trainer: match group {
-                Some(group) => Trainer::in_group(config, train, device, group)?,
-                None => Trainer::new(config, train, device)?,
+            strategy: match group {
+                Some(group) => Strategy::rank(config, train, device, group)?,
+                None => Strategy::new(config, train, device)?,
             },
             monitor,
             evaluated: None,
@@ -117,15 +119,17 @@ impl Session {
     }
 
     pub fn trainer(&self) -> &Trainer {
-        &self.trainer
+        self.strategy.trainer()
     }
 
-    pub fn trainer_mut(&mut self) -> &mut Trainer {
-        &mut self.trainer
+    /// Replaces the weights (a saved `model.safetensors`, say) and starts the optimizer afresh;
+    /// the run goes on from where it stands.
+    pub fn load_encoder(&mut self, encoder: Encoder) -> anyhow::Result<()> {
+        self.strategy.load_encoder(encoder)
     }
 
     pub fn config(&self) -> &RunConfig {
-        self.trainer.config()
+        self.trainer().config()
     }
 
     /// The monitor's queries (empty without a test split).
@@ -140,7 +144,7 @@ impl Session {
         weights: Vec<u8>,
         optimizer: Vec<u8>,
     ) -> anyhow::Result<()> {
-        self.trainer.restore(epoch, weights, optimizer)?;
+        self.strategy.restore(epoch, weights, optimizer)?;
         self.evaluated = Some(epoch);
         self.pixels_reported = true;
         self.checkpoint_due = false;
@@ -151,7 +155,7 @@ impl Session {
     /// the page's autosave, since Burn reads optimizer state back from WebGPU only by blocking,
     /// which a page cannot do. The learning-rate schedule and the views go on from `epoch`.
     pub fn continue_from(&mut self, epoch: usize, encoder: Encoder) -> anyhow::Result<()> {
-        self.trainer.continue_from(epoch, encoder)?;
+        self.strategy.continue_from(epoch, encoder)?;
         self.evaluated = Some(epoch);
         self.pixels_reported = true;
         self.checkpoint_due = false;
@@ -160,21 +164,21 @@ impl Session {
 
     /// The next event: a step, an evaluation, a checkpoint moment, or `Finished` (for good).
     pub async fn advance(&mut self) -> anyhow::Result<Event> {
-        if self.trainer.epoch_finished() && !self.trainer.finished() {
-            self.trainer.end_epoch();
+        if self.trainer().epoch_finished() && !self.trainer().finished() {
+            self.strategy.end_epoch();
             self.checkpoint_due = true;
             self.epoch_started = None;
         }
         if let Some(m) = self.monitor.as_ref().filter(|_| !self.pixels_reported) {
             self.pixels_reported = true;
             let scores =
-                pixel_scores(&m.bank, &m.queries, m.classes, self.trainer.device()).await?;
+                pixel_scores(&m.bank, &m.queries, m.classes, self.trainer().device()).await?;
             return Ok(Event::Pixels {
                 knn_top1: scores.monitor_top1(),
                 scores,
             });
         }
-        let epoch = self.trainer.epoch();
+        let epoch = self.trainer().epoch();
         if self.monitor.is_some() && self.evaluated != Some(epoch) {
             self.evaluated = Some(epoch);
             return self.evaluate().await;
@@ -182,12 +186,12 @@ impl Session {
         if std::mem::take(&mut self.checkpoint_due) {
             return Ok(Event::Epoch { epoch });
         }
-        if self.trainer.finished() {
+        if self.trainer().finished() {
             return Ok(Event::Finished);
         }
         let started = *self.epoch_started.get_or_insert_with(Instant::now);
-        let step = self.trainer.step_async().await?;
-        let images = self.trainer.step_in_epoch() * self.config().batch_size;
+        let step = self.strategy.step_async().await?;
+        let images = self.trainer().step_in_epoch() * self.config().batch_size;
         Ok(Event::Step {
             epoch: step.epoch,
             step: step.step,
@@ -200,7 +204,7 @@ impl Session {
     /// The kNN monitor on the current encoder, now (the page asks after loading weights);
     /// `knn_top1` is NaN without a test split.
     pub async fn evaluate(&self) -> anyhow::Result<Event> {
-        let epoch = self.trainer.epoch();
+        let epoch = self.trainer().epoch();
         let Some(m) = &self.monitor else {
             return Ok(Event::Evaluation {
                 epoch,
@@ -209,8 +213,8 @@ impl Session {
                 features: vec![],
             });
         };
-        let backbone = self.trainer.encoder().valid().backbone;
-        let device = self.trainer.device();
+        let backbone = self.trainer().encoder().valid().backbone;
+        let device = self.trainer().device();
         let (scores, (_, features)) =
             knn_monitor_async(&backbone, &m.bank, &m.queries, m.classes, device).await?;
         Ok(Event::Evaluation {
@@ -225,7 +229,7 @@ impl Session {
     pub fn run(&mut self, sink: &mut dyn Sink) -> anyhow::Result<()> {
         loop {
             let event = futures_lite::future::block_on(self.advance())?;
-            sink.record(&event, &self.trainer)?;
+            sink.record(&event, self.strategy.trainer())?;
             if event == Event::Finished {
                 return Ok(());
             }

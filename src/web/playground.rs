@@ -272,10 +272,7 @@ impl Playground {
         with_run(&self.run, |run| async move {
             let mut run = run.borrow_mut();
             let encoder = run.encoder_from_file(&file, &bytes)?;
-            run.session
-                .trainer_mut()
-                .load_encoder(encoder)
-                .map_err(js_error)?;
+            run.session.load_encoder(encoder).map_err(js_error)?;
             let event = run.session.evaluate().await.map_err(js_error)?;
             to_js(&run.page_event(event))
         })

@@ -11,7 +11,7 @@ use super::run_peer;
 use crate::backend::{DeviceKind, DeviceSpec};
 use crate::loss::LossKernel;
 use crate::model::{ModelName, Precision};
-use crate::train::{RunConfig, Trainer};
+use crate::train::{RunConfig, Strategy};
 use clap::Subcommand;
 use std::time::Instant;
 
@@ -233,11 +233,11 @@ impl BenchTask {
             ..RunConfig::default()
         };
         let device = crate::backend::device_at(config.first_device())?;
-        let mut trainer = Trainer::new(config, split, device.clone())?;
-        trainer.step()?; // warm-up: kernel compilation, allocator growth
+        let mut strategy = Strategy::new(config, split, device.clone())?;
+        strategy.step()?; // warm-up: kernel compilation, allocator growth
         let _ = device.sync();
         let count = || launches.as_ref().map(LaunchLog::count);
-        let (launched, traffic) = (count(), trainer.traffic());
+        let (launched, traffic) = (count(), strategy.trainer().traffic());
         let mut phases: Vec<(&'static str, f64)> = Vec::new();
         let started = Instant::now();
         let mut last = started;
@@ -252,11 +252,11 @@ impl BenchTask {
                 }
                 last = now;
             };
-            futures_lite::future::block_on(trainer.step_marked(&mut mark))?;
+            futures_lite::future::block_on(strategy.step_marked(&mut mark))?;
         }
         let ips = (self.steps * self.batch_size) as f64 / started.elapsed().as_secs_f64();
         let per_step = |count: usize| count as f64 / self.steps as f64;
-        let (now, before) = (trainer.traffic(), traffic);
+        let (now, before) = (strategy.trainer().traffic(), traffic);
         // Burn's launches, and the dispatches made beside Burn (the fused loss).
         let dispatches = count().zip(launched).map(|(now_launched, launched)| {
             per_step(now_launched - launched + now.dispatches - before.dispatches)

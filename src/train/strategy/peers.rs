@@ -1,23 +1,19 @@
 //! Data parallel on one machine (`--devices cpu,cpu`, `cuda:0,cuda:1`): one peer per device, each
 //! a [`Trainer`] on its own thread with a replica of the encoder and its slice of every batch.
-//! Rank 0 is the trainer the session drives; it sends every other peer the same commands (step,
-//! end of epoch, restore) and waits for them, so the run looks like one device to everything
-//! else (checkpoints, metrics and the monitor are rank 0's, written once).
+//! Rank 0 is the trainer the session drives; the strategy sends every other peer the same
+//! commands (step, end of epoch, restore) and waits for them, so the run looks like one device to
+//! everything else (checkpoints, metrics and the monitor are rank 0's, written once).
 //!
 //! Per step each peer forwards its slice, the embeddings are gathered so that every anchor sees
 //! the whole global batch's negatives (`--gather-negatives`, the default), batch norms share
 //! their statistics (SyncBN, `model::norm`), and the gradients are summed over the peers before
 //! identical optimizer steps. On the CPU device this is the one-device step up to the order of
-//! floating-point sums (`tests::two_peers_take_the_one_device_step`).
+//! floating-point sums (`strategy::tests::two_peers_take_the_one_device_step`).
 
-use super::{RunConfig, Trainer};
 use crate::backend::DeviceSpec;
 use crate::collective::{Collective, LeaveOnDrop, PeerStopped};
 use crate::data::Split;
-use crate::model::Encoder;
-use burn::module::{Module, ModuleVisitor, Param};
-use burn::optim::GradientsParams;
-use burn::tensor::{Tensor, TensorData};
+use crate::train::{RunConfig, Trainer};
 use std::sync::mpsc::{channel, Receiver, Sender};
 
 pub(super) enum Command {
@@ -82,7 +78,7 @@ fn serve(
 ) {
     let _leave = LeaveOnDrop(handle.clone());
     let made = crate::backend::device_at(device)
-        .and_then(|device| Trainer::replica(config, train, device, handle));
+        .and_then(|device| Trainer::in_group(config, train, device, handle));
     let mut trainer = match made {
         Ok(trainer) => trainer,
         Err(e) => {
@@ -112,7 +108,7 @@ fn serve(
 }
 
 impl Peer {
-    pub(super) fn send(&self, command: Command) -> anyhow::Result<()> {
+    fn send(&self, command: Command) -> anyhow::Result<()> {
         let sent = self.commands.as_ref().map(|c| c.send(command));
         anyhow::ensure!(
             matches!(sent, Some(Ok(()))),
@@ -168,63 +164,4 @@ pub(super) fn send_all(peers: &[Peer], command: impl Fn() -> Command) -> anyhow:
         peer.send(command())?;
     }
     Ok(())
-}
-
-/// The gradients summed over the peers (each peer's are of its share of the global loss), the
-/// same on every peer afterwards.
-pub(super) fn sum_gradients(
-    group: &Collective,
-    encoder: &Encoder,
-    mut grads: GradientsParams,
-) -> anyhow::Result<GradientsParams> {
-    let mut flat = Flatten {
-        grads: &grads,
-        values: vec![],
-    };
-    encoder.visit(&mut flat);
-    let mut values = flat.values;
-    group.sum(&mut values)?;
-    encoder.visit(&mut Scatter {
-        grads: &mut grads,
-        values: &values,
-        offset: 0,
-    });
-    Ok(grads)
-}
-
-/// Every parameter's gradient, one after another in the module's order.
-struct Flatten<'a> {
-    grads: &'a GradientsParams,
-    values: Vec<f64>,
-}
-
-impl ModuleVisitor for Flatten<'_> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        if let Some(grad) = self.grads.get::<D>(param.id) {
-            let data = grad.into_data().convert::<f32>();
-            let values = data.as_slice::<f32>().expect("f32 after convert");
-            self.values.extend(values.iter().map(|&v| v as f64));
-        }
-    }
-}
-
-/// [`Flatten`]'s inverse: the summed values back in place of each gradient.
-struct Scatter<'a> {
-    grads: &'a mut GradientsParams,
-    values: &'a [f64],
-    offset: usize,
-}
-
-impl ModuleVisitor for Scatter<'_> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        if let Some(grad) = self.grads.remove::<D>(param.id) {
-            let dims = grad.dims();
-            let count: usize = dims.iter().product();
-            let values = &self.values[self.offset..self.offset + count];
-            self.offset += count;
-            let data = TensorData::new(values.iter().map(|&v| v as f32).collect(), dims);
-            let summed = Tensor::<D>::from_data(data, &grad.device());
-            self.grads.register::<D>(param.id, summed);
-        }
-    }
 }
