@@ -11,6 +11,7 @@ use super::run_peer;
 use crate::backend::{DeviceKind, DeviceSpec};
 use crate::loss::LossKernel;
 use crate::model::{ModelName, Precision};
+use crate::optim::OptimizerKind;
 use crate::train::{RunConfig, Strategy};
 use clap::Subcommand;
 use std::time::Instant;
@@ -36,6 +37,9 @@ pub enum BenchCommand {
         /// As `dcl pretrain --loss-kernel` (default: the device's, as there).
         #[arg(long)]
         loss_kernel: Option<LossKernel>,
+        /// As `dcl pretrain --optimizer` (the page trains with adam).
+        #[arg(long, default_value_t = RunConfig::default().optimizer)]
+        optimizer: OptimizerKind,
         /// CPU threads for dcl's kernels and the peer (default: every core).
         #[arg(long)]
         threads: Option<usize>,
@@ -90,12 +94,17 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
             steps,
             precision,
             loss_kernel,
+            optimizer,
             threads,
             peer,
             pairs,
             json,
         } => {
             let device = devices.first().map_or(device, |d| d.kind);
+            anyhow::ensure!(
+                !peer || optimizer == OptimizerKind::Sgd,
+                "--peer: the PyTorch step trains with SGD with momentum; drop --optimizer {optimizer}"
+            );
             let threads = threads.unwrap_or_else(num_cpus);
             anyhow::ensure!(
                 threads >= 1 && steps >= 1 && pairs >= 1,
@@ -115,6 +124,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
                 devices,
                 precision,
                 loss_kernel: loss_kernel.unwrap_or(RunConfig::default_loss_kernel(device)),
+                optimizer,
             };
             let launches = launch_log(device)?;
             let mut bench = task.run(&launches)?;
@@ -206,6 +216,7 @@ struct BenchTask {
     devices: Vec<DeviceSpec>,
     precision: Precision,
     loss_kernel: LossKernel,
+    optimizer: OptimizerKind,
 }
 
 impl BenchTask {
@@ -230,6 +241,7 @@ impl BenchTask {
             devices: self.devices.clone(),
             precision: self.precision,
             loss_kernel: self.loss_kernel,
+            optimizer: self.optimizer,
             ..RunConfig::default()
         };
         let device = crate::backend::device_at(config.first_device())?;
