@@ -255,6 +255,12 @@ pub fn sum_batch_statistics(sums: &mut [f64]) {
     });
 }
 
+/// Whether a [`SyncBatchNorm`] is alive on this thread: the fused GPU batch norm does not share
+/// its statistics, so batch norms then take the tensor-op path.
+pub fn syncing() -> bool {
+    BATCH_STATISTICS.with(|s| s.borrow().is_some())
+}
+
 /// Leaves the group when dropped: a peer thread's end, by return or by panic.
 pub struct LeaveOnDrop(pub Collective);
 

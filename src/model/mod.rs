@@ -3,6 +3,7 @@
 //! The CIFAR stem (3x3 conv, stride 1, no max-pool) keeps 32x32 inputs at full resolution in the
 //! first stage, as in the SimCLR paper's CIFAR experiments and lightly's benchmarks.
 
+use crate::collective;
 use burn::module::{Module, RunningState};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Initializer, Linear, LinearConfig, PaddingConfig2d};
@@ -90,8 +91,8 @@ fn bn(channels: usize, device: &Device) -> BatchNorm {
 
 /// Batch norm of feature maps [B, C, H, W], as Burn's `BatchNorm::forward` computes it (batch
 /// statistics with gradient while training, biased variance into the running averages; running
-/// statistics in eval). Training on the CPU device takes [`norm`]'s fused op (two passes forward,
-/// two backward, instead of a chain of element-wise ops and their gradients). Elsewhere it is
+/// statistics in eval). Training takes [`norm`]'s fused op (two passes forward, two backward,
+/// instead of a chain of element-wise ops and their gradients). In eval it is
 /// `x * scale + shift` with the coefficients laid out [B, C, 1, 1], contiguous: burn-flex 0.21
 /// walked Burn's [1, C, 1, 1] broadcast one element at a time, and the GPU backends do not mind.
 /// The projection head's BatchNorm1d runs here too, as [B, C, 1, 1], so that every running
@@ -103,8 +104,12 @@ fn bn(channels: usize, device: &Device) -> BatchNorm {
 /// dispatches on a GPU and larger matrices for the CPU's gemm.
 fn batch_norm(bn: &BatchNorm, x: Tensor<4>, views: usize) -> Tensor<4> {
     let c = x.dims()[1];
-    match x.device().is_autodiff() {
-        true if crate::backend::has_fast_conv(&x.device()) => fused_batch_norm(bn, x, views),
+    let device = x.device();
+    let fused_on_gpu = crate::backend::has_cube_kernels(&device) && !collective::syncing();
+    match device.is_autodiff() {
+        true if crate::backend::has_fast_conv(&device) || fused_on_gpu => {
+            fused_batch_norm(bn, x, views)
+        }
         true => batch_norm_from_tensor_ops(bn, x, views),
         false => {
             let stat = |state: &RunningState<Tensor<1>>| state.value().reshape([1, c]);
@@ -114,7 +119,7 @@ fn batch_norm(bn: &BatchNorm, x: Tensor<4>, views: usize) -> Tensor<4> {
     }
 }
 
-/// Training mode on the CPU device: [`norm`]'s fused op.
+/// Training mode on the CPU device and the GPU devices: [`norm`]'s fused op.
 fn fused_batch_norm(bn: &BatchNorm, x: Tensor<4>, views: usize) -> Tensor<4> {
     let moments = norm::channel_moments(x.clone(), views);
     let c = x.dims()[1];
@@ -126,8 +131,8 @@ fn fused_batch_norm(bn: &BatchNorm, x: Tensor<4>, views: usize) -> Tensor<4> {
     norm::batch_norm(x, bn.gamma.val(), bn.beta.val(), moments, bn.epsilon)
 }
 
-/// Training mode elsewhere (the GPU devices): batch statistics with Burn's tensor ops, the
-/// gradient by autodiff. x is seen as [views, N, C, H*W], so each view's statistics broadcast
+/// Training mode elsewhere (a GPU build with fusion, GPU peers sharing statistics): batch
+/// statistics with Burn's tensor ops, the gradient by autodiff. x is seen as [views, N, C, H*W], so each view's statistics broadcast
 /// over its own images: no coefficients copied out per image, which on a GPU cost a dispatch
 /// forward and a reduction backward for every one.
 fn batch_norm_from_tensor_ops(bn: &BatchNorm, x: Tensor<4>, views: usize) -> Tensor<4> {
@@ -375,6 +380,22 @@ mod tests {
         (device, random)
     }
 
+    /// The autodiff devices batch norm trains on: the CPU and, where built, wgpu (lavapipe),
+    /// whose fused batch norm is `norm`'s CubeCL kernels.
+    fn training_devices() -> Vec<Device> {
+        let mut devices = vec![crate::backend::cpu().autodiff()];
+        #[cfg(feature = "wgpu")]
+        devices.push(
+            crate::backend::device(crate::backend::DeviceKind::Wgpu)
+                .expect("wgpu needs a Vulkan adapter: apt install mesa-vulkan-drivers"),
+        );
+        devices
+    }
+
+    fn to<const D: usize>(t: &Tensor<D>, device: &Device) -> Tensor<D> {
+        Tensor::from_data(t.to_data(), device)
+    }
+
     /// gamma and beta of `channels`, drawn around 1 and 0.
     fn affine(
         random: impl Fn([usize; 4], f64, f64) -> Tensor<4>,
@@ -404,11 +425,18 @@ mod tests {
     /// `BatchNorm`: output, gradients of input, gamma and beta, running statistics; then eval.
     #[test]
     fn batch_norm_equals_burns_in_training_and_in_eval() {
-        let (device, random) = seeded(11);
-        let [gamma, beta] = affine(&random, 5);
+        for device in training_devices() {
+            batch_norm_equals_burns_on(&device);
+        }
+    }
+
+    fn batch_norm_equals_burns_on(device: &Device) {
+        let (_, random) = seeded(11);
+        let [gamma, beta] = affine(&random, 5).map(|t| to(&t, device));
         let x_values = random([3, 5, 4, 6], 2.0, 3.0).into_data();
         // A weighted sum, so that every output's gradient differs.
-        let weights = random([3, 5, 4, 6], 0.0, 1.0);
+        let weights = to(&random([3, 5, 4, 6], 0.0, 1.0), device);
+        let device = device.clone();
         type Path = fn(&BatchNorm, Tensor<4>, usize) -> Tensor<4>;
         for path in [fused_batch_norm as Path, batch_norm_from_tensor_ops] {
             // A fresh leaf per path: a backward pass consumes the graph of the one before.
@@ -444,14 +472,23 @@ mod tests {
     /// statistics after both.
     #[test]
     fn stacked_views_equal_one_batch_norm_per_view() {
-        let (device, random) = seeded(12);
-        let [gamma, beta] = affine(&random, 3);
-        // Views with different statistics, so that sharing them would show.
+        for device in training_devices() {
+            stacked_views_equal_one_batch_norm_per_view_on(&device);
+        }
+    }
+
+    fn stacked_views_equal_one_batch_norm_per_view_on(device: &Device) {
+        let (_, random) = seeded(12);
+        let [gamma, beta] = affine(&random, 3).map(|t| to(&t, device));
+        // Views with different statistics, so that sharing them would show; more values a
+        // channel (4 x 90) than a GPU workgroup has threads (256).
         let views = [
-            random([4, 3, 5, 3], 1.0, 2.0),
-            random([4, 3, 5, 3], -2.0, 0.5),
-        ];
-        let weights = random([8, 3, 5, 3], 0.0, 1.0);
+            random([4, 3, 9, 10], 1.0, 2.0),
+            random([4, 3, 9, 10], -2.0, 0.5),
+        ]
+        .map(|v| to(&v, device));
+        let weights = to(&random([8, 3, 9, 10], 0.0, 1.0), device);
+        let device = device.clone();
         type Path = fn(&BatchNorm, Tensor<4>, usize) -> Tensor<4>;
         for path in [fused_batch_norm as Path, batch_norm_from_tensor_ops] {
             let leaf = |t: &Tensor<4>| Tensor::<4>::from_data(t.to_data(), &device).require_grad();

@@ -1,4 +1,5 @@
-//! Training-mode batch norm on the CPU device as one fused op, with its own backward pass.
+//! Training-mode batch norm as one fused op with its own backward pass: on the CPU here, on the
+//! GPU backends as CubeCL kernels (`cube`), one autodiff op over both.
 //!
 //! Written with Burn's tensor ops, a batch norm is a chain of element-wise passes (mean, centre,
 //! square, mean, scale, shift), each with its own backward and its own allocation: a perf
@@ -6,8 +7,9 @@
 //! statistics take two passes (mean, then variance about it), the normalization one, and the
 //! backward two (the per-channel sums of the gradient and of the gradient times the normalized
 //! input, then the input gradient), with no intermediate tensors. Sums
-//! run per channel in f64 in a fixed order, so a run repeats bit for bit. Only the CPU device
-//! takes this path (see `backend::has_fast_conv`); it is tested equal to Burn's `BatchNorm`.
+//! run per channel in f64 in a fixed order, so a run repeats bit for bit. The CPU device takes
+//! this path (see `backend::has_fast_conv`), the GPU devices `cube`'s (`has_cube_kernels`); both
+//! are tested equal to Burn's `BatchNorm`.
 //!
 //! A batch may stack several views (the trainer sends both views of its images through the
 //! encoder at once): each view's images are then normalized by their own statistics, as if it
@@ -24,6 +26,17 @@ use rayon::prelude::*;
 
 use super::conv::{f32s, tensor};
 use crate::collective;
+#[cfg(all(feature = "cube-kernels", not(feature = "fusion"), feature = "cuda"))]
+use burn::backend::Cuda;
+#[cfg(all(
+    feature = "cube-kernels",
+    not(feature = "fusion"),
+    any(feature = "wgpu", feature = "webgpu")
+))]
+use burn::backend::Wgpu;
+
+#[cfg(all(feature = "cube-kernels", not(feature = "fusion")))]
+mod cube;
 
 /// Per view and channel of x [B, C, H, W], stacked from `views` equal views: the mean and the
 /// biased variance, as [2, views * C] (view after view), without gradient (the gradient through
@@ -54,7 +67,19 @@ pub fn batch_norm(
     ))
 }
 
-#[backend_extension(Flex, Autodiff)]
+#[cfg_attr(
+    all(feature = "cube-kernels", not(feature = "fusion")),
+    backend_extension(
+        Flex,
+        Wgpu: cfg(any(feature = "wgpu", feature = "webgpu")),
+        Cuda: cfg(feature = "cuda"),
+        Autodiff
+    )
+)]
+#[cfg_attr(
+    not(all(feature = "cube-kernels", not(feature = "fusion"))),
+    backend_extension(Flex, Autodiff)
+)]
 pub trait NormBackend: Backend {
     fn channel_moments(x: FloatTensor<Self>, views: usize) -> FloatTensor<Self>;
     fn fused_batch_norm(
@@ -64,6 +89,18 @@ pub trait NormBackend: Backend {
         moments: FloatTensor<Self>,
         epsilon: f32,
     ) -> FloatTensor<Self>;
+}
+
+/// The backward pass of [`NormBackend::fused_batch_norm`] on a backend with the forward op:
+/// `[dx, dgamma, dbeta]` from x, gamma, x's moments and the output's gradient.
+pub trait NormBackward: NormBackend {
+    fn fused_batch_norm_backward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        moments: FloatTensor<Self>,
+        epsilon: f32,
+        dy: FloatTensor<Self>,
+    ) -> [FloatTensor<Self>; 3];
 }
 
 impl NormBackend for Flex {
@@ -88,9 +125,34 @@ impl NormBackend for Flex {
     }
 }
 
-impl<C: CheckpointStrategy> NormBackend for Autodiff<Flex, C> {
+impl NormBackward for Flex {
+    fn fused_batch_norm_backward(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        moments: FlexTensor,
+        epsilon: f32,
+        dy: FlexTensor,
+    ) -> [FlexTensor; 3] {
+        let shape = Shape::with_moments(&x, &moments);
+        let [dx, dgamma, dbeta] = shape.backward(
+            &f32s(&x),
+            &f32s(&gamma),
+            &f32s(&moments),
+            epsilon,
+            &f32s(&dy),
+        );
+        let c = shape.channels;
+        [
+            tensor(dx, &shape.dims()),
+            tensor(dgamma, &[c]),
+            tensor(dbeta, &[c]),
+        ]
+    }
+}
+
+impl<B: NormBackward, C: CheckpointStrategy> NormBackend for Autodiff<B, C> {
     fn channel_moments(x: FloatTensor<Self>, views: usize) -> FloatTensor<Self> {
-        Self::from_inner(Flex::channel_moments(x.primitive, views))
+        Self::from_inner(B::channel_moments(x.primitive, views))
     }
 
     fn fused_batch_norm(
@@ -100,7 +162,7 @@ impl<C: CheckpointStrategy> NormBackend for Autodiff<Flex, C> {
         moments: FloatTensor<Self>,
         epsilon: f32,
     ) -> FloatTensor<Self> {
-        let output = Flex::fused_batch_norm(
+        let output = B::fused_batch_norm(
             x.primitive.clone(),
             gamma.primitive.clone(),
             beta.primitive.clone(),
@@ -124,29 +186,16 @@ impl<C: CheckpointStrategy> NormBackend for Autodiff<Flex, C> {
 #[derive(Debug)]
 struct BatchNormGrad;
 
-impl Backward<Flex, 3> for BatchNormGrad {
-    type State = (FlexTensor, FlexTensor, FlexTensor, f32);
+impl<B: NormBackward> Backward<B, 3> for BatchNormGrad {
+    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, f32);
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [x_node, gamma_node, beta_node] = ops.parents;
         let (x, gamma, moments, epsilon) = ops.state;
-        let dy = grads.consume::<Flex>(&ops.node);
-        let shape = Shape::with_moments(&x, &moments);
-        let [dx, dgamma, dbeta] = shape.backward(
-            &f32s(&x),
-            &f32s(&gamma),
-            &f32s(&moments),
-            epsilon,
-            &f32s(&dy),
-        );
-        let c = shape.channels;
-        for (node, grad, dims) in [
-            (x_node, dx, shape.dims()),
-            (gamma_node, dgamma, vec![c]),
-            (beta_node, dbeta, vec![c]),
-        ] {
+        let dy = grads.consume::<B>(&ops.node);
+        let grads_of = B::fused_batch_norm_backward(x, gamma, moments, epsilon, dy);
+        for (node, grad) in ops.parents.into_iter().zip(grads_of) {
             if let Some(node) = node {
-                grads.register::<Flex>(node.id, tensor(grad, &dims));
+                grads.register::<B>(node.id, grad);
             }
         }
     }
