@@ -122,12 +122,13 @@ fn batch_norm(bn: &BatchNorm, x: Tensor<4>, views: usize) -> Tensor<4> {
 /// Training mode on the CPU device and the GPU devices: [`norm`]'s fused op.
 fn fused_batch_norm(bn: &BatchNorm, x: Tensor<4>, views: usize) -> Tensor<4> {
     let moments = norm::channel_moments(x.clone(), views);
-    let c = x.dims()[1];
-    update_running(
-        bn,
-        moments.clone().narrow(0, 0, 1).reshape([views, c]),
-        moments.clone().narrow(0, 1, 1).reshape([views, c]),
-    );
+    let device = moments.device();
+    let running = [&bn.running_mean, &bn.running_var].map(|s| s.value_sync().to_device(&device));
+    let [mean, var] = running;
+    let updated = norm::running_update(mean, var, moments.clone(), bn.momentum);
+    for (state, value) in [&bn.running_mean, &bn.running_var].into_iter().zip(updated) {
+        commit(state, value);
+    }
     norm::batch_norm(x, bn.gamma.val(), bn.beta.val(), moments, bn.epsilon)
 }
 
@@ -168,11 +169,16 @@ fn update_running(bn: &BatchNorm, mean: Tensor<2>, var: Tensor<2>) {
     for (state, batch) in [(&bn.running_mean, mean), (&bn.running_var, var)] {
         let old = state.value_sync().to_device(&batch.device());
         let batch = (batch.detach() * weights.clone()).sum_dim(0).squeeze_dim(0);
-        state.update(old.mul_scalar(decay(views)).add(batch).detach());
-        // Burn keeps an update pending until the next read, and saving or evaluating reads
-        // the value without it: commit it now, so what is saved is what was computed.
-        state.value_sync();
+        commit(state, old.mul_scalar(decay(views)).add(batch));
     }
+}
+
+/// A running statistic's new value. Burn keeps an update pending until the next read, and
+/// saving or evaluating reads the value without it: commit it now, so what is saved is what was
+/// computed.
+fn commit(state: &RunningState<Tensor<1>>, value: Tensor<1>) {
+    state.update(value.detach());
+    state.value_sync();
 }
 
 /// [views, C] coefficients laid out [B, C, 1, 1], each view's row for its images (see
@@ -433,27 +439,40 @@ mod tests {
     fn batch_norm_equals_burns_on(device: &Device) {
         let (_, random) = seeded(11);
         let [gamma, beta] = affine(&random, 5).map(|t| to(&t, device));
-        let x_values = random([3, 5, 4, 6], 2.0, 3.0).into_data();
+        let x_values = random([3, 5, 4, 6], 2.0, 3.0);
         // A weighted sum, so that every output's gradient differs.
         let weights = to(&random([3, 5, 4, 6], 0.0, 1.0), device);
         let device = device.clone();
+        // x as given, and x channels-last in memory (as a GPU convolution may hand it over):
+        // a leaf of either layout, and x the [B, C, H, W] view of it.
+        let layouts: [(_, fn(Tensor<4>) -> Tensor<4>); 2] = [
+            (x_values.to_data(), |leaf| leaf),
+            (x_values.clone().permute([0, 2, 3, 1]).into_data(), |leaf| {
+                leaf.permute([0, 3, 1, 2])
+            }),
+        ];
         type Path = fn(&BatchNorm, Tensor<4>, usize) -> Tensor<4>;
         for path in [fused_batch_norm as Path, batch_norm_from_tensor_ops] {
-            // A fresh leaf per path: a backward pass consumes the graph of the one before.
-            let x = Tensor::<4>::from_data(x_values.clone(), &device).require_grad();
-            let (ours, burns) = (
-                batch_norm_with(&gamma, &beta),
-                batch_norm_with(&gamma, &beta),
-            );
-            let (y_ours, y_burn) = (path(&ours, x.clone(), 1), burns.forward(x.clone()));
-            assert!(max_diff(y_ours.clone(), y_burn.clone()) < 1e-5);
+            for (data, view) in &layouts {
+                // A fresh leaf each time: a backward pass consumes the graph of the one before.
+                let leaf = Tensor::<4>::from_data(data.clone(), &device).require_grad();
+                let (ours, burns) = (
+                    batch_norm_with(&gamma, &beta),
+                    batch_norm_with(&gamma, &beta),
+                );
+                // A view each: the first backward pass consumes the nodes it walks.
+                let y_ours = path(&ours, view(leaf.clone()), 1);
+                let y_burn = burns.forward(view(leaf.clone()));
+                assert!(max_diff(y_ours.clone(), y_burn.clone()) < 1e-5);
 
-            let grads_ours = (y_ours * weights.clone()).sum().backward();
-            let grads_burn = (y_burn * weights.clone()).sum().backward();
-            let grad = |t: &Tensor<4>, g| t.grad(g).unwrap();
-            assert!(max_diff(grad(&x, &grads_ours), grad(&x, &grads_burn)) < 1e-5);
-            assert_parameters_agree(&ours, &grads_ours, &burns, &grads_burn);
+                let grads_ours = (y_ours * weights.clone()).sum().backward();
+                let grads_burn = (y_burn * weights.clone()).sum().backward();
+                let grad = |t: &Tensor<4>, g| t.grad(g).unwrap();
+                assert!(max_diff(grad(&leaf, &grads_ours), grad(&leaf, &grads_burn)) < 1e-5);
+                assert_parameters_agree(&ours, &grads_ours, &burns, &grads_burn);
+            }
         }
+        let x_values = x_values.into_data();
         let (ours, burns) = (
             batch_norm_with(&gamma, &beta),
             batch_norm_with(&gamma, &beta),

@@ -1,7 +1,7 @@
 //! The fused batch norm on Burn's GPU backends, as CubeCL kernels: the moments in one dispatch
 //! (a workgroup per (view, channel) slot, two passes over its values), the normalization in one,
 //! and the backward pass in three (the slots' two sums, dx, the parameters' gradients over the
-//! views). Written with Burn's tensor ops the same layer is about fifty dispatches a step.
+//! views); the running averages' update in one. Written with Burn's tensor ops the same layer is about fifty dispatches a step.
 //! Sums run in f32 (per thread, then a tree in shared memory), not in the CPU's f64: equal to
 //! the CPU op to float tolerance (tested in `model`).
 
@@ -38,11 +38,15 @@ fn workgroup_sum(value: f32) -> f32 {
     partial[0]
 }
 
-/// Where value `k` of slot (view, c) lies in x [B, C, H*W]: images of one view are consecutive.
+/// Where value `k` of slot (view, c) lies in x [B, C, H, W], by x's strides (the convolutions
+/// hand over their own layouts; copying them to one would cost a dispatch): the slot's values are
+/// its view's images' planes, image after image.
 #[cube]
-fn at(k: usize, view: usize, c: usize, per_view: usize, channels: usize, pixels: usize) -> usize {
+fn at(x: &Tensor<f32>, k: usize, view: usize, c: usize, per_view: usize, pixels: usize) -> usize {
     let image = view * per_view + k / pixels;
-    (image * channels + c) * pixels + k % pixels
+    let p = k % pixels;
+    let width = x.shape(3);
+    image * x.stride(0) + c * x.stride(1) + p / width * x.stride(2) + p % width * x.stride(3)
 }
 
 /// Per slot: the mean, then the biased variance about it, into moments [2, slots].
@@ -64,14 +68,14 @@ fn moments_kernel(
     let mut sum = 0.0f32;
     let mut k = UNIT_POS_X as usize;
     while k < count {
-        sum += x[at(k, view, c, per_view, channels, pixels)];
+        sum += x[at(x, k, view, c, per_view, pixels)];
         k += THREADS;
     }
     let mean = workgroup_sum(sum) / f32::cast_from(count);
     let mut squares = 0.0f32;
     let mut k = UNIT_POS_X as usize;
     while k < count {
-        let d = x[at(k, view, c, per_view, channels, pixels)] - mean;
+        let d = x[at(x, k, view, c, per_view, pixels)] - mean;
         squares += d * d;
         k += THREADS;
     }
@@ -83,12 +87,14 @@ fn moments_kernel(
     }
 }
 
-/// The slot of element `i` of x [B, C, H*W] (its channel is the slot modulo C).
+/// The slot of x's element at memory position `j`, x dense in any order of its dimensions (see
+/// [`dense`]): the elementwise kernels walk memory in order, whatever layout the convolution
+/// chose, and write their outputs in the same layout.
 #[cube]
-fn slot_of(i: usize, per_view: u32, channels: u32, pixels: u32) -> usize {
-    let channels = channels as usize;
-    let plane = i / pixels as usize;
-    (plane / channels) / per_view as usize * channels + plane % channels
+fn slot_at(x: &Tensor<f32>, j: usize, per_view: u32) -> usize {
+    let image = j / x.stride(0) % x.shape(0);
+    let channels = x.shape(1);
+    image / per_view as usize * channels + j / x.stride(1) % channels
 }
 
 /// y = x * scale + shift, scale = gamma / sqrt(var + eps), shift = beta - mean * scale.
@@ -101,16 +107,14 @@ fn normalize_kernel(
     moments: &Tensor<f32>,
     y: &mut Tensor<f32>,
     per_view: u32,
-    channels: u32,
-    pixels: u32,
     epsilon: f32,
 ) {
     let i = ABSOLUTE_POS;
     if i >= x.len() {
         terminate!();
     }
-    let s = slot_of(i, per_view, channels, pixels);
-    let c = s % channels as usize;
+    let s = slot_at(x, i, per_view);
+    let c = s % x.shape(1);
     let slots = moments.len() / 2;
     let scale = gamma[c] / f32::sqrt(moments[slots + s] + epsilon);
     y[i] = x[i] * scale + (beta[c] - moments[s] * scale);
@@ -142,9 +146,10 @@ fn backward_sums_kernel(
     let mut dbeta = 0.0f32;
     let mut k = UNIT_POS_X as usize;
     while k < per_view * pixels {
-        let i = at(k, view, c, per_view, channels, pixels);
-        dgamma += dy[i] * (x[i] - mean) * inv_std;
-        dbeta += dy[i];
+        let i = at(x, k, view, c, per_view, pixels);
+        let j = at(dy, k, view, c, per_view, pixels);
+        dgamma += dy[j] * (x[i] - mean) * inv_std;
+        dbeta += dy[j];
         k += THREADS;
     }
     let dgamma = workgroup_sum(dgamma);
@@ -166,7 +171,6 @@ fn dx_kernel(
     sums: &Tensor<f32>,
     dx: &mut Tensor<f32>,
     per_view: u32,
-    channels: u32,
     pixels: u32,
     epsilon: f32,
 ) {
@@ -174,8 +178,8 @@ fn dx_kernel(
     if i >= x.len() {
         terminate!();
     }
-    let s = slot_of(i, per_view, channels, pixels);
-    let c = s % channels as usize;
+    let s = slot_at(x, i, per_view);
+    let c = s % x.shape(1);
     let slots = moments.len() / 2;
     let n = f32::cast_from(per_view * pixels);
     let inv_std = 1.0 / f32::sqrt(moments[slots + s] + epsilon);
@@ -204,6 +208,34 @@ fn over_views_kernel(sums: &Tensor<f32>, dgamma: &mut Tensor<f32>, dbeta: &mut T
     dbeta[c] = b;
 }
 
+/// Per channel: each view's momentum step of the running mean and variance, in turn.
+#[cube(launch)]
+fn running_kernel(
+    mean: &Tensor<f32>,
+    var: &Tensor<f32>,
+    moments: &Tensor<f32>,
+    new_mean: &mut Tensor<f32>,
+    new_var: &mut Tensor<f32>,
+    momentum: f32,
+) {
+    let c = ABSOLUTE_POS;
+    let channels = mean.len();
+    if c >= channels {
+        terminate!();
+    }
+    let slots = moments.len() / 2;
+    let mut m = mean[c];
+    let mut v = var[c];
+    let mut s = c;
+    while s < slots {
+        m = m * (1.0 - momentum) + moments[s] * momentum;
+        v = v * (1.0 - momentum) + moments[slots + s] * momentum;
+        s += channels;
+    }
+    new_mean[c] = m;
+    new_var[c] = v;
+}
+
 /// x's layout: images per view, channels, pixels per plane.
 fn layout<R: CubeRuntime>(x: &CubeTensor<R>, slots: usize) -> (u32, u32, u32) {
     let dims = x.shape();
@@ -215,6 +247,21 @@ fn layout<R: CubeRuntime>(x: &CubeTensor<R>, slots: usize) -> (u32, u32, u32) {
     );
     let pixels = dims[2] * dims[3];
     ((images / views) as u32, channels as u32, pixels as u32)
+}
+
+/// x as it is when its buffer is dense in some order of its dimensions, else a contiguous copy.
+fn dense<R: CubeRuntime>(x: CubeTensor<R>) -> CubeTensor<R> {
+    match x.is_contiguous_buffer() && x.is_nonoverlapping() {
+        true => x,
+        false => into_contiguous(x),
+    }
+}
+
+/// A fresh tensor laid out as the dense `x`.
+fn empty_like<R: CubeRuntime>(x: &CubeTensor<R>) -> CubeTensor<R> {
+    let handle = x.client.empty(x.handle.size() as usize);
+    let (client, device) = (x.client.clone(), x.device.clone());
+    CubeTensor::new(client, handle, x.meta.as_ref().clone(), device, x.dtype)
 }
 
 fn empty<R: CubeRuntime>(like: &CubeTensor<R>, dims: &[usize]) -> CubeTensor<R> {
@@ -236,7 +283,6 @@ fn per_slot(slots: usize) -> (CubeCount, CubeDim) {
 
 impl<R: CubeRuntime> NormBackend for CubeBackend<R> {
     fn channel_moments(x: CubeTensor<R>, views: usize) -> CubeTensor<R> {
-        let x = into_contiguous(x);
         let slots = views * x.shape()[1];
         let (per_view, channels, pixels) = layout(&x, slots);
         let moments = empty(&x, &[2, slots]);
@@ -261,9 +307,10 @@ impl<R: CubeRuntime> NormBackend for CubeBackend<R> {
         moments: CubeTensor<R>,
         epsilon: f32,
     ) -> CubeTensor<R> {
-        let [x, gamma, beta, moments] = [x, gamma, beta, moments].map(into_contiguous);
-        let (per_view, channels, pixels) = layout(&x, moments.shape()[1]);
-        let y = empty(&x, &x.shape());
+        let [gamma, beta, moments] = [gamma, beta, moments].map(into_contiguous);
+        let x = dense(x);
+        let (per_view, _, _) = layout(&x, moments.shape()[1]);
+        let y = empty_like(&x);
         let (count, dim) = elementwise(&x, x.shape().num_elements());
         normalize_kernel::launch(
             &x.client.clone(),
@@ -275,11 +322,33 @@ impl<R: CubeRuntime> NormBackend for CubeBackend<R> {
             moments.into_tensor_arg(),
             y.clone().into_tensor_arg(),
             per_view,
-            channels,
-            pixels,
             epsilon,
         );
         y
+    }
+
+    fn running_update(
+        mean: CubeTensor<R>,
+        var: CubeTensor<R>,
+        moments: CubeTensor<R>,
+        momentum: f32,
+    ) -> (CubeTensor<R>, CubeTensor<R>) {
+        let [mean, var, moments] = [mean, var, moments].map(into_contiguous);
+        let channels = mean.shape().num_elements();
+        let [new_mean, new_var] = [(); 2].map(|_| empty(&mean, &[channels]));
+        let (count, dim) = elementwise(&mean, channels);
+        running_kernel::launch(
+            &mean.client.clone(),
+            count,
+            dim,
+            mean.into_tensor_arg(),
+            var.into_tensor_arg(),
+            moments.into_tensor_arg(),
+            new_mean.clone().into_tensor_arg(),
+            new_var.clone().into_tensor_arg(),
+            momentum,
+        );
+        (new_mean, new_var)
     }
 }
 
@@ -291,7 +360,12 @@ impl<R: CubeRuntime> NormBackward for CubeBackend<R> {
         epsilon: f32,
         dy: CubeTensor<R>,
     ) -> [CubeTensor<R>; 3] {
-        let [x, gamma, moments, dy] = [x, gamma, moments, dy].map(into_contiguous);
+        let [gamma, moments] = [gamma, moments].map(into_contiguous);
+        // The elementwise dx walks x and dy in one memory order.
+        let (x, dy) = match (dense(x), dense(dy)) {
+            (x, dy) if x.meta.strides() == dy.meta.strides() => (x, dy),
+            (x, dy) => (into_contiguous(x), into_contiguous(dy)),
+        };
         let slots = moments.shape()[1];
         let (per_view, channels, pixels) = layout(&x, slots);
         let client = x.client.clone();
@@ -310,7 +384,7 @@ impl<R: CubeRuntime> NormBackward for CubeBackend<R> {
             pixels,
             epsilon,
         );
-        let dx = empty(&x, &x.shape());
+        let dx = empty_like(&x);
         let (count, dim) = elementwise(&x, x.shape().num_elements());
         dx_kernel::launch(
             &client,
@@ -323,7 +397,6 @@ impl<R: CubeRuntime> NormBackward for CubeBackend<R> {
             sums.clone().into_tensor_arg(),
             dx.clone().into_tensor_arg(),
             per_view,
-            channels,
             pixels,
             epsilon,
         );

@@ -67,6 +67,24 @@ pub fn batch_norm(
     ))
 }
 
+/// The running averages after a batch with these [`channel_moments`]: each view's step
+/// `r <- (1 - momentum) r + momentum batch_v` in turn (as passes per view would take them), for
+/// the mean and the biased variance at once; without gradient.
+pub fn running_update(
+    mean: Tensor<1>,
+    var: Tensor<1>,
+    moments: Tensor<2>,
+    momentum: f64,
+) -> [Tensor<1>; 2] {
+    let (mean, var) = <Dispatch as NormBackend>::running_update(
+        mean.into_dispatch(),
+        var.into_dispatch(),
+        moments.into_dispatch(),
+        momentum as f32,
+    );
+    [mean, var].map(Tensor::from_dispatch)
+}
+
 #[cfg_attr(
     all(feature = "cube-kernels", not(feature = "fusion")),
     backend_extension(
@@ -89,6 +107,12 @@ pub trait NormBackend: Backend {
         moments: FloatTensor<Self>,
         epsilon: f32,
     ) -> FloatTensor<Self>;
+    fn running_update(
+        mean: FloatTensor<Self>,
+        var: FloatTensor<Self>,
+        moments: FloatTensor<Self>,
+        momentum: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
 }
 
 /// The backward pass of [`NormBackend::fused_batch_norm`] on a backend with the forward op:
@@ -123,6 +147,27 @@ impl NormBackend for Flex {
         let y = shape.apply(&f32s(&x), &coefficients);
         tensor(y, &shape.dims())
     }
+
+    fn running_update(
+        mean: FlexTensor,
+        var: FlexTensor,
+        moments: FlexTensor,
+        momentum: f32,
+    ) -> (FlexTensor, FlexTensor) {
+        let moments = f32s(&moments);
+        let (batch_mean, batch_var) = moments.split_at(moments.len() / 2);
+        let step = |running: &FlexTensor, batch: &[f32]| {
+            let mut running = f32s(running).to_vec();
+            let channels = running.len();
+            for view in batch.chunks(channels) {
+                for (r, b) in running.iter_mut().zip(view) {
+                    *r = *r * (1.0 - momentum) + b * momentum;
+                }
+            }
+            tensor(running, &[channels])
+        };
+        (step(&mean, batch_mean), step(&var, batch_var))
+    }
 }
 
 impl NormBackward for Flex {
@@ -153,6 +198,18 @@ impl NormBackward for Flex {
 impl<B: NormBackward, C: CheckpointStrategy> NormBackend for Autodiff<B, C> {
     fn channel_moments(x: FloatTensor<Self>, views: usize) -> FloatTensor<Self> {
         Self::from_inner(B::channel_moments(x.primitive, views))
+    }
+
+    fn running_update(
+        mean: FloatTensor<Self>,
+        var: FloatTensor<Self>,
+        moments: FloatTensor<Self>,
+        momentum: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (primitive_mean, primitive_var) = (mean.primitive, var.primitive);
+        let (mean, var) =
+            B::running_update(primitive_mean, primitive_var, moments.primitive, momentum);
+        (Self::from_inner(mean), Self::from_inner(var))
     }
 
     fn fused_batch_norm(
