@@ -445,7 +445,8 @@ mod tests {
         let device = device.clone();
         // x as given, and x channels-last in memory (as a GPU convolution may hand it over):
         // a leaf of either layout, and x the [B, C, H, W] view of it.
-        let layouts: [(_, fn(Tensor<4>) -> Tensor<4>); 2] = [
+        type View = fn(Tensor<4>) -> Tensor<4>;
+        let layouts: [(_, View); 2] = [
             (x_values.to_data(), |leaf| leaf),
             (x_values.clone().permute([0, 2, 3, 1]).into_data(), |leaf| {
                 leaf.permute([0, 3, 1, 2])
