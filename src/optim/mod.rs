@@ -265,8 +265,10 @@ mod tests {
             .fold(0.0, f32::max)
     }
 
-    /// Three steps of `ours` and `theirs` from one weight with the same gradients: the weights
-    /// after each step, side by side.
+    /// Three steps of `ours` and `theirs` from one weight with the same gradients (the second
+    /// laid out transposed in memory, as a convolution's weight gradient may be: the kernel reads
+    /// a contiguous copy, measured cheaper on lavapipe than strided reads): the weights after
+    /// each step, side by side.
     fn three_steps<A: Optimizer, B: Optimizer>(
         ours: &A,
         theirs: &B,
@@ -277,7 +279,10 @@ mod tests {
         let (mut state_a, mut state_b) = (None, None);
         (0..3)
             .map(|step| {
-                let grad = values(10 + step, shape, device);
+                let grad = match step {
+                    1 => values(10 + step, [shape[1], shape[0]], device).transpose(),
+                    _ => values(10 + step, shape, device),
+                };
                 (a, state_a) = ours.step(0.05, a.clone(), grad.clone(), state_a.take());
                 (b, state_b) = theirs.step(0.05, b.clone(), grad, state_b.take());
                 (a.clone(), b.clone())
