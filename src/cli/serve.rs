@@ -88,7 +88,7 @@ fn respond(stream: &mut TcpStream, status: &str, kind: &str, body: &[u8], head: 
     }
 }
 
-/// A file streamed from disk: 200 clients fetching the 38 MB wasm module at once hold a socket
+/// A file streamed from disk: 200 clients fetching the 14 MB wasm module at once hold a socket
 /// buffer each, not a copy of the module each.
 fn respond_file(stream: &mut TcpStream, path: &Path, head: bool) -> std::io::Result<()> {
     let file = std::fs::File::open(path)?;
