@@ -10,7 +10,7 @@
 // and dL/dz follows through the normalization. The 2N x 2N matrices S and P are never stored:
 // memory is O(N*D).
 //
-// Passes: normalize (U, padded to whole vec4s with zeros), weights (positives, DCLW's w),
+// Passes: normalize (U, padded to whole vec4s with zeros; grad zeroed), weights (positives, DCLW's w),
 // row_lse (lse_r with a running maximum, as flash-attention does), row_grad (G = P U, with the
 // tile of P recomputed from U and lse), finish (positive term, scale, back through |z|).
 //
@@ -36,7 +36,10 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
-@group(0) @binding(1) var<storage, read> z: array<f32>;              // [2N, D]: z1 rows, then z2
+// [2N, D]: z1 rows, then z2. Only read, but bound read-write: in a training step z, row_loss and
+// grad are slices of one of Burn's pooled buffers, and WebGPU forbids binding one buffer both
+// read-only and writable in a dispatch.
+@group(0) @binding(1) var<storage, read_write> z: array<f32>;
 @group(0) @binding(2) var<storage, read_write> u: array<vec4<f32>>;  // [2N, d4] normalized, 0-padded
 @group(0) @binding(3) var<storage, read_write> norms: array<f32>;    // [2N]
 @group(0) @binding(4) var<storage, read_write> pos: array<f32>;      // [N] <a_i, b_i>
@@ -75,6 +78,9 @@ fn normalize(@builtin(global_invocation_id) gid: vec3<u32>) {
             }
         }
         u[r * params.d4 + q] = v;
+        // row_grad accumulates into grad, and a training step hands over one of Burn's pooled
+        // buffers, uninitialized.
+        grad[r * params.d4 + q] = vec4(0.0);
     }
 }
 

@@ -102,3 +102,53 @@ fn fused_kernel_rejects_bad_shapes() {
         .contains("do not match"));
     assert!(run(&vec![1.0; 2 * 600], &vec![1.0; 2 * 600], 2, 600).is_err());
 }
+
+/// The kernel run on Burn's own buffers (how a training step runs it: the embeddings read where
+/// the encoder wrote them, the gradient written into a Burn tensor) gives the host path's numbers,
+/// with Burn's work queued before and after it.
+#[test]
+fn fused_kernel_on_burn_buffers_equals_the_host_path() {
+    use dcl::backend::{device, wgpu_context, DeviceKind};
+    use dcl::gpu::on_burn::loss_on_device;
+    let device = device(DeviceKind::Wgpu).expect("a wgpu adapter").inner();
+    let gpu = wgpu_context().expect("set up with the device");
+    let kernel = FusedLoss::new(&gpu);
+    let mut rng = crate::common::test_rng("fused_kernel_on_burn_buffers_equals_the_host_path");
+    for (n, d) in [(8, 128), (3, 5), (300, 16)] {
+        for kind in [LossKind::Dcl, LossKind::Dclw] {
+            let loss = ContrastiveLoss::new(kind, 0.2, 0.5).unwrap();
+            let z: Vec<f32> = (0..2 * n * d).map(|_| rng.gen_range(-1.0..1.0)).collect();
+            let host = futures_lite::future::block_on(kernel.compute(
+                &gpu,
+                &loss,
+                &z[..n * d],
+                &z[n * d..],
+                n,
+                d,
+            ))
+            .unwrap();
+            // z made by a Burn op (queued, not yet submitted when the kernel is called).
+            let z = Tensor::<2>::from_data(TensorData::new(z, [2 * n, d]), &device).mul_scalar(1.0);
+            let out = loss_on_device(&kernel, &gpu, &loss, z).unwrap().unwrap();
+            let grad = out
+                .grad
+                .mul_scalar(1.0)
+                .into_data()
+                .try_to_vec::<f32>()
+                .unwrap();
+            let value: f32 = out.value.into_scalar();
+            let what = format!("{kind} n={n} d={d}");
+            assert!(
+                (value - host.loss).abs() <= 1e-5 * host.loss.abs(),
+                "{what}: {value} vs {}",
+                host.loss
+            );
+            let expected: Vec<f32> = host.grad_z1.iter().chain(&host.grad_z2).copied().collect();
+            assert!(
+                max_rel(&grad, &expected, 0.0) <= 1e-6,
+                "{what}: gradient off by {}",
+                max_rel(&grad, &expected, 0.0)
+            );
+        }
+    }
+}

@@ -1,8 +1,15 @@
-//! Plain wgpu (no Burn) and the WGSL kernels of `shaders/`: one context, pipelines built once.
+//! Plain wgpu and the WGSL kernels of `shaders/`: one context, pipelines built once. Only
+//! `on_burn` knows Burn: it hands the loss kernel Burn's own buffers.
 
 mod folding;
 pub mod infer;
 pub mod loss;
+#[cfg(all(
+    feature = "cube-kernels",
+    not(feature = "fusion"),
+    any(feature = "wgpu", feature = "webgpu")
+))]
+pub mod on_burn;
 
 /// A wgpu device and queue. Native: Vulkan/Metal/DX12 (lavapipe on a machine without a GPU).
 pub struct GpuContext {

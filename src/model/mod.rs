@@ -348,12 +348,16 @@ impl Encoder {
     /// statistics are its own, so this equals a pass per view (to float rounding), with half
     /// the kernel launches for two views.
     pub fn forward_views<const V: usize>(&self, views: [Tensor<4>; V]) -> [Tensor<2>; V] {
-        let images = Tensor::cat(Vec::from(views), 0);
-        let z = self
-            .head
-            .forward_stacked(self.backbone.forward_stacked(images, V), V);
-        let mut chunks = z.chunk(V, 0).into_iter();
+        let mut chunks = self.forward_views_stacked(views).chunk(V, 0).into_iter();
         std::array::from_fn(|_| chunks.next().expect("one chunk a view"))
+    }
+
+    /// [`Encoder::forward_views`]' embeddings as one tensor, view after view ([V·N, D]), the
+    /// way the fused loss kernel reads them.
+    pub fn forward_views_stacked<const V: usize>(&self, views: [Tensor<4>; V]) -> Tensor<2> {
+        let images = Tensor::cat(Vec::from(views), 0);
+        self.head
+            .forward_stacked(self.backbone.forward_stacked(images, V), V)
     }
 }
 

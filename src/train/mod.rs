@@ -200,10 +200,13 @@ impl Trainer {
         let encoder = self.replica.encoder();
         let sync_batch_norm = self.group.as_ref().map(SyncBatchNorm::over);
         let precision = MixedPrecision::enter(self.config.precision, self.config.device);
-        let [z1, z2] = encoder.forward_views([x1, x2]);
+        let z = encoder.forward_views_stacked([x1, x2]);
         drop(precision);
-        let (value, objective) = self.route.objective(z1, z2, self.group.as_ref()).await?;
+        let (value, objective) = self.route.objective(z, self.group.as_ref()).await?;
         mark("forward");
+        let grads = GradientsParams::from_grads(objective.backward(), encoder);
+        drop(sync_batch_norm);
+        let value = self.route.read(value, self.group.as_ref()).await?;
         let (epoch, step) = (self.epoch(), self.step_in_epoch());
         if !value.is_finite() {
             return Err(TrainError::NonFiniteLoss {
@@ -214,8 +217,6 @@ impl Trainer {
             .into());
         }
         let lr = self.schedule.learning_rate(self.schedule.global_step());
-        let grads = GradientsParams::from_grads(objective.backward(), encoder);
-        drop(sync_batch_norm);
         let grads = match &self.group {
             Some(group) => replica::sum_gradients(group, encoder, grads)?,
             None => grads,

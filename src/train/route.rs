@@ -1,8 +1,9 @@
 //! The loss route: how a step's embeddings become the loss and the scalar whose gradient trains
 //! the encoder. The reference route is Burn's ops on the device, autodiff straight through the
-//! loss; the fused route (the WGSL kernel) and the gathered one (every peer's embeddings, so
-//! that each anchor sees the global batch's negatives) cross through the host and come back as
-//! the loss' gradient with respect to the embeddings.
+//! loss; the fused route runs the WGSL kernel on Burn's own buffers and hands autodiff the loss'
+//! gradient with respect to the embeddings; the gathered one (every peer's embeddings, so that
+//! each anchor sees the global batch's negatives) crosses through the host. The loss value stays
+//! on the device until the step reads it, once, after the backward pass is queued.
 
 use super::RunConfig;
 use crate::collective::Collective;
@@ -30,9 +31,14 @@ pub struct Traffic {
     pub dispatches: usize,
 }
 
-/// The fused loss kernel on Burn's own wgpu device (`backend::wgpu_context`). The embeddings
-/// still cross through the host, a few hundred kilobytes a step: Burn's buffers are not handed
-/// to the kernel.
+/// A step's loss value: still on the device, or already read (the gathered route's).
+pub(super) enum LossValue {
+    /// Boxed: a tensor handle is half a kilobyte.
+    Device(Box<Tensor<1>>),
+    Host(f64),
+}
+
+/// The fused loss kernel on Burn's own wgpu device (`backend::wgpu_context`).
 #[cfg(any(feature = "wgpu", feature = "webgpu"))]
 struct FusedPath {
     gpu: std::sync::Arc<crate::gpu::GpuContext>,
@@ -52,6 +58,12 @@ impl FusedPath {
     }
 }
 
+/// z1 and z2 of the stacked embeddings [2N, D].
+fn views(z: Tensor<2>) -> [Tensor<2>; 2] {
+    let [z1, z2]: [Tensor<2>; 2] = z.chunk(2, 0).try_into().expect("two views");
+    [z1, z2]
+}
+
 impl LossRoute {
     /// `config`'s loss, computed for embeddings on `device`.
     pub(super) fn new(config: &RunConfig, device: Device) -> anyhow::Result<Self> {
@@ -66,47 +78,106 @@ impl LossRoute {
         })
     }
 
-    /// The loss value and the scalar whose gradient trains the encoder: the loss itself on the
-    /// reference path; on the fused and the gathered paths sum(z1·g1 + z2·g2) with the loss'
-    /// gradients g held constant, which hands autodiff exactly dL/dz and leaves the encoder's
-    /// backward to Burn.
+    /// The loss of the stacked embeddings `z` ([2N, D], z1's rows then z2's) and the scalar
+    /// whose gradient trains the encoder: the loss itself on the reference path; on the fused
+    /// and the gathered paths sum(z · g) with the loss' gradient g held constant, which hands
+    /// autodiff exactly dL/dz and leaves the encoder's backward to Burn. Peers that each train
+    /// on their own batch (`--gather-negatives false`) take the mean of their losses.
     pub(super) async fn objective(
         &mut self,
-        z1: Tensor<2>,
-        z2: Tensor<2>,
+        z: Tensor<2>,
         group: Option<&Collective>,
-    ) -> anyhow::Result<(f64, Tensor<1>)> {
-        let gathered = group.filter(|_| self.gather_negatives);
-        if self.kernel == LossKernel::Fused || gathered.is_some() {
-            return self.objective_through_host(z1, z2, gathered).await;
+    ) -> anyhow::Result<(LossValue, Tensor<1>)> {
+        if let Some(group) = group.filter(|_| self.gather_negatives) {
+            let (value, objective) = self.objective_through_host(z, Some(group)).await?;
+            return Ok((LossValue::Host(value), objective));
         }
-        let loss = self.loss.forward(z1, z2)?;
-        self.traffic.host_reads += 1;
-        let value =
-            loss.clone().into_scalar_async::<f64>().await.map_err(|e| {
-                anyhow::anyhow!("the device failed while reading the loss back: {e:?}")
-            })?;
-        match group {
-            // Each peer's own batch (`--gather-negatives false`): the run's loss is the mean
-            // of the peers' losses, and so is the objective once the gradients are summed.
+        let (value, objective) = match self.kernel {
+            LossKernel::Fused => match self.fused_on_device(z.clone())? {
+                Some((value, objective)) => (LossValue::Device(Box::new(value)), objective),
+                None => {
+                    let (value, objective) = self.objective_through_host(z, None).await?;
+                    (LossValue::Host(value), objective)
+                }
+            },
+            LossKernel::Reference => {
+                let [z1, z2] = views(z);
+                let loss = self.loss.forward(z1, z2)?;
+                (
+                    LossValue::Device(Box::new(loss.clone().detach().inner())),
+                    loss,
+                )
+            }
+        };
+        let objective = match group {
+            Some(group) => objective.div_scalar(group.world() as f64),
+            None => objective,
+        };
+        Ok((value, objective))
+    }
+
+    /// The step's loss on the host: the one read-back of a step on the device paths, made once
+    /// the backward pass is queued so the device has the whole step to work on meanwhile. Own-
+    /// batch peers ([`LossRoute::objective`]) average theirs; gathered peers hold the global
+    /// batch's loss already.
+    pub(super) async fn read(
+        &mut self,
+        value: LossValue,
+        group: Option<&Collective>,
+    ) -> anyhow::Result<f64> {
+        let value = match value {
+            LossValue::Host(value) => value,
+            LossValue::Device(value) => {
+                self.traffic.host_reads += 1;
+                value.into_scalar_async::<f64>().await.map_err(|e| {
+                    anyhow::anyhow!("the device failed while reading the loss back: {e:?}")
+                })?
+            }
+        };
+        match group.filter(|_| !self.gather_negatives) {
             Some(group) => {
                 let mut values = [value];
                 group.sum(&mut values)?;
-                let world = group.world() as f64;
-                Ok((values[0] / world, loss.div_scalar(world)))
+                Ok(values[0] / group.world() as f64)
             }
-            None => Ok((value, loss)),
+            None => Ok(value),
         }
+    }
+
+    /// The fused kernel on Burn's buffers: the loss value on the device and sum(z · dL/dz);
+    /// None where the embeddings are not on Burn's wgpu storage (a fusion build).
+    fn fused_on_device(&mut self, z: Tensor<2>) -> anyhow::Result<Option<(Tensor<1>, Tensor<1>)>> {
+        #[cfg(all(
+            feature = "cube-kernels",
+            not(feature = "fusion"),
+            any(feature = "wgpu", feature = "webgpu")
+        ))]
+        {
+            if self.fused.is_none() {
+                self.fused = Some(FusedPath::new()?);
+            }
+            let fused = self.fused.as_ref().expect("made above");
+            let inner = z.clone().detach().inner();
+            let out =
+                crate::gpu::on_burn::loss_on_device(&fused.kernel, &fused.gpu, &self.loss, inner)?;
+            if let Some(out) = out {
+                self.traffic.dispatches += out.dispatches;
+                let objective = (z * Tensor::from_inner(out.grad)).sum();
+                return Ok(Some((out.value, objective)));
+            }
+        }
+        let _ = z;
+        Ok(None)
     }
 
     /// The loss over the batch, the whole global one when `gathered` (every peer's embeddings,
     /// by rank), and its exact gradient with respect to this device's rows.
     async fn objective_through_host(
         &mut self,
-        z1: Tensor<2>,
-        z2: Tensor<2>,
+        z: Tensor<2>,
         gathered: Option<&Collective>,
     ) -> anyhow::Result<(f64, Tensor<1>)> {
+        let [z1, z2] = views(z);
         let [n, d] = z1.dims();
         let mut a = crate::backend::read_f32(z1.clone().detach()).await?;
         let mut b = crate::backend::read_f32(z2.clone().detach()).await?;
