@@ -105,11 +105,8 @@ fn bn(channels: usize, device: &Device) -> BatchNorm {
 fn batch_norm(bn: &BatchNorm, x: Tensor<4>, views: usize) -> Tensor<4> {
     let c = x.dims()[1];
     let device = x.device();
-    let fused_on_gpu = crate::backend::has_cube_kernels(&device) && !collective::syncing();
     match device.is_autodiff() {
-        true if crate::backend::has_fast_conv(&device) || fused_on_gpu => {
-            fused_batch_norm(bn, x, views)
-        }
+        true if fused(&device) => fused_batch_norm(bn, x, views, false),
         true => batch_norm_from_tensor_ops(bn, x, views),
         false => {
             let stat = |state: &RunningState<Tensor<1>>| state.value().reshape([1, c]);
@@ -119,8 +116,24 @@ fn batch_norm(bn: &BatchNorm, x: Tensor<4>, views: usize) -> Tensor<4> {
     }
 }
 
-/// Training mode on the CPU device and the GPU devices: [`norm`]'s fused op.
-fn fused_batch_norm(bn: &BatchNorm, x: Tensor<4>, views: usize) -> Tensor<4> {
+/// [`batch_norm`], then a ReLU: in the same op where batch norm trains fused.
+fn batch_norm_relu(bn: &BatchNorm, x: Tensor<4>, views: usize) -> Tensor<4> {
+    match x.device().is_autodiff() && fused(&x.device()) {
+        true => fused_batch_norm(bn, x, views, true),
+        false => relu(batch_norm(bn, x, views)),
+    }
+}
+
+/// Whether batch norm trains on `device` (autodiff) as [`norm`]'s fused op: on the CPU, and on
+/// the GPU backends unless peers sync its statistics there.
+fn fused(device: &Device) -> bool {
+    let fused_on_gpu = crate::backend::has_cube_kernels(device) && !collective::syncing();
+    crate::backend::has_fast_conv(device) || fused_on_gpu
+}
+
+/// Training mode on the CPU device and the GPU devices: [`norm`]'s fused op, with the ReLU
+/// after it when `relu`.
+fn fused_batch_norm(bn: &BatchNorm, x: Tensor<4>, views: usize, relu: bool) -> Tensor<4> {
     let moments = norm::channel_moments(x.clone(), views);
     let device = moments.device();
     let running = [&bn.running_mean, &bn.running_var].map(|s| s.value_sync().to_device(&device));
@@ -129,7 +142,7 @@ fn fused_batch_norm(bn: &BatchNorm, x: Tensor<4>, views: usize) -> Tensor<4> {
     for (state, value) in [&bn.running_mean, &bn.running_var].into_iter().zip(updated) {
         commit(state, value);
     }
-    norm::batch_norm(x, bn.gamma.val(), bn.beta.val(), moments, bn.epsilon)
+    norm::batch_norm(x, bn.gamma.val(), bn.beta.val(), moments, bn.epsilon, relu)
 }
 
 /// Training mode elsewhere (a GPU build with fusion, GPU peers sharing statistics): batch
@@ -237,7 +250,7 @@ impl BasicBlock {
             Some(d) => batch_norm(&d.bn, conv_forward(&d.conv, x.clone()), views),
             None => x.clone(),
         };
-        let out = relu(batch_norm(&self.bn1, conv_forward(&self.conv1, x), views));
+        let out = batch_norm_relu(&self.bn1, conv_forward(&self.conv1, x), views);
         let out = batch_norm(&self.bn2, conv_forward(&self.conv2, out), views);
         relu(out + identity)
     }
@@ -280,11 +293,7 @@ impl ResNet {
     /// [`ResNet::forward`] of `views` equal stacks of images, each with its own batch
     /// statistics while training (see [`batch_norm`]).
     fn forward_stacked(&self, images: Tensor<4>, views: usize) -> Tensor<2> {
-        let mut x = relu(batch_norm(
-            &self.bn1,
-            conv_forward(&self.conv1, images),
-            views,
-        ));
+        let mut x = batch_norm_relu(&self.bn1, conv_forward(&self.conv1, images), views);
         for block in self.layers.iter().flatten() {
             x = block.forward(x, views);
         }
@@ -318,8 +327,8 @@ impl ProjectionHead {
     fn forward_stacked(&self, features: Tensor<2>, views: usize) -> Tensor<2> {
         let hidden = linear_forward(&self.linear1, features);
         let [b, c] = hidden.dims();
-        let hidden = batch_norm(&self.bn, hidden.reshape([b, c, 1, 1]), views).reshape([b, c]);
-        linear_forward(&self.linear2, relu(hidden))
+        let hidden = batch_norm_relu(&self.bn, hidden.reshape([b, c, 1, 1]), views);
+        linear_forward(&self.linear2, hidden.reshape([b, c]))
     }
 }
 
@@ -431,8 +440,9 @@ mod tests {
         }
     }
 
-    /// Both training paths (the CPU's fused op, the tensor ops GPU devices take) against Burn's
-    /// `BatchNorm`: output, gradients of input, gamma and beta, running statistics; then eval.
+    /// Both training paths (the fused op, the tensor ops of a GPU build with fusion) against
+    /// Burn's `BatchNorm`, alone and followed by a ReLU: output, gradients of input, gamma and
+    /// beta, running statistics; then eval.
     #[test]
     fn batch_norm_equals_burns_in_training_and_in_eval() {
         for device in training_devices() {
@@ -456,8 +466,20 @@ mod tests {
                 leaf.permute([0, 3, 1, 2])
             }),
         ];
-        type Path = fn(&BatchNorm, Tensor<4>, usize) -> Tensor<4>;
-        for path in [fused_batch_norm as Path, batch_norm_from_tensor_ops] {
+        // Each path alone, and followed by a ReLU (fused into the op on the fused path).
+        type Path = fn(&BatchNorm, Tensor<4>, usize, bool) -> Tensor<4>;
+        let tensor_ops: Path = |bn, x, views, with_relu| {
+            let y = batch_norm_from_tensor_ops(bn, x, views);
+            if with_relu {
+                relu(y)
+            } else {
+                y
+            }
+        };
+        let cases = [fused_batch_norm as Path, tensor_ops]
+            .into_iter()
+            .flat_map(|path| [(path, false), (path, true)]);
+        for (path, with_relu) in cases {
             for (data, view) in &layouts {
                 // A fresh leaf each time: a backward pass consumes the graph of the one before.
                 let leaf = Tensor::<4>::from_data(data.clone(), &device).require_grad();
@@ -466,8 +488,9 @@ mod tests {
                     batch_norm_with(&gamma, &beta),
                 );
                 // A view each: the first backward pass consumes the nodes it walks.
-                let y_ours = path(&ours, view(leaf.clone()), 1);
+                let y_ours = path(&ours, view(leaf.clone()), 1, with_relu);
                 let y_burn = burns.forward(view(leaf.clone()));
+                let y_burn = if with_relu { relu(y_burn) } else { y_burn };
                 assert!(max_diff(y_ours.clone(), y_burn.clone()) < 1e-5);
 
                 let grads_ours = (y_ours * weights.clone()).sum().backward();
@@ -514,7 +537,8 @@ mod tests {
         let weights = to(&random([8, 3, 9, 10], 0.0, 1.0), device);
         let device = device.clone();
         type Path = fn(&BatchNorm, Tensor<4>, usize) -> Tensor<4>;
-        for path in [fused_batch_norm as Path, batch_norm_from_tensor_ops] {
+        let fused: Path = |bn, x, views| fused_batch_norm(bn, x, views, true);
+        for path in [fused, batch_norm_from_tensor_ops] {
             let leaf = |t: &Tensor<4>| Tensor::<4>::from_data(t.to_data(), &device).require_grad();
             let (stacked_in, apart_in) = (
                 views.clone().map(|v| leaf(&v)),

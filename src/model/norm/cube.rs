@@ -1,7 +1,9 @@
 //! The fused batch norm on Burn's GPU backends, as CubeCL kernels: the moments in one dispatch
-//! (a workgroup per (view, channel) slot, two passes over its values), the normalization in one,
-//! and the backward pass in three (the slots' two sums, dx, the parameters' gradients over the
-//! views); the running averages' update in one. Written with Burn's tensor ops the same layer is about fifty dispatches a step.
+//! (a workgroup per (view, channel) slot, two passes over its values), the normalization (and
+//! the ReLU after it, where one follows) in one, and the backward pass in three (the slots' two
+//! sums, dx, the parameters' gradients over the views); the running averages' update in one.
+//! Written with Burn's tensor ops the same layer is about fifty dispatches a step, and a ReLU
+//! four more.
 //! Sums run in f32 (per thread, then a tree in shared memory), not in the CPU's f64: equal to
 //! the CPU op to float tolerance (tested in `model`).
 
@@ -97,7 +99,8 @@ fn slot_at(x: &Tensor<f32>, j: usize, per_view: u32) -> usize {
     image / per_view as usize * channels + j / x.stride(1) % channels
 }
 
-/// y = x * scale + shift, scale = gamma / sqrt(var + eps), shift = beta - mean * scale.
+/// y = x * scale + shift, scale = gamma / sqrt(var + eps), shift = beta - mean * scale; then
+/// the ReLU when `relu`.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn normalize_kernel(
@@ -108,6 +111,7 @@ fn normalize_kernel(
     y: &mut Tensor<f32>,
     per_view: u32,
     epsilon: f32,
+    #[comptime] relu: bool,
 ) {
     let i = ABSOLUTE_POS;
     if i >= x.len() {
@@ -117,7 +121,36 @@ fn normalize_kernel(
     let c = s % x.shape(1);
     let slots = moments.len() / 2;
     let scale = gamma[c] / f32::sqrt(moments[slots + s] + epsilon);
-    y[i] = x[i] * scale + (beta[c] - moments[s] * scale);
+    let value = x[i] * scale + (beta[c] - moments[s] * scale);
+    y[i] = relu_of(value, relu);
+}
+
+/// As Burn's ReLU: zero where the value is <= 0 (a NaN passes through).
+// The outer `if` is decided when the kernel is compiled (`relu` is comptime): not collapsible.
+#[allow(clippy::collapsible_if)]
+#[cube]
+fn relu_of(value: f32, #[comptime] relu: bool) -> f32 {
+    let mut out = value;
+    if relu {
+        if value <= 0.0 {
+            out = 0.0;
+        }
+    }
+    out
+}
+
+/// The gradient reaching the batch norm: dy, zeroed where the ReLU after it cut its output.
+// The outer `if` is decided when the kernel is compiled (`relu` is comptime): not collapsible.
+#[allow(clippy::collapsible_if)]
+#[cube]
+fn masked(dy: f32, relu_output: f32, #[comptime] relu: bool) -> f32 {
+    let mut out = dy;
+    if relu {
+        if relu_output <= 0.0 {
+            out = 0.0;
+        }
+    }
+    out
 }
 
 /// Per slot: sum(dy * x_hat) and sum(dy), into sums [2, slots].
@@ -126,12 +159,14 @@ fn normalize_kernel(
 fn backward_sums_kernel(
     x: &Tensor<f32>,
     dy: &Tensor<f32>,
+    relu_output: &Tensor<f32>,
     moments: &Tensor<f32>,
     sums: &mut Tensor<f32>,
     per_view: u32,
     channels: u32,
     pixels: u32,
     epsilon: f32,
+    #[comptime] relu: bool,
 ) {
     let per_view = per_view as usize;
     let channels = channels as usize;
@@ -148,8 +183,9 @@ fn backward_sums_kernel(
     while k < per_view * pixels {
         let i = at(x, k, view, c, per_view, pixels);
         let j = at(dy, k, view, c, per_view, pixels);
-        dgamma += dy[j] * (x[i] - mean) * inv_std;
-        dbeta += dy[j];
+        let g = masked(dy[j], relu_output[i], relu);
+        dgamma += g * (x[i] - mean) * inv_std;
+        dbeta += g;
         k += THREADS;
     }
     let dgamma = workgroup_sum(dgamma);
@@ -166,6 +202,7 @@ fn backward_sums_kernel(
 fn dx_kernel(
     x: &Tensor<f32>,
     dy: &Tensor<f32>,
+    relu_output: &Tensor<f32>,
     gamma: &Tensor<f32>,
     moments: &Tensor<f32>,
     sums: &Tensor<f32>,
@@ -173,6 +210,7 @@ fn dx_kernel(
     per_view: u32,
     pixels: u32,
     epsilon: f32,
+    #[comptime] relu: bool,
 ) {
     let i = ABSOLUTE_POS;
     if i >= x.len() {
@@ -184,7 +222,8 @@ fn dx_kernel(
     let n = f32::cast_from(per_view * pixels);
     let inv_std = 1.0 / f32::sqrt(moments[slots + s] + epsilon);
     let x_hat = (x[i] - moments[s]) * inv_std;
-    dx[i] = gamma[c] * inv_std * (dy[i] - sums[slots + s] / n - x_hat * sums[s] / n);
+    let g = masked(dy[i], relu_output[i], relu);
+    dx[i] = gamma[c] * inv_std * (g - sums[slots + s] / n - x_hat * sums[s] / n);
 }
 
 /// Per channel: the slots' sums added over the views (the parameters' gradients).
@@ -306,6 +345,7 @@ impl<R: CubeRuntime> NormBackend for CubeBackend<R> {
         beta: CubeTensor<R>,
         moments: CubeTensor<R>,
         epsilon: f32,
+        relu: bool,
     ) -> CubeTensor<R> {
         let [gamma, beta, moments] = [gamma, beta, moments].map(into_contiguous);
         let x = dense(x);
@@ -323,6 +363,7 @@ impl<R: CubeRuntime> NormBackend for CubeBackend<R> {
             y.clone().into_tensor_arg(),
             per_view,
             epsilon,
+            relu,
         );
         y
     }
@@ -359,12 +400,20 @@ impl<R: CubeRuntime> NormBackward for CubeBackend<R> {
         moments: CubeTensor<R>,
         epsilon: f32,
         dy: CubeTensor<R>,
+        relu_output: Option<CubeTensor<R>>,
     ) -> [CubeTensor<R>; 3] {
         let [gamma, moments] = [gamma, moments].map(into_contiguous);
-        // The elementwise dx walks x and dy in one memory order.
+        // The elementwise dx walks x, dy and the ReLU's output in one memory order.
         let (x, dy) = match (dense(x), dense(dy)) {
             (x, dy) if x.meta.strides() == dy.meta.strides() => (x, dy),
             (x, dy) => (into_contiguous(x), into_contiguous(dy)),
+        };
+        let relu = relu_output.is_some();
+        // Without the ReLU the kernels never read it: dy stands in.
+        let relu_output = match relu_output {
+            Some(y) if y.meta.strides() == x.meta.strides() => y,
+            Some(y) => into_contiguous(y),
+            None => dy.clone(),
         };
         let slots = moments.shape()[1];
         let (per_view, channels, pixels) = layout(&x, slots);
@@ -377,12 +426,14 @@ impl<R: CubeRuntime> NormBackward for CubeBackend<R> {
             dim,
             x.clone().into_tensor_arg(),
             dy.clone().into_tensor_arg(),
+            relu_output.clone().into_tensor_arg(),
             moments.clone().into_tensor_arg(),
             sums.clone().into_tensor_arg(),
             per_view,
             channels,
             pixels,
             epsilon,
+            relu,
         );
         let dx = empty_like(&x);
         let (count, dim) = elementwise(&x, x.shape().num_elements());
@@ -392,6 +443,7 @@ impl<R: CubeRuntime> NormBackward for CubeBackend<R> {
             dim,
             x.clone().into_tensor_arg(),
             dy.into_tensor_arg(),
+            relu_output.into_tensor_arg(),
             gamma.into_tensor_arg(),
             moments.into_tensor_arg(),
             sums.clone().into_tensor_arg(),
@@ -399,6 +451,7 @@ impl<R: CubeRuntime> NormBackward for CubeBackend<R> {
             per_view,
             pixels,
             epsilon,
+            relu,
         );
         let [dgamma, dbeta] = [(); 2].map(|_| empty(&x, &[channels as usize]));
         let (count, dim) = elementwise(&x, channels as usize);

@@ -49,14 +49,16 @@ pub fn channel_moments(x: Tensor<4>, views: usize) -> Tensor<2> {
 }
 
 /// `gamma * (x - mean) / sqrt(var + epsilon) + beta` per channel, where `moments` are x's own
-/// [`channel_moments`] (each view by its own); the gradient is the training-mode one (through
-/// the batch statistics).
+/// [`channel_moments`] (each view by its own), followed by a ReLU when `relu` (in the same
+/// pass; the backward pass takes the ReLU's mask from the output); the gradient is the
+/// training-mode one (through the batch statistics).
 pub fn batch_norm(
     x: Tensor<4>,
     gamma: Tensor<1>,
     beta: Tensor<1>,
     moments: Tensor<2>,
     epsilon: f64,
+    relu: bool,
 ) -> Tensor<4> {
     Tensor::from_dispatch(<Dispatch as NormBackend>::fused_batch_norm(
         x.into_dispatch(),
@@ -64,6 +66,7 @@ pub fn batch_norm(
         beta.into_dispatch(),
         moments.into_dispatch(),
         epsilon as f32,
+        relu,
     ))
 }
 
@@ -106,6 +109,7 @@ pub trait NormBackend: Backend {
         beta: FloatTensor<Self>,
         moments: FloatTensor<Self>,
         epsilon: f32,
+        relu: bool,
     ) -> FloatTensor<Self>;
     fn running_update(
         mean: FloatTensor<Self>,
@@ -116,7 +120,8 @@ pub trait NormBackend: Backend {
 }
 
 /// The backward pass of [`NormBackend::fused_batch_norm`] on a backend with the forward op:
-/// `[dx, dgamma, dbeta]` from x, gamma, x's moments and the output's gradient.
+/// `[dx, dgamma, dbeta]` from x, gamma, x's moments and the output's gradient; with the ReLU,
+/// `relu_output` is the op's output, and dy counts only where it is positive.
 pub trait NormBackward: NormBackend {
     fn fused_batch_norm_backward(
         x: FloatTensor<Self>,
@@ -124,6 +129,7 @@ pub trait NormBackward: NormBackend {
         moments: FloatTensor<Self>,
         epsilon: f32,
         dy: FloatTensor<Self>,
+        relu_output: Option<FloatTensor<Self>>,
     ) -> [FloatTensor<Self>; 3];
 }
 
@@ -140,11 +146,12 @@ impl NormBackend for Flex {
         beta: FlexTensor,
         moments: FlexTensor,
         epsilon: f32,
+        relu: bool,
     ) -> FlexTensor {
         let shape = Shape::with_moments(&x, &moments);
         let coefficients =
             shape.coefficients(&f32s(&gamma), &f32s(&beta), &f32s(&moments), epsilon);
-        let y = shape.apply(&f32s(&x), &coefficients);
+        let y = shape.apply(&f32s(&x), &coefficients, relu);
         tensor(y, &shape.dims())
     }
 
@@ -177,15 +184,19 @@ impl NormBackward for Flex {
         moments: FlexTensor,
         epsilon: f32,
         dy: FlexTensor,
+        relu_output: Option<FlexTensor>,
     ) -> [FlexTensor; 3] {
         let shape = Shape::with_moments(&x, &moments);
-        let [dx, dgamma, dbeta] = shape.backward(
-            &f32s(&x),
-            &f32s(&gamma),
-            &f32s(&moments),
-            epsilon,
-            &f32s(&dy),
-        );
+        let dy = match relu_output {
+            Some(y) => std::borrow::Cow::Owned(
+                (f32s(&dy).par_iter().zip(f32s(&y).par_iter()))
+                    .map(|(&dy, &y)| if y <= 0.0 { 0.0 } else { dy })
+                    .collect(),
+            ),
+            None => f32s(&dy),
+        };
+        let [dx, dgamma, dbeta] =
+            shape.backward(&f32s(&x), &f32s(&gamma), &f32s(&moments), epsilon, &dy);
         let c = shape.channels;
         [
             tensor(dx, &shape.dims()),
@@ -218,6 +229,7 @@ impl<B: NormBackward, C: CheckpointStrategy> NormBackend for Autodiff<B, C> {
         beta: FloatTensor<Self>,
         moments: FloatTensor<Self>,
         epsilon: f32,
+        relu: bool,
     ) -> FloatTensor<Self> {
         let output = B::fused_batch_norm(
             x.primitive.clone(),
@@ -225,6 +237,7 @@ impl<B: NormBackward, C: CheckpointStrategy> NormBackend for Autodiff<B, C> {
             beta.primitive.clone(),
             moments.primitive.clone(),
             epsilon,
+            relu,
         );
         match BatchNormGrad
             .prepare::<C>([x.node.clone(), gamma.node.clone(), beta.node.clone()])
@@ -232,7 +245,14 @@ impl<B: NormBackward, C: CheckpointStrategy> NormBackend for Autodiff<B, C> {
             .stateful()
         {
             OpsKind::Tracked(prep) => {
-                let state = (x.primitive, gamma.primitive, moments.primitive, epsilon);
+                let relu_output = relu.then(|| output.clone());
+                let state = (
+                    x.primitive,
+                    gamma.primitive,
+                    moments.primitive,
+                    epsilon,
+                    relu_output,
+                );
                 prep.finish(state, output)
             }
             OpsKind::UnTracked(prep) => prep.finish(output),
@@ -244,12 +264,19 @@ impl<B: NormBackward, C: CheckpointStrategy> NormBackend for Autodiff<B, C> {
 struct BatchNormGrad;
 
 impl<B: NormBackward> Backward<B, 3> for BatchNormGrad {
-    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, f32);
+    /// x, gamma, moments, epsilon and, with the ReLU, the output.
+    type State = (
+        FloatTensor<B>,
+        FloatTensor<B>,
+        FloatTensor<B>,
+        f32,
+        Option<FloatTensor<B>>,
+    );
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let (x, gamma, moments, epsilon) = ops.state;
+        let (x, gamma, moments, epsilon, relu_output) = ops.state;
         let dy = grads.consume::<B>(&ops.node);
-        let grads_of = B::fused_batch_norm_backward(x, gamma, moments, epsilon, dy);
+        let grads_of = B::fused_batch_norm_backward(x, gamma, moments, epsilon, dy, relu_output);
         for (node, grad) in ops.parents.into_iter().zip(grads_of) {
             if let Some(node) = node {
                 grads.register::<B>(node.id, grad);
@@ -387,8 +414,8 @@ impl Shape {
         Coefficients { scale, shift }
     }
 
-    /// `y = x * scale + shift` per slot, images in parallel.
-    fn apply(&self, x: &[f32], k: &Coefficients) -> Vec<f32> {
+    /// `y = x * scale + shift` per slot, then max(y, 0) when `relu`, images in parallel.
+    fn apply(&self, x: &[f32], k: &Coefficients, relu: bool) -> Vec<f32> {
         let mut y = vec![0f32; x.len()];
         let pixels = self.pixels();
         let image = self.channels * pixels;
@@ -398,9 +425,15 @@ impl Shape {
                 for (c, (y, x)) in y.chunks_mut(pixels).zip(x.chunks(pixels)).enumerate() {
                     let s = self.slot(i, c);
                     let (scale, shift) = (k.scale[s], k.shift[s]);
-                    y.iter_mut()
-                        .zip(x)
-                        .for_each(|(y, x)| *y = x * scale + shift);
+                    let pairs = y.iter_mut().zip(x);
+                    // As Burn's ReLU: zero where y <= 0, so a NaN passes through.
+                    match relu {
+                        true => pairs.for_each(|(y, x)| {
+                            let v = x * scale + shift;
+                            *y = if v <= 0.0 { 0.0 } else { v };
+                        }),
+                        false => pairs.for_each(|(y, x)| *y = x * scale + shift),
+                    }
                 }
             });
         y
