@@ -1,4 +1,5 @@
 //! The `dcl` binary: numerics for porters (`dcl loss`), data inspection, and clear errors.
+//! One file for every subcommand's tests (over 500 lines): they share the binary's helpers.
 
 use crate::common::*;
 use dcl::data::npy;

@@ -1,6 +1,7 @@
 //! The WGSL inference engine (`shaders/resnet_infer.wgsl`) against two references: Burn's
 //! eval-mode forward of trained encoders, and a naive CPU forward pass (f64, BatchNorm applied as
-//! written, not folded) on random weights with non-trivial BatchNorm statistics.
+//! written, not folded) on random weights with non-trivial BatchNorm statistics. Over 500 lines:
+//! the naive reference forward pass is part of the test.
 
 use burn::module::AutodiffModule;
 use burn::tensor::{Tensor, TensorData};

@@ -38,7 +38,7 @@ fn events(run: &Path) -> Vec<Value> {
 fn knn(events: &[Value]) -> Vec<(u64, f64)> {
     events
         .iter()
-        .filter(|e| e["event"] == "knn")
+        .filter(|e| e["event"] == "evaluation")
         .map(|e| {
             (
                 e["epoch"].as_u64().unwrap(),

@@ -1,16 +1,15 @@
 // The playground page: controls, live charts, view pairs, the embedding scatter. Training runs in
-// www/worker.js; this file only draws what the worker reports and forwards what the user does.
+// www/worker.js; this file holds the page's state, answers the worker's messages and forwards
+// what the user does. Drawing is charts.js's, the autosave's store autosave.js's, the settings
+// form form.js's, the page's words text.js's.
 
-import { PALETTE } from './common.js';
+import { drawRgb, drawScatter as scatterOn, drawViews, legendHtml, lineChart } from './charts.js';
+import { readAutosave, writeAutosave } from './autosave.js';
+import { applyPreset, formConfig } from './form.js';
+import { DEVICE_NAMES, deviceNote, knnText } from './text.js';
 
 const $ = (id) => document.getElementById(id);
-const CLASS_NAMES = {
-  cifar10: ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck'],
-  'fashion-mnist': ['T-shirt', 'trouser', 'pullover', 'dress', 'coat', 'sandal', 'shirt', 'sneaker', 'bag', 'boot'],
-  mnist: ['0', '1', '2', '3', '4', '5', '6', '7', '8', '9'],
-};
 const RUN_COLORS = ['#d62728', '#1f77b4', '#2ca02c', '#9467bd', '#ff7f0e', '#8c564b'];
-const classColor = (c, classes) => (classes <= 10 ? PALETTE[c] : `hsl(${(360 * c) / classes}, 65%, 45%)`);
 
 const state = {
   status: 'loading',
@@ -74,139 +73,15 @@ function ask(message, transfer = []) {
   });
 }
 
-// ---- drawing -------------------------------------------------------------------------------
-
-function lineChart(canvas, series, { xLabel, yLabel, yMin, yMax, levels = [] }) {
-  const ctx = canvas.getContext('2d');
-  const { width: w, height: h } = canvas;
-  const pad = { l: 48, r: 10, t: 10, b: 28 };
-  ctx.clearRect(0, 0, w, h);
-  const all = series.flatMap((s) => s.points);
-  ctx.fillStyle = '#555';
-  ctx.font = '11px system-ui';
-  if (!all.length) {
-    ctx.fillText('waiting for the first numbers…', pad.l, h / 2);
-    return;
-  }
-  const xs = all.map((p) => p[0]);
-  const ys = all.map((p) => p[1]);
-  const x0 = Math.min(...xs), x1 = Math.max(...xs, x0 + 1);
-  let y0 = yMin ?? Math.min(...ys), y1 = yMax ?? Math.max(...ys);
-  if (y1 - y0 < 1e-6) { y0 -= 0.5; y1 += 0.5; }
-  const X = (x) => pad.l + ((x - x0) / (x1 - x0)) * (w - pad.l - pad.r);
-  const Y = (y) => h - pad.b - ((y - y0) / (y1 - y0)) * (h - pad.t - pad.b);
-  ctx.strokeStyle = '#ccc';
-  ctx.beginPath();
-  ctx.moveTo(pad.l, pad.t);
-  ctx.lineTo(pad.l, h - pad.b);
-  ctx.lineTo(w - pad.r, h - pad.b);
-  ctx.stroke();
-  for (const v of [y0, (y0 + y1) / 2, y1]) ctx.fillText(v.toFixed(3), 2, Y(v) + 4);
-  ctx.fillText(`${x0}`, pad.l, h - 10);
-  ctx.fillText(`${x1} ${xLabel}`, w - pad.r - 70, h - 10);
-  ctx.fillText(yLabel, pad.l + 6, pad.t + 10);
-  for (const s of series) {
-    ctx.strokeStyle = s.color;
-    ctx.fillStyle = s.color;
-    ctx.lineWidth = s.width || 1.5;
-    ctx.beginPath();
-    s.points.forEach(([x, y], i) => (i ? ctx.lineTo(X(x), Y(y)) : ctx.moveTo(X(x), Y(y))));
-    ctx.stroke();
-    if (s.dots) s.points.forEach(([x, y]) => ctx.fillRect(X(x) - 2, Y(y) - 2, 4, 4));
-  }
-  for (const level of levels) {
-    ctx.strokeStyle = level.color;
-    ctx.fillStyle = level.color;
-    ctx.lineWidth = 1;
-    ctx.setLineDash([5, 4]);
-    ctx.beginPath();
-    ctx.moveTo(pad.l, Y(level.value));
-    ctx.lineTo(w - pad.r, Y(level.value));
-    ctx.stroke();
-    ctx.setLineDash([]);
-    ctx.fillText(level.label, pad.l + 4, Y(level.value) - 4);
-  }
-  series.forEach((s, i) => {
-    ctx.fillStyle = s.color;
-    ctx.fillText(s.label, w - pad.r - 200, pad.t + 12 + 13 * i);
-  });
-}
-
-function drawRgb(ctx, rgb, offset, x, y, size) {
-  const image = new ImageData(32, 32);
-  for (let i = 0; i < 1024; i++) {
-    image.data.set([rgb[offset + 3 * i], rgb[offset + 3 * i + 1], rgb[offset + 3 * i + 2], 255], 4 * i);
-  }
-  const tile = new OffscreenCanvas(32, 32);
-  tile.getContext('2d').putImageData(image, 0, 0);
-  ctx.imageSmoothingEnabled = false;
-  ctx.drawImage(tile, x, y, size, size);
-}
-
-function drawViews(pixels) {
-  const canvas = $('views');
-  const ctx = canvas.getContext('2d');
-  ctx.clearRect(0, 0, canvas.width, canvas.height);
-  const tiles = pixels.length / 3072;
-  const size = 36;
-  for (let t = 0; t < tiles; t++) {
-    const pair = Math.floor(t / 2);
-    drawRgb(ctx, pixels, t * 3072, 6 + pair * (2 * size + 12) + (t % 2) * (size + 1), 20, size);
-  }
-}
+// ---- drawing (charts.js draws; this file knows what) ----------------------------------------
 
 function drawScatter() {
-  const canvas = $('scatter');
-  const ctx = canvas.getContext('2d');
-  ctx.clearRect(0, 0, canvas.width, canvas.height);
-  if (!scatter) return;
-  const { points, labels } = scatter;
-  const xs = points.filter((_, i) => i % 2 === 0), ys = points.filter((_, i) => i % 2 === 1);
-  const [xa, xb, ya, yb] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
-  const m = 12;
-  scatter.screen = xs.map((x, i) => [
-    m + ((x - xa) / (xb - xa || 1)) * (canvas.width - 2 * m),
-    m + ((ys[i] - ya) / (yb - ya || 1)) * (canvas.height - 2 * m),
-  ]);
-  const classes = state.dataset ? state.dataset.classes : 10;
-  scatter.screen.forEach(([x, y], i) => {
-    ctx.fillStyle = classColor(labels[i], classes);
-    ctx.beginPath();
-    ctx.arc(x, y, 3, 0, 2 * Math.PI);
-    ctx.fill();
-  });
+  const screen = scatterOn($('scatter'), scatter, state.dataset ? state.dataset.classes : 10);
+  if (scatter) scatter.screen = screen;
 }
 
 function drawLegend() {
-  const d = state.dataset;
-  if (!d) return;
-  const names = CLASS_NAMES[d.format === 'idx' ? d.name : d.format] || [];
-  $('legend').innerHTML = names
-    .map((n, c) => `<span><i style="background:${classColor(c, d.classes)}"></i>${n}</span>`)
-    .join('');
-}
-
-/// `k=20 78.1%, k=200 75.2%`: the monitor's two k, as `dcl eval` reports them.
-function knnText(byK) {
-  return Object.entries(byK || {}).map(([k, v]) => `k=${k} ${(100 * v).toFixed(1)}%`).join(', ');
-}
-
-const DEVICE_NAMES = { cpu: 'the CPU (WebAssembly)', wgpu: 'the GPU (WebGPU)' };
-
-/// Which device trains and why; before a run, what "auto" will pick.
-function deviceNote() {
-  if (state.device) return `This run trains on ${DEVICE_NAMES[state.device]}: ${state.deviceReason}.`;
-  const gpu = state.webgpu;
-  if (!gpu) return '';
-  if (gpu.problem) {
-    return `WebGPU is not available (${gpu.problem}), so runs train on the CPU in WebAssembly. For GPU ` +
-      'speed, use a recent Chrome or Edge with hardware acceleration on.';
-  }
-  if (gpu.software) {
-    return `This browser's WebGPU adapter (${gpu.name}) emulates a GPU on the CPU, so "auto" trains on ` +
-      'the CPU in WebAssembly, which is faster here; pick "GPU (WebGPU)" to try the adapter anyway.';
-  }
-  return `"auto" trains on the GPU through WebGPU (${gpu.name}).`;
+  if (state.dataset) $('legend').innerHTML = legendHtml(state.dataset);
 }
 
 function render() {
@@ -221,7 +96,7 @@ function render() {
     state.imagesPerSec ? `${state.imagesPerSec.toFixed(1)} images/s` : '',
     state.device ? `on ${DEVICE_NAMES[state.device]}` : '',
   ].filter(Boolean).join('   ');
-  $('device-note').textContent = deviceNote();
+  $('device-note').textContent = deviceNote(state);
   const running = state.status === 'running';
   $('start').disabled = !state.dataset || running;
   $('pause').disabled = !(running || state.status === 'paused');
@@ -240,27 +115,7 @@ function render() {
   });
 }
 
-// ---- the autosave: the last finished epoch of the latest run, in IndexedDB ----------------
-
-function autosaveStore(mode, use) {
-  return new Promise((resolve, reject) => {
-    const open = indexedDB.open('dcl-playground', 1);
-    open.onupgradeneeded = () => open.result.createObjectStore('runs');
-    open.onerror = () => reject(open.error);
-    open.onsuccess = () => {
-      const tx = open.result.transaction('runs', mode);
-      const request = use(tx.objectStore('runs'));
-      tx.oncomplete = () => {
-        open.result.close();
-        resolve(request.result);
-      };
-      tx.onerror = () => reject(tx.error);
-    };
-  });
-}
-
-const writeAutosave = (record) => autosaveStore('readwrite', (runs) => runs.put(record, 'latest'));
-const readAutosave = () => autosaveStore('readonly', (runs) => runs.get('latest')).catch(() => undefined);
+// ---- the autosave (autosave.js keeps it) ---------------------------------------------------
 
 /// Reopening the page on the same data offers to continue a run that had not finished.
 async function offerAutosave() {
@@ -393,7 +248,7 @@ const onMessage = {
     render();
   },
   views({ pixels }) {
-    drawViews(pixels);
+    drawViews($('views'), pixels);
   },
   pixels({ knnTop1, knn }) {
     state.pixelsKnnTop1 = knnTop1;
@@ -401,7 +256,7 @@ const onMessage = {
     runs[runs.length - 1].pixels = knnTop1;
     render();
   },
-  epoch({ epoch, knnTop1, knn, points, labels }) {
+  evaluation({ epoch, knnTop1, knn, points, labels }) {
     // The evaluation before training is done: the first step starts now.
     if (epoch === 0 && state.step === 0 && state.status === 'running') watchFirstStep();
     state.knnTop1.push(knnTop1);
@@ -428,14 +283,6 @@ const onMessage = {
 };
 
 // ---- user actions --------------------------------------------------------------------------
-
-function formConfig() {
-  const form = new FormData($('config'));
-  const numbers = ['temperature', 'sigma', 'batchSize', 'lr', 'epochs', 'subset', 'seed'];
-  const config = Object.fromEntries([...form.entries()].filter(([, value]) => value !== ''));
-  for (const key of numbers) if (key in config) config[key] = Number(config[key]);
-  return config;
-}
 
 /// Starts a run of the form's settings with `overrides`. Called right at page load it waits for
 /// the worker, and the worker's queue holds it until the default data has arrived.
@@ -524,19 +371,6 @@ function wire() {
     drop.classList.remove('over');
     readFiles(e.dataTransfer.files);
   });
-}
-
-/// A preset from the URL (`index.html#config={"loss":"dclw",...}`, as the `train` embed writes
-/// it) fills the form's matching fields.
-function applyPreset() {
-  const match = location.hash.match(/config=([^&]*)/);
-  if (!match) return;
-  const preset = JSON.parse(decodeURIComponent(match[1]));
-  for (const [key, value] of Object.entries(preset)) {
-    const field = $('config').elements[key];
-    if (!field) throw new Error(`preset field "${key}" is not a playground setting`);
-    field.value = value;
-  }
 }
 
 async function main() {

@@ -101,6 +101,12 @@ function useDataset(next, source) {
   post({ type: 'dataset', summary: dataset.summary(), source });
 }
 
+/// The page's message for an evaluation event (the run's keys are snake_case, as in
+/// `metrics.jsonl`; the page's messages camelCase).
+function evaluation({ epoch, knn_top1, knn, points, labels }) {
+  return { type: 'evaluation', epoch, knnTop1: knn_top1, knn, points, labels };
+}
+
 /// Posts one event of the run (the crate's run driver decides what comes next: a step, the
 /// evaluation that closes an epoch, the end).
 function report(event, pixels) {
@@ -110,8 +116,8 @@ function report(event, pixels) {
     post({ type: 'step', epoch, step, loss, imagesPerSec: event.images_per_sec });
   } else if (event.event === 'pixels') {
     post({ type: 'pixels', knnTop1: event.knn_top1, knn: event.knn });
-  } else if (event.event === 'knn') {
-    post({ type: 'epoch', ...event });
+  } else if (event.event === 'evaluation') {
+    post(evaluation(event));
   } else if (event.event === 'finished') {
     paused = true;
     post({ type: 'status', status: 'done' });
@@ -207,9 +213,9 @@ const handlers = {
   },
   async load({ id, name, bytes }) {
     if (!run) throw new Error('start a run with the same model first, then load weights into it');
-    const evaluation = await exclusive(() => run.loadSafetensors(name, new Uint8Array(bytes)));
-    post({ type: 'epoch', ...evaluation });
-    post({ type: 'reply', id, value: evaluation.knnTop1 });
+    const event = await exclusive(() => run.loadSafetensors(name, new Uint8Array(bytes)));
+    post(evaluation(event));
+    post({ type: 'reply', id, value: event.knn_top1 });
   },
   async neighbors({ id, index, k }) {
     if (!run) throw new Error('no run yet: start one, then click a point');

@@ -119,22 +119,22 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// Runs a PyTorch peer script (torch required; never a runtime dependency of dcl) and parses the
+/// Runs a PyTorch reference script (torch required; never a runtime dependency of dcl) and parses the
 /// JSON it prints.
-fn run_peer(script: &str, args: &[String]) -> anyhow::Result<serde_json::Value> {
+fn run_pytorch(script: &str, args: &[String]) -> anyhow::Result<serde_json::Value> {
     let out = std::process::Command::new("python3")
         .arg(script)
         .args(args)
         .output()
-        .map_err(|e| anyhow::anyhow!("--peer: cannot run python3: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("--pytorch: cannot run python3: {e}"))?;
     anyhow::ensure!(
         out.status.success(),
-        "--peer: {script} failed (pip install torch && pip install --no-deps lightly): {}",
+        "--pytorch: {script} failed (pip install torch && pip install --no-deps lightly): {}",
         String::from_utf8_lossy(&out.stderr)
             .lines()
             .last()
             .unwrap_or("")
     );
     serde_json::from_slice(&out.stdout)
-        .map_err(|e| anyhow::anyhow!("--peer: {script} printed no JSON: {e}"))
+        .map_err(|e| anyhow::anyhow!("--pytorch: {script} printed no JSON: {e}"))
 }

@@ -10,6 +10,9 @@
 //! Stride-1 layers at 32x32 take the shifted path instead ([`Path::Shifted`]): no column matrix.
 //! Only the CPU device takes this path (see `backend::has_fast_conv`); it is tested equal to
 //! Burn's `conv2d` in value and gradients.
+//!
+//! Over 500 lines on purpose: the op, its backward pass and its two paths share one tiling and
+//! one scratch, and are tested together (a third of the file).
 
 use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
 use burn::backend::autodiff::grads::Gradients;

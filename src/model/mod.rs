@@ -2,6 +2,9 @@
 //!
 //! The CIFAR stem (3x3 conv, stride 1, no max-pool) keeps 32x32 inputs at full resolution in the
 //! first stage, as in the SimCLR paper's CIFAR experiments and lightly's benchmarks.
+//!
+//! Over 500 lines with its tests (about 230): batch norm's training paths are tested here, against
+//! Burn's `BatchNorm`, on every device.
 
 use crate::collective;
 use burn::module::{Module, RunningState};

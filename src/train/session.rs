@@ -38,8 +38,8 @@ pub enum Event {
         images_per_sec: f64,
     },
     /// The monitor after `epoch` epochs (0: the untrained encoder): `knn_top1` at k = 200, and
-    /// `knn` at k = 20 and 200 and `linear` (the probe; natively only) in `scores`.
-    #[serde(rename = "knn")]
+    /// `knn` at k = 20 and 200 and `linear` (the probe; natively only) in `scores`. (Logs
+    /// written before session 13 name it `knn`.)
     Evaluation {
         epoch: usize,
         knn_top1: f64,

@@ -58,17 +58,17 @@ struct Run {
     test_features: Vec<f32>,
 }
 
-/// An event as the page's worker sees it: the session's own (as `metrics.jsonl` has it), except
-/// that an evaluation carries the scatter's points.
+/// An event as the page's worker sees it: the session's own, named and keyed as `metrics.jsonl`
+/// has it, except that an evaluation carries the scatter's points.
 #[derive(Serialize)]
 #[serde(untagged)]
 enum PageEvent {
-    Knn(Evaluation),
+    Evaluation(Evaluation),
     Session(Event),
 }
 
 #[derive(Serialize)]
-#[serde(tag = "event", rename = "knn", rename_all = "camelCase")]
+#[serde(tag = "event", rename = "evaluation")]
 struct Evaluation {
     epoch: usize,
     knn_top1: f64,
@@ -90,7 +90,7 @@ impl Run {
                 scores,
                 features,
                 ..
-            } => PageEvent::Knn(self.evaluation(epoch, scores, features)),
+            } => PageEvent::Evaluation(self.evaluation(epoch, scores, features)),
             other => PageEvent::Session(other),
         }
     }
@@ -202,7 +202,8 @@ impl Playground {
     /// The run's next event, as `metrics.jsonl` has it: `{event: 'pixels', knn_top1}` (raw
     /// pixels, first), `{event: 'step', epoch, step, loss, lr, images_per_sec}`,
     /// `{event: 'epoch', epoch}` or `{event: 'finished'}`; evaluations come as
-    /// `{event: 'knn', epoch, knnTop1, points, labels}` (the first is the untrained encoder's).
+    /// `{event: 'evaluation', epoch, knn_top1, knn, points, labels}` (the first is the untrained
+    /// encoder's).
     pub fn advance(&self) -> Promise {
         with_run(&self.run, |run| async move {
             let mut run = run.borrow_mut();
@@ -255,7 +256,8 @@ impl Playground {
         Ok(image_rgb(test.image(index)))
     }
 
-    /// The kNN monitor on the current weights, now: `{epoch, knnTop1, points, labels}`.
+    /// The kNN monitor on the current weights, now: `{event: 'evaluation', epoch, knn_top1,
+    /// knn, points, labels}`.
     pub fn evaluate(&self) -> Promise {
         with_run(&self.run, |run| async move {
             let mut run = run.borrow_mut();
@@ -265,7 +267,7 @@ impl Playground {
     }
 
     /// Loads a `model.safetensors` (saved by this page or by `dcl pretrain`) into the run, then
-    /// evaluates it: `{event: 'knn', epoch, knnTop1, points, labels}`. Training continues from
+    /// evaluates it: the evaluation event of [`Playground::advance`]. Training continues from
     /// these weights.
     #[wasm_bindgen(js_name = loadSafetensors)]
     pub fn load_safetensors(&self, file: String, bytes: Vec<u8>) -> Promise {

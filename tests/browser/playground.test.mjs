@@ -2,6 +2,7 @@
 // `chromium`, software WebGPU through SwiftShader) drives the page served by `dcl serve`.
 //   DCL_BIN       the native `dcl` binary (serves the page, computes the reference loss)
 //   DCL_TEST_OUT  where screenshots go (default test-output/)
+// One file (over 500 lines): the tests share one server and one browser, started once.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, execFileSync } from 'node:child_process';

@@ -1,4 +1,4 @@
-//! `dcl bench`: a training step beside its PyTorch peer, inference, the loss kernel.
+//! `dcl bench`: a training step beside its PyTorch reference, inference, the loss kernel.
 
 #[cfg(feature = "wgpu")]
 mod kernels;
@@ -7,7 +7,7 @@ mod launches;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 use launches::LaunchLog;
 
-use super::run_peer;
+use super::run_pytorch;
 use crate::backend::{DeviceKind, DeviceSpec};
 use crate::loss::LossKernel;
 use crate::model::{ModelName, Precision};
@@ -40,15 +40,15 @@ pub enum BenchCommand {
         /// As `dcl pretrain --optimizer` (the page trains with adam).
         #[arg(long, default_value_t = RunConfig::default().optimizer)]
         optimizer: OptimizerKind,
-        /// CPU threads for dcl's kernels and the peer (default: every core).
+        /// CPU threads for dcl's kernels and the PyTorch reference (default: every core).
         #[arg(long)]
         threads: Option<usize>,
-        /// Also run the PyTorch peer (scripts/peer_bench_train.py) and print the ratio.
+        /// Also run the PyTorch reference (scripts/pytorch_bench_train.py) and print the ratio.
         #[arg(long)]
-        peer: bool,
-        /// With --peer: this many dcl and PyTorch runs, interleaved (this machine drifts by 10-30%
+        pytorch: bool,
+        /// With --pytorch: this many dcl and PyTorch runs, interleaved (this machine drifts by 10-30%
         /// between runs); the medians and the spread of the pairs' ratios are reported.
-        #[arg(long, default_value_t = 1, requires = "peer")]
+        #[arg(long, default_value_t = 1, requires = "pytorch")]
         pairs: usize,
         #[arg(long)]
         json: bool,
@@ -75,9 +75,9 @@ pub enum BenchCommand {
         /// Timed repetitions after one warm-up; the median is reported.
         #[arg(long, default_value_t = 3)]
         reps: usize,
-        /// Also run scripts/peer_bench_loss.py (PyTorch + lightly on the CPU) on the same sizes.
+        /// Also run scripts/pytorch_bench_loss.py (PyTorch + lightly on the CPU) on the same sizes.
         #[arg(long)]
-        peer: bool,
+        pytorch: bool,
         /// One JSON array instead of the table.
         #[arg(long)]
         json: bool,
@@ -96,14 +96,14 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
             loss_kernel,
             optimizer,
             threads,
-            peer,
+            pytorch,
             pairs,
             json,
         } => {
             let device = devices.first().map_or(device, |d| d.kind);
             anyhow::ensure!(
-                !peer || optimizer == OptimizerKind::Sgd,
-                "--peer: the PyTorch step trains with SGD with momentum; drop --optimizer {optimizer}"
+                !pytorch || optimizer == OptimizerKind::Sgd,
+                "--pytorch: the PyTorch step trains with SGD with momentum; drop --optimizer {optimizer}"
             );
             let threads = threads.unwrap_or_else(num_cpus);
             anyhow::ensure!(
@@ -134,7 +134,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
             }
             .into();
             bench["threads"] = threads.into();
-            if peer {
+            if pytorch {
                 let args = [
                     "--model".to_string(),
                     model.to_string(),
@@ -144,7 +144,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
                     threads.to_string(),
                     "--steps".into(),
                     steps.to_string(),
-                    // The same card for CUDA; PyTorch has no wgpu, so that peer is the CPU.
+                    // The same card for CUDA; PyTorch has no wgpu, so that reference runs on the CPU.
                     "--device".into(),
                     match device {
                         DeviceKind::Cuda => "cuda".into(),
@@ -161,9 +161,9 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
             n,
             d,
             reps,
-            peer,
+            pytorch,
             json,
-        } => bench_loss(device, &n, d, reps, peer, json),
+        } => bench_loss(device, &n, d, reps, pytorch, json),
         #[cfg(feature = "wgpu")]
         BenchCommand::Infer {
             model,
@@ -299,7 +299,7 @@ impl BenchTask {
     }
 }
 
-/// Runs the PyTorch peer (`args`) beside `bench`, `pairs` times interleaved with `task` again, and
+/// Runs the PyTorch reference (`args`) beside `bench`, `pairs` times interleaved with `task` again, and
 /// puts the medians, the pairs' ratio range and the pairs themselves into `bench`.
 fn against_pytorch(
     task: &BenchTask,
@@ -309,10 +309,10 @@ fn against_pytorch(
     pairs: usize,
 ) -> anyhow::Result<()> {
     let rate = |v: &serde_json::Value| v["images_per_sec"].as_f64().unwrap_or(f64::NAN);
-    let peer_rate = || run_peer("scripts/peer_bench_train.py", args).map(|v| rate(&v));
-    let mut runs = vec![(rate(bench), peer_rate()?)];
+    let pytorch_rate = || run_pytorch("scripts/pytorch_bench_train.py", args).map(|v| rate(&v));
+    let mut runs = vec![(rate(bench), pytorch_rate()?)];
     for _ in 1..pairs {
-        runs.push((rate(&task.run(launches)?), peer_rate()?));
+        runs.push((rate(&task.run(launches)?), pytorch_rate()?));
     }
     let ratios: Vec<f64> = runs.iter().map(|(ours, theirs)| ours / theirs).collect();
     let lowest = ratios.iter().copied().fold(f64::INFINITY, f64::min);
@@ -403,7 +403,7 @@ fn bench_loss(
     sizes: &[usize],
     d: usize,
     reps: usize,
-    peer: bool,
+    pytorch: bool,
     json: bool,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(
@@ -415,8 +415,8 @@ fn bench_loss(
         .iter()
         .map(|r| serde_json::to_value(r).expect("json"))
         .collect();
-    if peer {
-        rows.extend(peer_loss_rows(sizes, d, reps)?);
+    if pytorch {
+        rows.extend(pytorch_loss_rows(sizes, d, reps)?);
     }
     if json {
         println!("{}", serde_json::Value::Array(rows));
@@ -444,9 +444,9 @@ fn bench_loss(
     Ok(())
 }
 
-/// The PyTorch/lightly CPU figures for the same sizes, from the peer script (torch required).
+/// The PyTorch/lightly CPU figures for the same sizes, from the PyTorch reference script (torch required).
 #[cfg(feature = "wgpu")]
-fn peer_loss_rows(
+fn pytorch_loss_rows(
     sizes: &[usize],
     d: usize,
     reps: usize,
@@ -460,8 +460,8 @@ fn peer_loss_rows(
         "--reps".into(),
         reps.to_string(),
     ];
-    Ok(serde_json::from_value(run_peer(
-        "scripts/peer_bench_loss.py",
+    Ok(serde_json::from_value(run_pytorch(
+        "scripts/pytorch_bench_loss.py",
         &args,
     )?)?)
 }

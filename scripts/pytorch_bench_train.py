@@ -1,11 +1,11 @@
-"""PyTorch peer of `dcl bench train`: images/s of one full SimCLR+DCL training step.
+"""PyTorch reference of `dcl bench train`: images/s of one full SimCLR+DCL training step.
 
 Same model (ResNet BasicBlocks, CIFAR stem, same widths), same two-view batch, same loss (lightly's
 DCLLoss; the same formula inline where lightly is not installed, as on an offline GPU machine),
 same optimizer (SGD momentum), same thread count, on the CPU or a CUDA card. Prints one JSON
-object; `dcl bench train --peer` runs it. Not run in CI. Usage:
+object; `dcl bench train --pytorch` runs it. Not run in CI. Usage:
     pip install torch numpy && pip install --no-deps lightly
-    python scripts/peer_bench_train.py --model resnet-mini --batch-size 64 --threads 2 [--device cuda]
+    python scripts/pytorch_bench_train.py --model resnet-mini --batch-size 64 --threads 2 [--device cuda]
 """
 import argparse
 import json

@@ -1,4 +1,4 @@
-"""PyTorch peer for `dcl bench loss --peer`: lightly's DCLLoss forward + backward on the CPU, for the
+"""PyTorch reference for `dcl bench loss --pytorch`: lightly's DCLLoss forward + backward on the CPU, for the
 same N x D as the Rust bench. Prints one JSON array of {"n", "d", "path", "ms", "peak_bytes"}.
 Not a runtime dependency: pip install torch lightly (lightly with --no-deps)."""
 import argparse

@@ -4,7 +4,7 @@
 `load_state_dict(strict=True)`, runs it in eval mode, and compares with `dcl embed` (the WGSL
 inference engine) on the same images. Not run in CI (needs torch and torchvision).
 
-    python3 scripts/peer_embed.py --model runs/x/model.safetensors [--dcl target/release/dcl]
+    python3 scripts/pytorch_embed.py --model runs/x/model.safetensors [--dcl target/release/dcl]
 """
 import argparse
 import json

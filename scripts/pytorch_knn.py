@@ -1,14 +1,14 @@
-"""PyTorch CPU peer of the short Fashion-MNIST run that `tests/training.rs` asserts on.
+"""PyTorch CPU reference of the short Fashion-MNIST run that `tests/training.rs` asserts on.
 
 Same data (the first --limit training images, padded 28 -> 32 and replicated to 3 channels, CIFAR
-mean/std), same encoder (see peer_bench_train.py), same SimCLR views, lightly's loss, Adam, cosine
+mean/std), same encoder (see pytorch_bench_train.py), same SimCLR views, lightly's loss, Adam, cosine
 schedule, and the same kNN monitor (k 200, cosine, temperature 0.1; bank: the training subset without
 augmentation; queries: the 10,000 test images), before training and after each epoch. It answers
 "what kNN gain does this budget give in PyTorch?", so dcl's figure has an outside reference; it
 also prints the same kNN on raw pixels, the floor a useful encoder should clear. `--init pytorch`
 swaps torchvision's ResNet init (dcl's) for PyTorch's default conv init; `--bank full` uses all
 60,000 training images as the kNN bank. Not run in CI. Usage:
-    python scripts/peer_knn.py --limit 5000 --epochs 3 --batch-size 32 --lr 1e-3 --temperature 0.1
+    python scripts/pytorch_knn.py --limit 5000 --epochs 3 --batch-size 32 --lr 1e-3 --temperature 0.1
 """
 import argparse
 import gzip
@@ -20,7 +20,7 @@ import torch
 import torchvision.transforms.v2 as T
 from torch import nn
 
-from peer_bench_train import encoder
+from pytorch_bench_train import encoder
 
 MEAN, STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
 
@@ -117,7 +117,7 @@ def main():
             sched.step()
         knn.append(encoder_knn())
         print(f"epoch {epoch + 1}: kNN {knn[-1]:.4f} loss {loss.item():.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
-    print(f"peer kNN {knn[0]:.4f} -> {knn[-1]:.4f} ({100 * (knn[-1] - knn[0]):+.1f} points) {vars(args)}")
+    print(f"PyTorch kNN {knn[0]:.4f} -> {knn[-1]:.4f} ({100 * (knn[-1] - knn[0]):+.1f} points) {vars(args)}")
 
 
 if __name__ == "__main__":

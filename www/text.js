@@ -1,0 +1,24 @@
+// What the page says in words: the kNN figures, which device trains and why.
+
+/// `k=20 78.1%, k=200 75.2%`: the monitor's two k, as `dcl eval` reports them.
+export function knnText(byK) {
+  return Object.entries(byK || {}).map(([k, v]) => `k=${k} ${(100 * v).toFixed(1)}%`).join(', ');
+}
+
+export const DEVICE_NAMES = { cpu: 'the CPU (WebAssembly)', wgpu: 'the GPU (WebGPU)' };
+
+/// Which device trains and why; before a run, what "auto" will pick.
+export function deviceNote(state) {
+  if (state.device) return `This run trains on ${DEVICE_NAMES[state.device]}: ${state.deviceReason}.`;
+  const gpu = state.webgpu;
+  if (!gpu) return '';
+  if (gpu.problem) {
+    return `WebGPU is not available (${gpu.problem}), so runs train on the CPU in WebAssembly. For GPU ` +
+      'speed, use a recent Chrome or Edge with hardware acceleration on.';
+  }
+  if (gpu.software) {
+    return `This browser's WebGPU adapter (${gpu.name}) emulates a GPU on the CPU, so "auto" trains on ` +
+      'the CPU in WebAssembly, which is faster here; pick "GPU (WebGPU)" to try the adapter anyway.';
+  }
+  return `"auto" trains on the GPU through WebGPU (${gpu.name}).`;
+}
