@@ -3,13 +3,12 @@
 //! encoder of the run's seed and on raw pixels, so each number stands next to its baselines.
 
 use crate::backend::DeviceKind;
-use crate::data::{discover, Dataset, Split};
-use crate::eval::{features, knn_monitor, pixel_features, Protocol, Scores};
+use crate::data::discover;
+use crate::eval::{knn_monitor, Judge, Protocol};
 use crate::model::Encoder;
 use crate::run::RunDir;
 use crate::weights::{init_encoder, module_from_bytes};
 use burn::module::AutodiffModule;
-use burn::tensor::Device;
 use clap::Args;
 use std::path::PathBuf;
 
@@ -57,7 +56,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let report = serde_json::json!({
         "epoch": ckpt.epoch,
         "knn_top1": monitor.monitor_top1(),
-        "bank_images": judge.bank.len(),
+        "bank_images": judge.bank_len(),
         "test_images": ds.test.len(),
         "encoder": judge.encoder(&trained)?,
         "untrained": judge.encoder(&untrained)?,
@@ -65,66 +64,4 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     });
     println!("{report}");
     Ok(())
-}
-
-/// The protocol on fixed data: the bank (and the probe's training set) is the first `bank`
-/// training images, or all of them; the queries are the whole test split.
-pub struct Judge {
-    bank: Split,
-    test: Split,
-    classes: usize,
-    protocol: Protocol,
-    device: Device,
-}
-
-impl Judge {
-    pub fn new(
-        ds: &Dataset,
-        bank: Option<usize>,
-        protocol: Protocol,
-        device: Device,
-    ) -> anyhow::Result<Self> {
-        anyhow::ensure!(
-            !protocol.ks.is_empty() && protocol.ks.iter().all(|&k| k >= 1),
-            "--knn-k needs one or more k >= 1"
-        );
-        anyhow::ensure!(bank != Some(0), "--bank must be at least 1");
-        anyhow::ensure!(
-            !ds.test.is_empty(),
-            "{}: no test split to evaluate on",
-            ds.name
-        );
-        Ok(Self {
-            bank: ds.train.head(bank.unwrap_or(usize::MAX)),
-            test: ds.test.clone(),
-            classes: ds.classes,
-            protocol,
-            device,
-        })
-    }
-
-    /// The encoder's backbone features (the projection head is dropped, as is usual).
-    pub fn encoder(&self, encoder: &Encoder) -> anyhow::Result<Scores> {
-        let backbone = encoder.valid().backbone;
-        let on = |split: &Split| {
-            futures_lite::future::block_on(features(&backbone, split, &self.device))
-        };
-        self.score(&on)
-    }
-
-    pub fn pixels(&self) -> anyhow::Result<Scores> {
-        self.score(&|split: &Split| Ok(pixel_features(split)))
-    }
-
-    fn score(&self, f: &dyn Fn(&Split) -> anyhow::Result<Vec<f32>>) -> anyhow::Result<Scores> {
-        let (b, q) = (f(&self.bank)?, f(&self.test)?);
-        let dim = b.len() / self.bank.len();
-        self.protocol.score(
-            (&b, &self.bank.labels),
-            (&q, &self.test.labels),
-            dim,
-            self.classes,
-            &self.device,
-        )
-    }
 }

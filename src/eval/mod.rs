@@ -9,7 +9,9 @@ use crate::loss::l2_normalize;
 use crate::model::ResNet;
 use burn::tensor::{Device, Tensor, TensorData};
 
+mod judge;
 mod probe;
+pub use judge::Judge;
 pub use probe::linear_probe;
 
 /// L2-normalized backbone features of every image of a split, without augmentation, row-major

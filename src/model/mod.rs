@@ -109,7 +109,7 @@ fn batch_norm(bn: &BatchNorm, x: Tensor<4>, views: usize) -> Tensor<4> {
     let c = x.dims()[1];
     let device = x.device();
     match device.is_autodiff() {
-        true if fused(&device) => fused_batch_norm(bn, x, views, false),
+        true if fused(&device) => fused_batch_norm(bn, x, views, Then::Nothing),
         true => batch_norm_from_tensor_ops(bn, x, views),
         false => {
             let stat = |state: &RunningState<Tensor<1>>| state.value().reshape([1, c]);
@@ -122,9 +122,31 @@ fn batch_norm(bn: &BatchNorm, x: Tensor<4>, views: usize) -> Tensor<4> {
 /// [`batch_norm`], then a ReLU: in the same op where batch norm trains fused.
 fn batch_norm_relu(bn: &BatchNorm, x: Tensor<4>, views: usize) -> Tensor<4> {
     match x.device().is_autodiff() && fused(&x.device()) {
-        true => fused_batch_norm(bn, x, views, true),
+        true => fused_batch_norm(bn, x, views, Then::Relu),
         false => relu(batch_norm(bn, x, views)),
     }
+}
+
+/// `relu(batch_norm(x) + residual)`, a residual block's end: one op where batch norm trains
+/// fused.
+fn batch_norm_residual_relu(
+    bn: &BatchNorm,
+    x: Tensor<4>,
+    residual: Tensor<4>,
+    views: usize,
+) -> Tensor<4> {
+    match x.device().is_autodiff() && fused(&x.device()) {
+        true => fused_batch_norm(bn, x, views, Then::AddRelu(Box::new(residual))),
+        false => relu(batch_norm(bn, x, views) + residual),
+    }
+}
+
+/// What the fused batch norm applies after normalizing.
+enum Then {
+    Nothing,
+    Relu,
+    /// A residual added, then the ReLU (boxed: a tensor handle is half a kilobyte).
+    AddRelu(Box<Tensor<4>>),
 }
 
 /// Whether batch norm trains on `device` (autodiff) as [`norm`]'s fused op: on the CPU, and on
@@ -134,9 +156,9 @@ fn fused(device: &Device) -> bool {
     crate::backend::has_fast_conv(device) || fused_on_gpu
 }
 
-/// Training mode on the CPU device and the GPU devices: [`norm`]'s fused op, with the ReLU
-/// after it when `relu`.
-fn fused_batch_norm(bn: &BatchNorm, x: Tensor<4>, views: usize, relu: bool) -> Tensor<4> {
+/// Training mode on the CPU device and the GPU devices: [`norm`]'s fused op, with what comes
+/// after it (`then`).
+fn fused_batch_norm(bn: &BatchNorm, x: Tensor<4>, views: usize, then: Then) -> Tensor<4> {
     let moments = norm::channel_moments(x.clone(), views);
     let device = moments.device();
     let running = [&bn.running_mean, &bn.running_var].map(|s| s.value_sync().to_device(&device));
@@ -145,7 +167,14 @@ fn fused_batch_norm(bn: &BatchNorm, x: Tensor<4>, views: usize, relu: bool) -> T
     for (state, value) in [&bn.running_mean, &bn.running_var].into_iter().zip(updated) {
         commit(state, value);
     }
-    norm::batch_norm(x, bn.gamma.val(), bn.beta.val(), moments, bn.epsilon, relu)
+    let (gamma, beta, epsilon) = (bn.gamma.val(), bn.beta.val(), bn.epsilon);
+    match then {
+        Then::Nothing => norm::batch_norm(x, gamma, beta, moments, epsilon, false),
+        Then::Relu => norm::batch_norm(x, gamma, beta, moments, epsilon, true),
+        Then::AddRelu(residual) => {
+            norm::batch_norm_residual_relu(x, gamma, beta, moments, *residual, epsilon)
+        }
+    }
 }
 
 /// Training mode elsewhere (a GPU build with fusion, GPU peers sharing statistics): batch
@@ -254,8 +283,7 @@ impl BasicBlock {
             None => x.clone(),
         };
         let out = batch_norm_relu(&self.bn1, conv_forward(&self.conv1, x), views);
-        let out = batch_norm(&self.bn2, conv_forward(&self.conv2, out), views);
-        relu(out + identity)
+        batch_norm_residual_relu(&self.bn2, conv_forward(&self.conv2, out), identity, views)
     }
 }
 
@@ -479,7 +507,11 @@ mod tests {
                 y
             }
         };
-        let cases = [fused_batch_norm as Path, tensor_ops]
+        let fused: Path = |bn, x, views, with_relu| {
+            let then = if with_relu { Then::Relu } else { Then::Nothing };
+            fused_batch_norm(bn, x, views, then)
+        };
+        let cases = [fused, tensor_ops]
             .into_iter()
             .flat_map(|path| [(path, false), (path, true)]);
         for (path, with_relu) in cases {
@@ -517,6 +549,50 @@ mod tests {
         assert!(max_diff(batch_norm(&ours, x.clone(), 1), burns.forward(x)) < 1e-5);
     }
 
+    /// A residual block's end as one op, `relu(batch_norm(x) + residual)`, against Burn's
+    /// `BatchNorm`, a sum and its ReLU: output and the gradients of x, the residual, gamma and
+    /// beta, with the residual contiguous and channels-last (as a convolution may hand it over).
+    #[test]
+    fn batch_norm_residual_relu_equals_burns() {
+        for device in training_devices() {
+            let (_, random) = seeded(13);
+            let [gamma, beta] = affine(&random, 5).map(|t| to(&t, &device));
+            let [x_values, r_values, weights] =
+                [(2.0, 3.0), (0.0, 1.5), (0.0, 1.0)].map(|(m, s)| random([3, 5, 4, 6], m, s));
+            let weights = to(&weights, &device);
+            type View = fn(Tensor<4>) -> Tensor<4>;
+            let layouts: [(_, View); 2] = [
+                (r_values.to_data(), |leaf| leaf),
+                (r_values.clone().permute([0, 2, 3, 1]).into_data(), |leaf| {
+                    leaf.permute([0, 3, 1, 2])
+                }),
+            ];
+            for (data, view) in &layouts {
+                let leaves = || {
+                    let x = Tensor::<4>::from_data(x_values.to_data(), &device).require_grad();
+                    let r = Tensor::<4>::from_data(data.clone(), &device).require_grad();
+                    (x, r)
+                };
+                let ((x_ours, r_ours), (x_burn, r_burn)) = (leaves(), leaves());
+                let (ours, burns) = (
+                    batch_norm_with(&gamma, &beta),
+                    batch_norm_with(&gamma, &beta),
+                );
+                let y_ours =
+                    batch_norm_residual_relu(&ours, x_ours.clone(), view(r_ours.clone()), 1);
+                let y_burn = relu(burns.forward(x_burn.clone()) + view(r_burn.clone()));
+                assert!(max_diff(y_ours.clone(), y_burn.clone()) < 1e-5);
+                let grads_ours = (y_ours * weights.clone()).sum().backward();
+                let grads_burn = (y_burn * weights.clone()).sum().backward();
+                for (a, b) in [(&x_ours, &x_burn), (&r_ours, &r_burn)] {
+                    let (ga, gb) = (a.grad(&grads_ours).unwrap(), b.grad(&grads_burn).unwrap());
+                    assert!(max_diff(ga, gb) < 1e-5, "{device:?}");
+                }
+                assert_parameters_agree(&ours, &grads_ours, &burns, &grads_burn);
+            }
+        }
+    }
+
     /// Two views stacked in one batch norm equal a batch norm of each view alone, on both
     /// training paths: outputs, the gradients of the inputs, gamma and beta, and the running
     /// statistics after both.
@@ -540,7 +616,7 @@ mod tests {
         let weights = to(&random([8, 3, 9, 10], 0.0, 1.0), device);
         let device = device.clone();
         type Path = fn(&BatchNorm, Tensor<4>, usize) -> Tensor<4>;
-        let fused: Path = |bn, x, views| fused_batch_norm(bn, x, views, true);
+        let fused: Path = |bn, x, views| fused_batch_norm(bn, x, views, Then::Relu);
         for path in [fused, batch_norm_from_tensor_ops] {
             let leaf = |t: &Tensor<4>| Tensor::<4>::from_data(t.to_data(), &device).require_grad();
             let (stacked_in, apart_in) = (

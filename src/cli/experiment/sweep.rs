@@ -5,10 +5,9 @@
 //! from its checkpoint. `results.md`, `results.json` and `results.svg` are rewritten at the end.
 
 use crate::cli::chart::{Chart, Point, Series};
-use crate::cli::eval::Judge;
 use crate::cli::pretrain::{train, Recipe};
 use crate::data::discover;
-use crate::eval::{Protocol, Scores};
+use crate::eval::{Judge, Protocol, Scores};
 use crate::files::write_atomic;
 use crate::loss::LossKind;
 use crate::model::Encoder;

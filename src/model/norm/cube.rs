@@ -99,8 +99,21 @@ fn slot_at(x: &Tensor<f32>, j: usize, per_view: u32) -> usize {
     image / per_view as usize * channels + j / x.stride(1) % channels
 }
 
-/// y = x * scale + shift, scale = gamma / sqrt(var + eps), shift = beta - mean * scale; then
-/// the ReLU when `relu`.
+/// Where the element of x at memory position `j` (x dense, in any order of its dimensions) lies
+/// in `other`, a tensor of x's shape in a layout of its own.
+#[cube]
+fn same_place(x: &Tensor<f32>, other: &Tensor<f32>, j: usize) -> usize {
+    let mut at = 0;
+    #[unroll]
+    for d in 0..4 {
+        at += j / x.stride(d) % x.shape(d) * other.stride(d);
+    }
+    at
+}
+
+/// y = x * scale + shift, scale = gamma / sqrt(var + eps), shift = beta - mean * scale; plus
+/// the residual when `add` (the kernel reads it where x's element lies in it); then the ReLU
+/// when `relu`.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn normalize_kernel(
@@ -108,10 +121,12 @@ fn normalize_kernel(
     gamma: &Tensor<f32>,
     beta: &Tensor<f32>,
     moments: &Tensor<f32>,
+    residual: &Tensor<f32>,
     y: &mut Tensor<f32>,
     per_view: u32,
     epsilon: f32,
     #[comptime] relu: bool,
+    #[comptime] add: bool,
 ) {
     let i = ABSOLUTE_POS;
     if i >= x.len() {
@@ -121,7 +136,10 @@ fn normalize_kernel(
     let c = s % x.shape(1);
     let slots = moments.len() / 2;
     let scale = gamma[c] / f32::sqrt(moments[slots + s] + epsilon);
-    let value = x[i] * scale + (beta[c] - moments[s] * scale);
+    let mut value = x[i] * scale + (beta[c] - moments[s] * scale);
+    if add {
+        value += residual[same_place(x, residual, i)];
+    }
     y[i] = relu_of(value, relu);
 }
 
@@ -207,10 +225,12 @@ fn dx_kernel(
     moments: &Tensor<f32>,
     sums: &Tensor<f32>,
     dx: &mut Tensor<f32>,
+    d_residual: &mut Tensor<f32>,
     per_view: u32,
     pixels: u32,
     epsilon: f32,
     #[comptime] relu: bool,
+    #[comptime] residual: bool,
 ) {
     let i = ABSOLUTE_POS;
     if i >= x.len() {
@@ -224,6 +244,9 @@ fn dx_kernel(
     let x_hat = (x[i] - moments[s]) * inv_std;
     let g = masked(dy[i], relu_output[i], relu);
     dx[i] = gamma[c] * inv_std * (g - sums[slots + s] / n - x_hat * sums[s] / n);
+    if residual {
+        d_residual[i] = g;
+    }
 }
 
 /// Per channel: the slots' sums added over the views (the parameters' gradients).
@@ -273,6 +296,42 @@ fn running_kernel(
     }
     new_mean[c] = m;
     new_var[c] = v;
+}
+
+/// The normalize kernel's launch (see [`normalize_kernel`]); y is laid out as the dense x.
+fn normalize<R: CubeRuntime>(
+    x: CubeTensor<R>,
+    gamma: CubeTensor<R>,
+    beta: CubeTensor<R>,
+    moments: CubeTensor<R>,
+    residual: Option<CubeTensor<R>>,
+    epsilon: f32,
+    relu: bool,
+) -> CubeTensor<R> {
+    let [gamma, beta, moments] = [gamma, beta, moments].map(into_contiguous);
+    let x = dense(x);
+    let (per_view, _, _) = layout(&x, moments.shape()[1]);
+    let y = empty_like(&x);
+    let add = residual.is_some();
+    // Without a residual the kernel never reads it: x stands in.
+    let residual = residual.unwrap_or_else(|| x.clone());
+    let (count, dim) = elementwise(&x, x.shape().num_elements());
+    normalize_kernel::launch(
+        &x.client.clone(),
+        count,
+        dim,
+        x.into_tensor_arg(),
+        gamma.into_tensor_arg(),
+        beta.into_tensor_arg(),
+        moments.into_tensor_arg(),
+        residual.into_tensor_arg(),
+        y.clone().into_tensor_arg(),
+        per_view,
+        epsilon,
+        relu,
+        add,
+    );
+    y
 }
 
 /// x's layout: images per view, channels, pixels per plane.
@@ -347,25 +406,18 @@ impl<R: CubeRuntime> NormBackend for CubeBackend<R> {
         epsilon: f32,
         relu: bool,
     ) -> CubeTensor<R> {
-        let [gamma, beta, moments] = [gamma, beta, moments].map(into_contiguous);
-        let x = dense(x);
-        let (per_view, _, _) = layout(&x, moments.shape()[1]);
-        let y = empty_like(&x);
-        let (count, dim) = elementwise(&x, x.shape().num_elements());
-        normalize_kernel::launch(
-            &x.client.clone(),
-            count,
-            dim,
-            x.into_tensor_arg(),
-            gamma.into_tensor_arg(),
-            beta.into_tensor_arg(),
-            moments.into_tensor_arg(),
-            y.clone().into_tensor_arg(),
-            per_view,
-            epsilon,
-            relu,
-        );
-        y
+        normalize(x, gamma, beta, moments, None, epsilon, relu)
+    }
+
+    fn fused_batch_norm_residual(
+        x: CubeTensor<R>,
+        gamma: CubeTensor<R>,
+        beta: CubeTensor<R>,
+        moments: CubeTensor<R>,
+        residual: CubeTensor<R>,
+        epsilon: f32,
+    ) -> CubeTensor<R> {
+        normalize(x, gamma, beta, moments, Some(residual), epsilon, true)
     }
 
     fn running_update(
@@ -401,7 +453,8 @@ impl<R: CubeRuntime> NormBackward for CubeBackend<R> {
         epsilon: f32,
         dy: CubeTensor<R>,
         relu_output: Option<CubeTensor<R>>,
-    ) -> [CubeTensor<R>; 3] {
+        residual: bool,
+    ) -> ([CubeTensor<R>; 3], Option<CubeTensor<R>>) {
         let [gamma, moments] = [gamma, moments].map(into_contiguous);
         // The elementwise dx walks x, dy and the ReLU's output in one memory order.
         let (x, dy) = match (dense(x), dense(dy)) {
@@ -436,6 +489,11 @@ impl<R: CubeRuntime> NormBackward for CubeBackend<R> {
             relu,
         );
         let dx = empty_like(&x);
+        // Written only with a residual; a stand-in of one value otherwise.
+        let d_residual = match residual {
+            true => empty_like(&x),
+            false => empty(&x, &[1]),
+        };
         let (count, dim) = elementwise(&x, x.shape().num_elements());
         dx_kernel::launch(
             &client,
@@ -448,10 +506,12 @@ impl<R: CubeRuntime> NormBackward for CubeBackend<R> {
             moments.into_tensor_arg(),
             sums.clone().into_tensor_arg(),
             dx.clone().into_tensor_arg(),
+            d_residual.clone().into_tensor_arg(),
             per_view,
             pixels,
             epsilon,
             relu,
+            residual,
         );
         let [dgamma, dbeta] = [(); 2].map(|_| empty(&x, &[channels as usize]));
         let (count, dim) = elementwise(&x, channels as usize);
@@ -463,6 +523,6 @@ impl<R: CubeRuntime> NormBackward for CubeBackend<R> {
             dgamma.clone().into_tensor_arg(),
             dbeta.clone().into_tensor_arg(),
         );
-        [dx, dgamma, dbeta]
+        ([dx, dgamma, dbeta], residual.then_some(d_residual))
     }
 }

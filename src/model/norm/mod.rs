@@ -70,6 +70,26 @@ pub fn batch_norm(
     ))
 }
 
+/// `relu(batch_norm(x) + residual)` ([`batch_norm`] with the ReLU), a residual block's end as
+/// one op: `residual` has x's shape, in any layout; its gradient is dy where the ReLU passed it.
+pub fn batch_norm_residual_relu(
+    x: Tensor<4>,
+    gamma: Tensor<1>,
+    beta: Tensor<1>,
+    moments: Tensor<2>,
+    residual: Tensor<4>,
+    epsilon: f64,
+) -> Tensor<4> {
+    Tensor::from_dispatch(<Dispatch as NormBackend>::fused_batch_norm_residual(
+        x.into_dispatch(),
+        gamma.into_dispatch(),
+        beta.into_dispatch(),
+        moments.into_dispatch(),
+        residual.into_dispatch(),
+        epsilon as f32,
+    ))
+}
+
 /// The running averages after a batch with these [`channel_moments`]: each view's step
 /// `r <- (1 - momentum) r + momentum batch_v` in turn (as passes per view would take them), for
 /// the mean and the biased variance at once; without gradient.
@@ -111,6 +131,14 @@ pub trait NormBackend: Backend {
         epsilon: f32,
         relu: bool,
     ) -> FloatTensor<Self>;
+    fn fused_batch_norm_residual(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        moments: FloatTensor<Self>,
+        residual: FloatTensor<Self>,
+        epsilon: f32,
+    ) -> FloatTensor<Self>;
     fn running_update(
         mean: FloatTensor<Self>,
         var: FloatTensor<Self>,
@@ -119,9 +147,10 @@ pub trait NormBackend: Backend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
 }
 
-/// The backward pass of [`NormBackend::fused_batch_norm`] on a backend with the forward op:
-/// `[dx, dgamma, dbeta]` from x, gamma, x's moments and the output's gradient; with the ReLU,
-/// `relu_output` is the op's output, and dy counts only where it is positive.
+/// The backward pass of [`NormBackend::fused_batch_norm`] (and of the residual form) on a
+/// backend with the forward op: `[dx, dgamma, dbeta]` from x, gamma, x's moments and the
+/// output's gradient; with the ReLU, `relu_output` is the op's output, and dy counts only where
+/// it is positive. With `residual`, also that masked dy: the residual's gradient.
 pub trait NormBackward: NormBackend {
     fn fused_batch_norm_backward(
         x: FloatTensor<Self>,
@@ -130,7 +159,8 @@ pub trait NormBackward: NormBackend {
         epsilon: f32,
         dy: FloatTensor<Self>,
         relu_output: Option<FloatTensor<Self>>,
-    ) -> [FloatTensor<Self>; 3];
+        residual: bool,
+    ) -> ([FloatTensor<Self>; 3], Option<FloatTensor<Self>>);
 }
 
 impl NormBackend for Flex {
@@ -151,7 +181,22 @@ impl NormBackend for Flex {
         let shape = Shape::with_moments(&x, &moments);
         let coefficients =
             shape.coefficients(&f32s(&gamma), &f32s(&beta), &f32s(&moments), epsilon);
-        let y = shape.apply(&f32s(&x), &coefficients, relu);
+        let y = shape.apply(&f32s(&x), &coefficients, relu, None);
+        tensor(y, &shape.dims())
+    }
+
+    fn fused_batch_norm_residual(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        moments: FlexTensor,
+        residual: FlexTensor,
+        epsilon: f32,
+    ) -> FlexTensor {
+        let shape = Shape::with_moments(&x, &moments);
+        let coefficients =
+            shape.coefficients(&f32s(&gamma), &f32s(&beta), &f32s(&moments), epsilon);
+        let y = shape.apply(&f32s(&x), &coefficients, true, Some(&f32s(&residual)));
         tensor(y, &shape.dims())
     }
 
@@ -185,7 +230,8 @@ impl NormBackward for Flex {
         epsilon: f32,
         dy: FlexTensor,
         relu_output: Option<FlexTensor>,
-    ) -> [FlexTensor; 3] {
+        residual: bool,
+    ) -> ([FlexTensor; 3], Option<FlexTensor>) {
         let shape = Shape::with_moments(&x, &moments);
         let dy = match relu_output {
             Some(y) => std::borrow::Cow::Owned(
@@ -198,11 +244,15 @@ impl NormBackward for Flex {
         let [dx, dgamma, dbeta] =
             shape.backward(&f32s(&x), &f32s(&gamma), &f32s(&moments), epsilon, &dy);
         let c = shape.channels;
-        [
+        let grads = [
             tensor(dx, &shape.dims()),
             tensor(dgamma, &[c]),
             tensor(dbeta, &[c]),
-        ]
+        ];
+        (
+            grads,
+            residual.then(|| tensor(dy.into_owned(), &shape.dims())),
+        )
     }
 }
 
@@ -258,10 +308,72 @@ impl<B: NormBackward, C: CheckpointStrategy> NormBackend for Autodiff<B, C> {
             OpsKind::UnTracked(prep) => prep.finish(output),
         }
     }
+
+    fn fused_batch_norm_residual(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        moments: FloatTensor<Self>,
+        residual: FloatTensor<Self>,
+        epsilon: f32,
+    ) -> FloatTensor<Self> {
+        let output = B::fused_batch_norm_residual(
+            x.primitive.clone(),
+            gamma.primitive.clone(),
+            beta.primitive.clone(),
+            moments.primitive.clone(),
+            residual.primitive,
+            epsilon,
+        );
+        let parents = [
+            x.node.clone(),
+            gamma.node.clone(),
+            beta.node.clone(),
+            residual.node,
+        ];
+        match BatchNormResidualGrad
+            .prepare::<C>(parents)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let state = (
+                    x.primitive,
+                    gamma.primitive,
+                    moments.primitive,
+                    epsilon,
+                    Some(output.clone()),
+                );
+                prep.finish(state, output)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(output),
+        }
+    }
 }
 
 #[derive(Debug)]
 struct BatchNormGrad;
+
+/// The residual form's backward pass: the batch norm's, and the residual's gradient.
+#[derive(Debug)]
+struct BatchNormResidualGrad;
+
+impl<B: NormBackward> Backward<B, 4> for BatchNormResidualGrad {
+    type State = <BatchNormGrad as Backward<B, 3>>::State;
+
+    fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (x, gamma, moments, epsilon, relu_output) = ops.state;
+        let dy = grads.consume::<B>(&ops.node);
+        let (grads_of, masked) =
+            B::fused_batch_norm_backward(x, gamma, moments, epsilon, dy, relu_output, true);
+        let grads_of = grads_of.into_iter().chain(masked);
+        for (node, grad) in ops.parents.into_iter().zip(grads_of) {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, grad);
+            }
+        }
+    }
+}
 
 impl<B: NormBackward> Backward<B, 3> for BatchNormGrad {
     /// x, gamma, moments, epsilon and, with the ReLU, the output.
@@ -276,7 +388,8 @@ impl<B: NormBackward> Backward<B, 3> for BatchNormGrad {
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let (x, gamma, moments, epsilon, relu_output) = ops.state;
         let dy = grads.consume::<B>(&ops.node);
-        let grads_of = B::fused_batch_norm_backward(x, gamma, moments, epsilon, dy, relu_output);
+        let (grads_of, _) =
+            B::fused_batch_norm_backward(x, gamma, moments, epsilon, dy, relu_output, false);
         for (node, grad) in ops.parents.into_iter().zip(grads_of) {
             if let Some(node) = node {
                 grads.register::<B>(node.id, grad);
@@ -414,9 +527,12 @@ impl Shape {
         Coefficients { scale, shift }
     }
 
-    /// `y = x * scale + shift` per slot, then max(y, 0) when `relu`, images in parallel.
-    fn apply(&self, x: &[f32], k: &Coefficients, relu: bool) -> Vec<f32> {
-        let mut y = vec![0f32; x.len()];
+    /// `y = x * scale + shift` per slot, plus `residual` (laid out as x) when given, then the
+    /// ReLU when `relu`; images in parallel.
+    fn apply(&self, x: &[f32], k: &Coefficients, relu: bool, residual: Option<&[f32]>) -> Vec<f32> {
+        // y starts as the residual, which the normalized x is added to.
+        let add = residual.is_some();
+        let mut y = residual.map_or_else(|| vec![0f32; x.len()], <[f32]>::to_vec);
         let pixels = self.pixels();
         let image = self.channels * pixels;
         (y.par_chunks_mut(image).zip(x.par_chunks(image)))
@@ -425,15 +541,14 @@ impl Shape {
                 for (c, (y, x)) in y.chunks_mut(pixels).zip(x.chunks(pixels)).enumerate() {
                     let s = self.slot(i, c);
                     let (scale, shift) = (k.scale[s], k.shift[s]);
-                    let pairs = y.iter_mut().zip(x);
-                    // As Burn's ReLU: zero where y <= 0, so a NaN passes through.
-                    match relu {
-                        true => pairs.for_each(|(y, x)| {
-                            let v = x * scale + shift;
-                            *y = if v <= 0.0 { 0.0 } else { v };
-                        }),
-                        false => pairs.for_each(|(y, x)| *y = x * scale + shift),
-                    }
+                    y.iter_mut().zip(x).for_each(|(y, x)| {
+                        let mut v = x * scale + shift;
+                        if add {
+                            v += *y;
+                        }
+                        // As Burn's ReLU: zero where v <= 0, so a NaN passes through.
+                        *y = if relu && v <= 0.0 { 0.0 } else { v };
+                    });
                 }
             });
         y
