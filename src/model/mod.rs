@@ -388,16 +388,17 @@ impl Encoder {
     /// statistics are its own, so this equals a pass per view (to float rounding), with half
     /// the kernel launches for two views.
     pub fn forward_views<const V: usize>(&self, views: [Tensor<4>; V]) -> [Tensor<2>; V] {
-        let mut chunks = self.forward_views_stacked(views).chunk(V, 0).into_iter();
+        let images = Tensor::cat(Vec::from(views), 0);
+        let mut chunks = self.forward_stacked(images, V).chunk(V, 0).into_iter();
         std::array::from_fn(|_| chunks.next().expect("one chunk a view"))
     }
 
-    /// [`Encoder::forward_views`]' embeddings as one tensor, view after view ([V·N, D]), the
-    /// way the fused loss kernel reads them.
-    pub fn forward_views_stacked<const V: usize>(&self, views: [Tensor<4>; V]) -> Tensor<2> {
-        let images = Tensor::cat(Vec::from(views), 0);
+    /// [`Encoder::forward_views`] of views already stacked ([V·N, 3, H, W], view after view), as
+    /// one tensor of embeddings in the same order ([V·N, D]), the way the fused loss kernel reads
+    /// them.
+    pub fn forward_stacked(&self, images: Tensor<4>, views: usize) -> Tensor<2> {
         self.head
-            .forward_stacked(self.backbone.forward_stacked(images, V), V)
+            .forward_stacked(self.backbone.forward_stacked(images, views), views)
     }
 }
 

@@ -167,15 +167,15 @@ impl Trainer {
 
     /// The two augmented views of this trainer's rows of the next batch, as [B, 3, 32, 32]
     /// tensors.
-    fn next_views(&mut self) -> (Tensor<4>, Tensor<4>) {
+    /// The next batch's two views stacked, [2B, 3, H, W] (the first view's images, then the
+    /// second's): one upload, and no concatenation on the device.
+    fn next_views(&mut self) -> Tensor<4> {
         let rows = self.rows();
         let b = rows.len();
-        let (v1, v2) = self.schedule.take_views(rows);
-        let tensor = |v: Vec<f32>| {
-            debug_assert_eq!(v.len(), b * IMAGE_LEN);
-            Tensor::from_data(TensorData::new(v, [b, 3, SIDE, SIDE]), &self.device)
-        };
-        (tensor(v1), tensor(v2))
+        let (mut views, second) = self.schedule.take_views(rows);
+        views.extend(second);
+        debug_assert_eq!(views.len(), 2 * b * IMAGE_LEN);
+        Tensor::from_data(TensorData::new(views, [2 * b, 3, SIDE, SIDE]), &self.device)
     }
 
     /// One optimization step on the next batch. A non-finite loss is an error and leaves the
@@ -195,12 +195,12 @@ impl Trainer {
             "epoch {} has no steps left: call end_epoch()",
             self.epoch()
         );
-        let (x1, x2) = self.next_views();
+        let views = self.next_views();
         mark("data");
         let encoder = self.replica.encoder();
         let sync_batch_norm = self.group.as_ref().map(SyncBatchNorm::over);
         let precision = MixedPrecision::enter(self.config.precision, self.config.device);
-        let z = encoder.forward_views_stacked([x1, x2]);
+        let z = encoder.forward_stacked(views, 2);
         drop(precision);
         let (value, objective) = self.route.objective(z, self.group.as_ref()).await?;
         mark("forward");
