@@ -7,7 +7,7 @@
 //! Burn's `BatchNorm`, on every device.
 
 use crate::collective;
-use burn::module::{Module, RunningState};
+use burn::module::{Module, ModuleMapper, Param, RunningState};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Initializer, Linear, LinearConfig, PaddingConfig2d};
 use burn::tensor::activation::relu;
@@ -218,12 +218,20 @@ fn update_running(bn: &BatchNorm, mean: Tensor<2>, var: Tensor<2>) {
     }
 }
 
-/// A running statistic's new value. Burn keeps an update pending until the next read, and
-/// saving or evaluating reads the value without it: commit it now, so what is saved is what was
-/// computed.
+/// A running statistic's new value, set where saving and evaluation read it. Not through
+/// `RunningState::update`: that keeps a value per thread and averages them at the next read, a
+/// division by one here, and on a GPU a dispatch a statistic a step (26 of a `resnet-mini` step).
+/// `Module::map` sets the value itself, and a clone of the state shares it (its fields are `Arc`s).
 fn commit(state: &RunningState<Tensor<1>>, value: Tensor<1>) {
-    state.update(value.detach());
-    state.value_sync();
+    struct Set(Option<Tensor<1>>);
+    impl ModuleMapper for Set {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            let (id, old, mapper) = param.consume();
+            let value = self.0.take().expect("a running state holds one tensor");
+            Param::from_mapped_value(id, value.reshape(old.dims()), mapper)
+        }
+    }
+    let _ = state.clone().map(&mut Set(Some(value.detach())));
 }
 
 /// [views, C] coefficients laid out [B, C, 1, 1], each view's row for its images (see
