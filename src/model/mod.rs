@@ -20,7 +20,7 @@ mod conv;
 mod norm;
 mod precision;
 
-pub use precision::{MixedPrecision, Precision};
+pub use precision::{Lowering, Precision};
 
 fn conv3x3(c_in: usize, c_out: usize, stride: usize, device: &Device) -> Conv2d {
     conv(c_in, c_out, 3, stride, device)
@@ -46,7 +46,7 @@ fn conv(c_in: usize, c_out: usize, kernel: usize, stride: usize, device: &Device
 
 /// A bias-free convolution's forward pass, at the step's precision: on the CPU device through
 /// [`conv::conv2d`] (im2col and gemm, backward included), elsewhere Burn's own.
-fn conv_forward(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+fn conv_forward(conv: &Conv2d, x: Tensor<4>, lowering: Lowering) -> Tensor<4> {
     let geometry = match (conv.padding.clone(), conv.stride, conv.kernel_size) {
         (PaddingConfig2d::Explicit(t, l, b, r), [s, s2], [k, k2])
             if [l, b, r] == [t; 3] && s == s2 && k == k2 && conv.bias.is_none() =>
@@ -63,7 +63,7 @@ fn conv_forward(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
         return conv.forward(x);
     };
     let fast = crate::backend::has_fast_conv(&x.device());
-    precision::lowered(x, conv.weight.val(), |x, weight| match fast {
+    precision::lowered(x, conv.weight.val(), lowering, |x, weight| match fast {
         true => conv::conv2d(x, weight, geometry),
         false => {
             let (s, p) = (geometry.stride, geometry.padding);
@@ -77,9 +77,9 @@ fn conv_forward(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     })
 }
 
-/// A linear layer at the step's precision (the bias added in f32).
-fn linear_forward(linear: &Linear, x: Tensor<2>) -> Tensor<2> {
-    let y = precision::lowered(x, linear.weight.val(), |x, weight| {
+/// A linear layer lowered as asked (the bias added in f32).
+fn linear_forward(linear: &Linear, x: Tensor<2>, lowering: Lowering) -> Tensor<2> {
+    let y = precision::lowered(x, linear.weight.val(), lowering, |x, weight| {
         burn::tensor::module::linear(x, weight, None)
     });
     match &linear.bias {
@@ -285,13 +285,14 @@ impl BasicBlock {
         }
     }
 
-    fn forward(&self, x: Tensor<4>, views: usize) -> Tensor<4> {
+    fn forward(&self, x: Tensor<4>, views: usize, lowering: Lowering) -> Tensor<4> {
+        let conv = |conv: &Conv2d, x: Tensor<4>| conv_forward(conv, x, lowering);
         let identity = match &self.downsample {
-            Some(d) => batch_norm(&d.bn, conv_forward(&d.conv, x.clone()), views),
+            Some(d) => batch_norm(&d.bn, conv(&d.conv, x.clone()), views),
             None => x.clone(),
         };
-        let out = batch_norm_relu(&self.bn1, conv_forward(&self.conv1, x), views);
-        batch_norm_residual_relu(&self.bn2, conv_forward(&self.conv2, out), identity, views)
+        let out = batch_norm_relu(&self.bn1, conv(&self.conv1, x), views);
+        batch_norm_residual_relu(&self.bn2, conv(&self.conv2, out), identity, views)
     }
 }
 
@@ -326,15 +327,16 @@ impl ResNet {
     }
 
     pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
-        self.forward_stacked(images, 1)
+        self.forward_stacked(images, 1, Lowering::None)
     }
 
     /// [`ResNet::forward`] of `views` equal stacks of images, each with its own batch
     /// statistics while training (see [`batch_norm`]).
-    fn forward_stacked(&self, images: Tensor<4>, views: usize) -> Tensor<2> {
-        let mut x = batch_norm_relu(&self.bn1, conv_forward(&self.conv1, images), views);
+    fn forward_stacked(&self, images: Tensor<4>, views: usize, lowering: Lowering) -> Tensor<2> {
+        let stem = conv_forward(&self.conv1, images, lowering);
+        let mut x = batch_norm_relu(&self.bn1, stem, views);
         for block in self.layers.iter().flatten() {
-            x = block.forward(x, views);
+            x = block.forward(x, views, lowering);
         }
         let [b, c, h, w] = x.dims();
         // Global average pooling.
@@ -360,14 +362,14 @@ impl ProjectionHead {
     }
 
     pub fn forward(&self, features: Tensor<2>) -> Tensor<2> {
-        self.forward_stacked(features, 1)
+        self.forward_stacked(features, 1, Lowering::None)
     }
 
-    fn forward_stacked(&self, features: Tensor<2>, views: usize) -> Tensor<2> {
-        let hidden = linear_forward(&self.linear1, features);
+    fn forward_stacked(&self, features: Tensor<2>, views: usize, lowering: Lowering) -> Tensor<2> {
+        let hidden = linear_forward(&self.linear1, features, lowering);
         let [b, c] = hidden.dims();
         let hidden = batch_norm_relu(&self.bn, hidden.reshape([b, c, 1, 1]), views);
-        linear_forward(&self.linear2, hidden.reshape([b, c]))
+        linear_forward(&self.linear2, hidden.reshape([b, c]), lowering)
     }
 }
 
@@ -397,16 +399,23 @@ impl Encoder {
     /// the kernel launches for two views.
     pub fn forward_views<const V: usize>(&self, views: [Tensor<4>; V]) -> [Tensor<2>; V] {
         let images = Tensor::cat(Vec::from(views), 0);
-        let mut chunks = self.forward_stacked(images, V).chunk(V, 0).into_iter();
+        let z = self.forward_stacked(images, V, Lowering::None);
+        let mut chunks = z.chunk(V, 0).into_iter();
         std::array::from_fn(|_| chunks.next().expect("one chunk a view"))
     }
 
     /// [`Encoder::forward_views`] of views already stacked ([V·N, 3, H, W], view after view), as
     /// one tensor of embeddings in the same order ([V·N, D]), the way the fused loss kernel reads
-    /// them.
-    pub fn forward_stacked(&self, images: Tensor<4>, views: usize) -> Tensor<2> {
-        self.head
-            .forward_stacked(self.backbone.forward_stacked(images, views), views)
+    /// them; the convolutions and linear layers lowered as `lowering` says (a training step's
+    /// precision).
+    pub fn forward_stacked(
+        &self,
+        images: Tensor<4>,
+        views: usize,
+        lowering: Lowering,
+    ) -> Tensor<2> {
+        let features = self.backbone.forward_stacked(images, views, lowering);
+        self.head.forward_stacked(features, views, lowering)
     }
 }
 

@@ -10,7 +10,6 @@
 
 use crate::backend::DeviceKind;
 use burn::tensor::{FloatDType, Tensor};
-use std::cell::Cell;
 
 /// The arithmetic of the encoder's convolutions and linear layers during training.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -38,53 +37,44 @@ impl Precision {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Debug)]
-enum Lowering {
+/// How a forward pass computes its convolutions and linear layers: handed down the encoder by
+/// whoever runs it (the trainer, from its step's [`Precision`] and device), never held aside.
+/// The casts a lowered layer records carry its backward pass along.
+#[derive(Clone, Copy, PartialEq, Debug, Default)]
+pub enum Lowering {
+    /// f32 throughout.
+    #[default]
+    None,
     /// The layers compute in bf16 (CUDA).
     Native,
     /// Operands and results rounded to bf16 around f32 kernels (the CPU).
     Rounded,
 }
 
-thread_local! {
-    /// How this thread's forward passes lower their layers; `None`: f32.
-    static LOWERING: Cell<Option<Lowering>> = const { Cell::new(None) };
-}
-
-/// While alive, the encoder's forward passes on this thread run at `precision`: the trainer
-/// holds one over a step's forward (the casts it records carry the backward along).
-pub struct MixedPrecision(());
-
-impl MixedPrecision {
-    pub fn enter(precision: Precision, device: DeviceKind) -> Self {
-        let lowering = match (precision, device) {
-            (Precision::F32, _) => None,
-            (Precision::Bf16Mixed, DeviceKind::Cuda) => Some(Lowering::Native),
-            (Precision::Bf16Mixed, _) => Some(Lowering::Rounded),
-        };
-        LOWERING.with(|l| l.set(lowering));
-        Self(())
+impl Lowering {
+    /// `precision`'s lowering on `device`.
+    pub fn of(precision: Precision, device: DeviceKind) -> Self {
+        match (precision, device) {
+            (Precision::F32, _) => Self::None,
+            (Precision::Bf16Mixed, DeviceKind::Cuda) => Self::Native,
+            (Precision::Bf16Mixed, _) => Self::Rounded,
+        }
     }
 }
 
-impl Drop for MixedPrecision {
-    fn drop(&mut self) {
-        LOWERING.with(|l| l.set(None));
-    }
-}
-
-/// `layer(x, weight)` at the precision the current step asks for; its output is f32 either way.
+/// `layer(x, weight)` lowered as asked; its output is f32 either way.
 pub(super) fn lowered<const D: usize, const E: usize>(
     x: Tensor<D>,
     weight: Tensor<E>,
+    lowering: Lowering,
     layer: impl FnOnce(Tensor<D>, Tensor<E>) -> Tensor<D>,
 ) -> Tensor<D> {
-    match LOWERING.with(Cell::get) {
-        None => layer(x, weight),
-        Some(Lowering::Native) => {
+    match lowering {
+        Lowering::None => layer(x, weight),
+        Lowering::Native => {
             layer(x.cast(FloatDType::BF16), weight.cast(FloatDType::BF16)).cast(FloatDType::F32)
         }
-        Some(Lowering::Rounded) => round(layer(round(x), round(weight))),
+        Lowering::Rounded => round(layer(round(x), round(weight))),
     }
 }
 
@@ -113,20 +103,15 @@ mod tests {
                 .require_grad();
         let w = Tensor::<2>::from_data(TensorData::new(vec![1.0f32], [1, 1]), &device);
         let product = |x: Tensor<2>, w: Tensor<2>| x.matmul(w);
-        let exact = lowered(x.clone(), w.clone(), product);
+        let exact = lowered(x.clone(), w.clone(), Lowering::None, product);
         assert_eq!(exact.into_scalar::<f32>(), 1.0 + 2f32.powi(-10));
-        let guard = MixedPrecision::enter(Precision::Bf16Mixed, DeviceKind::Cpu);
-        let y = lowered(x.clone(), w.clone(), product);
-        drop(guard);
+        let bf16 = Lowering::of(Precision::Bf16Mixed, DeviceKind::Cpu);
+        let y = lowered(x.clone(), w.clone(), bf16, product);
         assert_eq!(y.clone().into_scalar::<f32>(), 1.0);
         let grads = y.sum().backward();
         assert_eq!(x.grad(&grads).unwrap().into_scalar::<f32>(), 1.0);
-        let after = lowered(x, w, product);
-        assert_eq!(
-            after.into_scalar::<f32>(),
-            1.0 + 2f32.powi(-10),
-            "the guard is gone"
-        );
+        let f32_again = lowered(x, w, Lowering::of(Precision::F32, DeviceKind::Cpu), product);
+        assert_eq!(f32_again.into_scalar::<f32>(), 1.0 + 2f32.powi(-10));
     }
 
     /// CUDA's lowering (the layer itself in bf16) and the CPU's (roundings around f32) give the
@@ -143,8 +128,8 @@ mod tests {
         let values = |t: Tensor<4>| t.into_data().try_to_vec::<f32>().unwrap();
         let run = |on: DeviceKind| {
             let x = x.clone().require_grad();
-            let _guard = MixedPrecision::enter(Precision::Bf16Mixed, on);
-            let y = lowered(x.clone(), w.clone(), conv);
+            let lowering = Lowering::of(Precision::Bf16Mixed, on);
+            let y = lowered(x.clone(), w.clone(), lowering, conv);
             let grads = (y.clone() * y.clone()).sum().backward();
             (values(y), values(x.grad(&grads).unwrap()))
         };
@@ -154,7 +139,7 @@ mod tests {
         let gap = gap.map(|(a, b)| (a - b).abs() / a.abs().max(1.0));
         let gap = gap.fold(0.0f32, f32::max);
         assert!(gap < 1e-2, "the input gradients differ by {gap}, relative");
-        let f32s: Vec<f32> = lowered(x.clone(), w.clone(), conv)
+        let f32s: Vec<f32> = lowered(x.clone(), w.clone(), Lowering::None, conv)
             .into_data()
             .try_to_vec()
             .unwrap();

@@ -19,7 +19,7 @@ pub use strategy::Strategy;
 
 use crate::collective::{Collective, SyncBatchNorm};
 use crate::data::{Split, IMAGE_LEN, SIDE};
-use crate::model::{Encoder, MixedPrecision};
+use crate::model::{Encoder, Lowering};
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
 use replica::Replica;
@@ -199,9 +199,8 @@ impl Trainer {
         mark("data");
         let encoder = self.replica.encoder();
         let sync_batch_norm = self.group.as_ref().map(SyncBatchNorm::over);
-        let precision = MixedPrecision::enter(self.config.precision, self.config.device);
-        let z = encoder.forward_stacked(views, 2);
-        drop(precision);
+        let lowering = Lowering::of(self.config.precision, self.config.device);
+        let z = encoder.forward_stacked(views, 2, lowering);
         let (value, objective) = self.route.objective(z, self.group.as_ref()).await?;
         mark("forward");
         let grads = GradientsParams::from_grads(objective.backward(), encoder);
