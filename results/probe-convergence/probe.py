@@ -3,8 +3,8 @@ from zero) converged? Compares it with the same logistic regression run to conve
 on the encoder of a run and on raw pixels. Diagnostic."""
 import sys, time, numpy as np, torch
 sys.path.insert(0, __file__.rsplit("/results/", 1)[0] + "/scripts")
-from peer_embed import read_safetensors, architecture, Encoder
-from peer_knn import split, normalize
+from pytorch_embed import read_safetensors, architecture, Encoder
+from pytorch_knn import split, normalize
 torch.set_num_threads(2)
 root = "/usr/share/datasets/fashion-mnist"
 train, test = split(root, "train"), split(root, "t10k")
