@@ -289,24 +289,13 @@ impl<B: NormBackward, C: CheckpointStrategy> NormBackend for Autodiff<B, C> {
             epsilon,
             relu,
         );
-        match BatchNormGrad
-            .prepare::<C>([x.node.clone(), gamma.node.clone(), beta.node.clone()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let relu_output = relu.then(|| output.clone());
-                let state = (
-                    x.primitive,
-                    gamma.primitive,
-                    moments.primitive,
-                    epsilon,
-                    relu_output,
-                );
-                prep.finish(state, output)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(output),
-        }
+        record::<B, C, 3>(
+            [&x, &gamma, &beta],
+            moments.primitive,
+            epsilon,
+            relu,
+            output,
+        )
     }
 
     fn fused_batch_norm_residual(
@@ -322,60 +311,44 @@ impl<B: NormBackward, C: CheckpointStrategy> NormBackend for Autodiff<B, C> {
             gamma.primitive.clone(),
             beta.primitive.clone(),
             moments.primitive.clone(),
-            residual.primitive,
+            residual.primitive.clone(),
             epsilon,
         );
-        let parents = [
-            x.node.clone(),
-            gamma.node.clone(),
-            beta.node.clone(),
-            residual.node,
-        ];
-        match BatchNormResidualGrad
-            .prepare::<C>(parents)
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let state = (
-                    x.primitive,
-                    gamma.primitive,
-                    moments.primitive,
-                    epsilon,
-                    Some(output.clone()),
-                );
-                prep.finish(state, output)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(output),
-        }
+        let parents = [&x, &gamma, &beta, &residual];
+        record::<B, C, 4>(parents, moments.primitive, epsilon, true, output)
     }
 }
 
-#[derive(Debug)]
-struct BatchNormGrad;
-
-/// The residual form's backward pass: the batch norm's, and the residual's gradient.
-#[derive(Debug)]
-struct BatchNormResidualGrad;
-
-impl<B: NormBackward> Backward<B, 4> for BatchNormResidualGrad {
-    type State = <BatchNormGrad as Backward<B, 3>>::State;
-
-    fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let (x, gamma, moments, epsilon, relu_output) = ops.state;
-        let dy = grads.consume::<B>(&ops.node);
-        let (grads_of, masked) =
-            B::fused_batch_norm_backward(x, gamma, moments, epsilon, dy, relu_output, true);
-        let grads_of = grads_of.into_iter().chain(masked);
-        for (node, grad) in ops.parents.into_iter().zip(grads_of) {
-            if let Some(node) = node {
-                grads.register::<B>(node.id, grad);
-            }
+/// The fused batch norm's `output` recorded for autodiff, with its parents: x, gamma, beta and,
+/// in the residual form, the residual. The backward pass keeps the output only with the ReLU.
+fn record<B: NormBackward, C: CheckpointStrategy, const N: usize>(
+    parents: [&FloatTensor<Autodiff<B, C>>; N],
+    moments: FloatTensor<B>,
+    epsilon: f32,
+    relu: bool,
+    output: FloatTensor<B>,
+) -> FloatTensor<Autodiff<B, C>> {
+    let nodes = parents.map(|p| p.node.clone());
+    match BatchNormGrad::<N>
+        .prepare::<C>(nodes)
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let (x, gamma) = (parents[0].primitive.clone(), parents[1].primitive.clone());
+            let relu_output = relu.then(|| output.clone());
+            prep.finish((x, gamma, moments, epsilon, relu_output), output)
         }
+        OpsKind::UnTracked(prep) => prep.finish(output),
     }
 }
 
-impl<B: NormBackward> Backward<B, 3> for BatchNormGrad {
+/// The fused batch norm's backward pass, for its 3 parents (x, gamma, beta) or 4 (and the
+/// residual, whose gradient is dy where the ReLU passed it).
+#[derive(Debug)]
+struct BatchNormGrad<const N: usize>;
+
+impl<B: NormBackward, const N: usize> Backward<B, N> for BatchNormGrad<N> {
     /// x, gamma, moments, epsilon and, with the ReLU, the output.
     type State = (
         FloatTensor<B>,
@@ -385,11 +358,13 @@ impl<B: NormBackward> Backward<B, 3> for BatchNormGrad {
         Option<FloatTensor<B>>,
     );
 
-    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+    fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
         let (x, gamma, moments, epsilon, relu_output) = ops.state;
         let dy = grads.consume::<B>(&ops.node);
-        let (grads_of, _) =
-            B::fused_batch_norm_backward(x, gamma, moments, epsilon, dy, relu_output, false);
+        let residual = N == 4;
+        let (grads_of, d_residual) =
+            B::fused_batch_norm_backward(x, gamma, moments, epsilon, dy, relu_output, residual);
+        let grads_of = grads_of.into_iter().chain(d_residual);
         for (node, grad) in ops.parents.into_iter().zip(grads_of) {
             if let Some(node) = node {
                 grads.register::<B>(node.id, grad);
