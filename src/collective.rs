@@ -19,7 +19,6 @@ mod job;
 
 pub use job::Job;
 
-use std::cell::RefCell;
 use std::sync::{Arc, Condvar, Mutex};
 
 /// One peer's handle on the group.
@@ -221,44 +220,29 @@ impl Collective {
     }
 }
 
-thread_local! {
-    /// The group whose batch statistics this thread's batch norms share, during a step.
-    static BATCH_STATISTICS: RefCell<Option<Collective>> = const { RefCell::new(None) };
-}
-
-/// While alive, batch norms on this thread take their statistics over all peers' images
-/// (SyncBN): one batch norm over the global batch, as a single device would compute it.
-pub struct SyncBatchNorm(());
+/// The peers whose batch statistics a batch norm shares (SyncBN): one batch norm over the global
+/// batch, as a single device would compute it. Handed to the batch-norm ops with the forward
+/// pass (`model::Pass`) and kept by their backward pass, which sums its own statistics too.
+#[derive(Clone)]
+pub struct SyncBatchNorm(Collective);
 
 impl SyncBatchNorm {
     pub fn over(group: &Collective) -> Self {
-        BATCH_STATISTICS.with(|s| *s.borrow_mut() = Some(group.clone()));
-        Self(())
+        Self(group.clone())
+    }
+
+    /// Per-channel sums over every peer's images, in place. A failed exchange leaves them local:
+    /// the step's next exchange fails with the reason, before any weight changes.
+    pub fn sum(&self, sums: &mut [f64]) {
+        let _ = self.0.sum(sums);
     }
 }
 
-impl Drop for SyncBatchNorm {
-    fn drop(&mut self) {
-        BATCH_STATISTICS.with(|s| *s.borrow_mut() = None);
+/// Autodiff keeps it in a backward op's state, which must print.
+impl std::fmt::Debug for SyncBatchNorm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SyncBatchNorm(rank {} of {})", self.0.rank, self.0.world)
     }
-}
-
-/// Per-channel sums over every peer's images while a [`SyncBatchNorm`] is alive on this thread;
-/// `sums` unchanged otherwise. A failed exchange leaves them local: the step's next exchange
-/// fails with the reason, before any weight changes.
-pub fn sum_batch_statistics(sums: &mut [f64]) {
-    BATCH_STATISTICS.with(|s| {
-        if let Some(group) = s.borrow().as_ref() {
-            // On failure the sums stay local, as documented above.
-            let _ = group.sum(sums);
-        }
-    });
-}
-
-/// Whether a [`SyncBatchNorm`] is alive on this thread: the fused GPU batch norm does not share
-/// its statistics, so batch norms then take the tensor-op path.
-pub fn syncing() -> bool {
-    BATCH_STATISTICS.with(|s| s.borrow().is_some())
 }
 
 /// Leaves the group when dropped: a peer thread's end, by return or by panic.

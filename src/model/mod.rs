@@ -6,7 +6,7 @@
 //! Over 500 lines with its tests (about 230): batch norm's training paths are tested here, against
 //! Burn's `BatchNorm`, on every device.
 
-use crate::collective;
+use crate::collective::SyncBatchNorm;
 use burn::module::{Module, ModuleMapper, Param, RunningState};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Initializer, Linear, LinearConfig, PaddingConfig2d};
@@ -21,6 +21,28 @@ mod norm;
 mod precision;
 
 pub use precision::{Lowering, Precision};
+
+/// How a pass through the encoder runs: `views` equal stacks of images, each with its own batch
+/// statistics while training; the convolutions and linear layers lowered as `lowering` says (a
+/// training step's precision); batch norm's statistics summed over the peers of `sync` (SyncBN)
+/// when it is set.
+#[derive(Clone, Debug)]
+pub struct Pass {
+    pub views: usize,
+    pub lowering: Lowering,
+    pub sync: Option<SyncBatchNorm>,
+}
+
+impl Pass {
+    /// `views` stacked views in f32, batch statistics this device's own.
+    pub fn of_views(views: usize) -> Self {
+        Self {
+            views,
+            lowering: Lowering::None,
+            sync: None,
+        }
+    }
+}
 
 fn conv3x3(c_in: usize, c_out: usize, stride: usize, device: &Device) -> Conv2d {
     conv(c_in, c_out, 3, stride, device)
@@ -105,12 +127,12 @@ fn bn(channels: usize, device: &Device) -> BatchNorm {
 /// encoder pass): each is normalized by its own statistics, and the running averages take them
 /// one view after the other, which is what separate passes would compute, with half the
 /// dispatches on a GPU and larger matrices for the CPU's gemm.
-fn batch_norm(bn: &BatchNorm, x: Tensor<4>, views: usize) -> Tensor<4> {
+fn batch_norm(bn: &BatchNorm, x: Tensor<4>, pass: &Pass) -> Tensor<4> {
     let c = x.dims()[1];
     let device = x.device();
     match device.is_autodiff() {
-        true if fused(&device) => fused_batch_norm(bn, x, views, Then::Nothing),
-        true => batch_norm_from_tensor_ops(bn, x, views),
+        true if fused(&device) => fused_batch_norm(bn, x, pass, Then::Nothing),
+        true => batch_norm_from_tensor_ops(bn, x, pass.views),
         false => {
             let stat = |state: &RunningState<Tensor<1>>| state.value().reshape([1, c]);
             let (mean, var) = (stat(&bn.running_mean), stat(&bn.running_var));
@@ -120,10 +142,10 @@ fn batch_norm(bn: &BatchNorm, x: Tensor<4>, views: usize) -> Tensor<4> {
 }
 
 /// [`batch_norm`], then a ReLU: in the same op where batch norm trains fused.
-fn batch_norm_relu(bn: &BatchNorm, x: Tensor<4>, views: usize) -> Tensor<4> {
+fn batch_norm_relu(bn: &BatchNorm, x: Tensor<4>, pass: &Pass) -> Tensor<4> {
     match x.device().is_autodiff() && fused(&x.device()) {
-        true => fused_batch_norm(bn, x, views, Then::Relu),
-        false => relu(batch_norm(bn, x, views)),
+        true => fused_batch_norm(bn, x, pass, Then::Relu),
+        false => relu(batch_norm(bn, x, pass)),
     }
 }
 
@@ -133,11 +155,11 @@ fn batch_norm_residual_relu(
     bn: &BatchNorm,
     x: Tensor<4>,
     residual: Tensor<4>,
-    views: usize,
+    pass: &Pass,
 ) -> Tensor<4> {
     match x.device().is_autodiff() && fused(&x.device()) {
-        true => fused_batch_norm(bn, x, views, Then::AddRelu(Box::new(residual))),
-        false => relu(batch_norm(bn, x, views) + residual),
+        true => fused_batch_norm(bn, x, pass, Then::AddRelu(Box::new(residual))),
+        false => relu(batch_norm(bn, x, pass) + residual),
     }
 }
 
@@ -150,16 +172,16 @@ enum Then {
 }
 
 /// Whether batch norm trains on `device` (autodiff) as [`norm`]'s fused op: on the CPU, and on
-/// the GPU backends unless peers sync its statistics there.
+/// the GPU backends that have its kernels (not under Burn's fusion).
 fn fused(device: &Device) -> bool {
-    let fused_on_gpu = crate::backend::has_cube_kernels(device) && !collective::syncing();
-    crate::backend::has_fast_conv(device) || fused_on_gpu
+    crate::backend::has_fast_conv(device) || crate::backend::has_cube_kernels(device)
 }
 
 /// Training mode on the CPU device and the GPU devices: [`norm`]'s fused op, with what comes
 /// after it (`then`).
-fn fused_batch_norm(bn: &BatchNorm, x: Tensor<4>, views: usize, then: Then) -> Tensor<4> {
-    let moments = norm::channel_moments(x.clone(), views);
+fn fused_batch_norm(bn: &BatchNorm, x: Tensor<4>, pass: &Pass, then: Then) -> Tensor<4> {
+    let sync = pass.sync.clone();
+    let moments = norm::channel_moments(x.clone(), pass.views, sync.clone());
     let device = moments.device();
     let running = [&bn.running_mean, &bn.running_var].map(|s| s.value_sync().to_device(&device));
     let [mean, var] = running;
@@ -169,15 +191,15 @@ fn fused_batch_norm(bn: &BatchNorm, x: Tensor<4>, views: usize, then: Then) -> T
     }
     let (gamma, beta, epsilon) = (bn.gamma.val(), bn.beta.val(), bn.epsilon);
     match then {
-        Then::Nothing => norm::batch_norm(x, gamma, beta, moments, epsilon, false),
-        Then::Relu => norm::batch_norm(x, gamma, beta, moments, epsilon, true),
+        Then::Nothing => norm::batch_norm(x, gamma, beta, moments, epsilon, false, sync),
+        Then::Relu => norm::batch_norm(x, gamma, beta, moments, epsilon, true, sync),
         Then::AddRelu(residual) => {
-            norm::batch_norm_residual_relu(x, gamma, beta, moments, *residual, epsilon)
+            norm::batch_norm_residual_relu(x, gamma, beta, moments, *residual, epsilon, sync)
         }
     }
 }
 
-/// Training mode elsewhere (a GPU build with fusion, GPU peers sharing statistics): batch
+/// Training mode elsewhere (a GPU build with fusion, whose peers keep their own statistics): batch
 /// statistics with Burn's tensor ops, the gradient by autodiff. x is seen as [views, N, C, H*W], so each view's statistics broadcast
 /// over its own images: no coefficients copied out per image, which on a GPU cost a dispatch
 /// forward and a reduction backward for every one.
@@ -285,14 +307,14 @@ impl BasicBlock {
         }
     }
 
-    fn forward(&self, x: Tensor<4>, views: usize, lowering: Lowering) -> Tensor<4> {
-        let conv = |conv: &Conv2d, x: Tensor<4>| conv_forward(conv, x, lowering);
+    fn forward(&self, x: Tensor<4>, pass: &Pass) -> Tensor<4> {
+        let conv = |conv: &Conv2d, x: Tensor<4>| conv_forward(conv, x, pass.lowering);
         let identity = match &self.downsample {
-            Some(d) => batch_norm(&d.bn, conv(&d.conv, x.clone()), views),
+            Some(d) => batch_norm(&d.bn, conv(&d.conv, x.clone()), pass),
             None => x.clone(),
         };
-        let out = batch_norm_relu(&self.bn1, conv(&self.conv1, x), views);
-        batch_norm_residual_relu(&self.bn2, conv(&self.conv2, out), identity, views)
+        let out = batch_norm_relu(&self.bn1, conv(&self.conv1, x), pass);
+        batch_norm_residual_relu(&self.bn2, conv(&self.conv2, out), identity, pass)
     }
 }
 
@@ -327,16 +349,15 @@ impl ResNet {
     }
 
     pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
-        self.forward_stacked(images, 1, Lowering::None)
+        self.forward_stacked(images, &Pass::of_views(1))
     }
 
-    /// [`ResNet::forward`] of `views` equal stacks of images, each with its own batch
-    /// statistics while training (see [`batch_norm`]).
-    fn forward_stacked(&self, images: Tensor<4>, views: usize, lowering: Lowering) -> Tensor<2> {
-        let stem = conv_forward(&self.conv1, images, lowering);
-        let mut x = batch_norm_relu(&self.bn1, stem, views);
+    /// [`ResNet::forward`] of the stacked views of `pass` (see [`batch_norm`]).
+    fn forward_stacked(&self, images: Tensor<4>, pass: &Pass) -> Tensor<2> {
+        let stem = conv_forward(&self.conv1, images, pass.lowering);
+        let mut x = batch_norm_relu(&self.bn1, stem, pass);
         for block in self.layers.iter().flatten() {
-            x = block.forward(x, views, lowering);
+            x = block.forward(x, pass);
         }
         let [b, c, h, w] = x.dims();
         // Global average pooling.
@@ -362,14 +383,14 @@ impl ProjectionHead {
     }
 
     pub fn forward(&self, features: Tensor<2>) -> Tensor<2> {
-        self.forward_stacked(features, 1, Lowering::None)
+        self.forward_stacked(features, &Pass::of_views(1))
     }
 
-    fn forward_stacked(&self, features: Tensor<2>, views: usize, lowering: Lowering) -> Tensor<2> {
-        let hidden = linear_forward(&self.linear1, features, lowering);
+    fn forward_stacked(&self, features: Tensor<2>, pass: &Pass) -> Tensor<2> {
+        let hidden = linear_forward(&self.linear1, features, pass.lowering);
         let [b, c] = hidden.dims();
-        let hidden = batch_norm_relu(&self.bn, hidden.reshape([b, c, 1, 1]), views);
-        linear_forward(&self.linear2, hidden.reshape([b, c]), lowering)
+        let hidden = batch_norm_relu(&self.bn, hidden.reshape([b, c, 1, 1]), pass);
+        linear_forward(&self.linear2, hidden.reshape([b, c]), pass.lowering)
     }
 }
 
@@ -399,23 +420,17 @@ impl Encoder {
     /// the kernel launches for two views.
     pub fn forward_views<const V: usize>(&self, views: [Tensor<4>; V]) -> [Tensor<2>; V] {
         let images = Tensor::cat(Vec::from(views), 0);
-        let z = self.forward_stacked(images, V, Lowering::None);
+        let z = self.forward_stacked(images, &Pass::of_views(V));
         let mut chunks = z.chunk(V, 0).into_iter();
         std::array::from_fn(|_| chunks.next().expect("one chunk a view"))
     }
 
     /// [`Encoder::forward_views`] of views already stacked ([V·N, 3, H, W], view after view), as
     /// one tensor of embeddings in the same order ([V·N, D]), the way the fused loss kernel reads
-    /// them; the convolutions and linear layers lowered as `lowering` says (a training step's
-    /// precision).
-    pub fn forward_stacked(
-        &self,
-        images: Tensor<4>,
-        views: usize,
-        lowering: Lowering,
-    ) -> Tensor<2> {
-        let features = self.backbone.forward_stacked(images, views, lowering);
-        self.head.forward_stacked(features, views, lowering)
+    /// them; run as `pass` says (a training step's precision and SyncBN's peers).
+    pub fn forward_stacked(&self, images: Tensor<4>, pass: &Pass) -> Tensor<2> {
+        let features = self.backbone.forward_stacked(images, pass);
+        self.head.forward_stacked(features, pass)
     }
 }
 
@@ -527,7 +542,7 @@ mod tests {
         };
         let fused: Path = |bn, x, views, with_relu| {
             let then = if with_relu { Then::Relu } else { Then::Nothing };
-            fused_batch_norm(bn, x, views, then)
+            fused_batch_norm(bn, x, &Pass::of_views(views), then)
         };
         let cases = [fused, tensor_ops]
             .into_iter()
@@ -560,11 +575,19 @@ mod tests {
         );
         // One training step moves the running statistics off their initial values.
         let x = Tensor::<4>::from_data(x_values, &device);
-        let _ = (batch_norm(&ours, x.clone(), 1), burns.forward(x.clone()));
+        let _ = (
+            batch_norm(&ours, x.clone(), &Pass::of_views(1)),
+            burns.forward(x.clone()),
+        );
         // Eval mode (no autodiff): the running statistics, the same on both.
         let (ours, burns) = (ours.valid(), burns.valid());
         let x = x.inner();
-        assert!(max_diff(batch_norm(&ours, x.clone(), 1), burns.forward(x)) < 1e-5);
+        assert!(
+            max_diff(
+                batch_norm(&ours, x.clone(), &Pass::of_views(1)),
+                burns.forward(x)
+            ) < 1e-5
+        );
     }
 
     /// A residual block's end as one op, `relu(batch_norm(x) + residual)`, against Burn's
@@ -596,8 +619,12 @@ mod tests {
                     batch_norm_with(&gamma, &beta),
                     batch_norm_with(&gamma, &beta),
                 );
-                let y_ours =
-                    batch_norm_residual_relu(&ours, x_ours.clone(), view(r_ours.clone()), 1);
+                let y_ours = batch_norm_residual_relu(
+                    &ours,
+                    x_ours.clone(),
+                    view(r_ours.clone()),
+                    &Pass::of_views(1),
+                );
                 let y_burn = relu(burns.forward(x_burn.clone()) + view(r_burn.clone()));
                 assert!(max_diff(y_ours.clone(), y_burn.clone()) < 1e-5);
                 let grads_ours = (y_ours * weights.clone()).sum().backward();
@@ -634,7 +661,8 @@ mod tests {
         let weights = to(&random([8, 3, 9, 10], 0.0, 1.0), device);
         let device = device.clone();
         type Path = fn(&BatchNorm, Tensor<4>, usize) -> Tensor<4>;
-        let fused: Path = |bn, x, views| fused_batch_norm(bn, x, views, Then::Relu);
+        let fused: Path =
+            |bn, x, views| fused_batch_norm(bn, x, &Pass::of_views(views), Then::Relu);
         for path in [fused, batch_norm_from_tensor_ops] {
             let leaf = |t: &Tensor<4>| Tensor::<4>::from_data(t.to_data(), &device).require_grad();
             let (stacked_in, apart_in) = (
@@ -660,5 +688,93 @@ mod tests {
             }
             assert_parameters_agree(&stacked, &grads_stacked, &apart, &grads_apart);
         }
+    }
+
+    /// SyncBN: two peers with half a batch each, their statistics summed over both, compute one
+    /// batch norm (and ReLU) of the whole batch: each half of the output and of the input's
+    /// gradient, the peers' gamma and beta gradients summed, the running statistics; on every
+    /// device (the GPU kernels' sums cross the host). Without the sums each half is off.
+    #[test]
+    fn peers_sharing_batch_statistics_equal_one_batch_norm() {
+        for device in training_devices() {
+            peers_sharing_batch_statistics_on(&device);
+        }
+    }
+
+    fn peers_sharing_batch_statistics_on(device: &Device) {
+        let (_, random) = seeded(13);
+        let [gamma, beta] = affine(&random, 3).map(|t| to(&t, device));
+        // Halves with different statistics, so that a peer's own would show.
+        let halves = [
+            random([3, 3, 5, 7], 1.0, 2.0),
+            random([3, 3, 5, 7], -2.0, 0.5),
+        ];
+        let weights = random([6, 3, 5, 7], 0.0, 1.0);
+        // A batch norm's output, input gradient, parameters' gradients and running statistics.
+        let run = |x: Tensor<4>, weights: Tensor<4>, sync: Option<SyncBatchNorm>| {
+            // Parameters of its own (copies, not clones): peers sharing a tensor would share
+            // an autodiff graph, and one peer's backward pass would wait on the other's.
+            let bn = batch_norm_with(&to(&gamma, device), &to(&beta, device));
+            let x = to(&x, device).require_grad();
+            let pass = Pass {
+                sync,
+                ..Pass::of_views(1)
+            };
+            let y = fused_batch_norm(&bn, x.clone(), &pass, Then::Relu);
+            let grads = (y.clone() * to(&weights, device)).sum().backward();
+            let running = [bn.running_mean.value_sync(), bn.running_var.value_sync()];
+            // Gradients come on the inner device: back on this one, to compare.
+            let [dgamma, dbeta] =
+                [&bn.gamma, &bn.beta].map(|p| to(&p.grad(&grads).unwrap(), device));
+            (
+                y,
+                to(&x.grad(&grads).unwrap(), device),
+                [dgamma, dbeta],
+                running,
+            )
+        };
+        let (y, dx, dparams, running) = run(Tensor::cat(halves.to_vec(), 0), weights.clone(), None);
+        let weight_halves = weights.chunk(2, 0);
+        let peers: Vec<_> = std::thread::scope(|scope| {
+            let threads: Vec<_> = crate::collective::Collective::group(2)
+                .into_iter()
+                .zip(halves.clone().into_iter().zip(weight_halves.clone()))
+                .map(|(peer, (x, w))| {
+                    let run = &run;
+                    scope.spawn(move || {
+                        let (y, dx, dparams, running) = run(x, w, Some(SyncBatchNorm::over(&peer)));
+                        // Tensors leave the thread as data.
+                        let data =
+                            |t: Vec<Tensor<4>>| t.iter().map(|t| t.to_data()).collect::<Vec<_>>();
+                        let flat = |t: &Tensor<1>| t.clone().reshape([1, 1, 1, t.dims()[0]]);
+                        let params = dparams.iter().chain(&running).map(flat).collect();
+                        (data(vec![y, dx]), data(params))
+                    })
+                })
+                .collect();
+            threads.into_iter().map(|t| t.join().unwrap()).collect()
+        });
+        let back = |d: &burn::tensor::TensorData| Tensor::<4>::from_data(d.clone(), device);
+        let halves_of = |i: usize| Tensor::cat(peers.iter().map(|(t, _)| back(&t[i])).collect(), 0);
+        assert!(max_diff(halves_of(0), y.clone()) < 1e-5, "output");
+        assert!(max_diff(halves_of(1), dx) < 1e-5, "input gradient");
+        let param = |peer: usize, i: usize| back(&peers[peer].1[i]).flatten::<1>(0, 3);
+        for (i, whole) in dparams.into_iter().enumerate() {
+            assert!(
+                max_diff(param(0, i) + param(1, i), whole) < 1e-4,
+                "gamma, beta"
+            );
+        }
+        for (i, whole) in running.into_iter().enumerate() {
+            for peer in 0..2 {
+                assert!(
+                    max_diff(param(peer, 2 + i), whole.clone()) < 1e-6,
+                    "running"
+                );
+            }
+        }
+        let (own, ..) = run(halves[0].clone(), weight_halves[0].clone(), None);
+        let first_half = y.narrow(0, 0, 3);
+        assert!(max_diff(own, first_half) > 0.1, "a peer's own statistics");
     }
 }

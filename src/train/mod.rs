@@ -19,7 +19,7 @@ pub use strategy::Strategy;
 
 use crate::collective::{Collective, SyncBatchNorm};
 use crate::data::{Split, IMAGE_LEN, SIDE};
-use crate::model::{Encoder, Lowering};
+use crate::model::{Encoder, Lowering, Pass};
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
 use replica::Replica;
@@ -198,13 +198,15 @@ impl Trainer {
         let views = self.next_views();
         mark("data");
         let encoder = self.replica.encoder();
-        let sync_batch_norm = self.group.as_ref().map(SyncBatchNorm::over);
-        let lowering = Lowering::of(self.config.precision, self.config.device);
-        let z = encoder.forward_stacked(views, 2, lowering);
+        let pass = Pass {
+            views: 2,
+            lowering: Lowering::of(self.config.precision, self.config.device),
+            sync: self.group.as_ref().map(SyncBatchNorm::over),
+        };
+        let z = encoder.forward_stacked(views, &pass);
         let (value, objective) = self.route.objective(z, self.group.as_ref()).await?;
         mark("forward");
         let grads = GradientsParams::from_grads(objective.backward(), encoder);
-        drop(sync_batch_norm);
         let value = self.route.read(value, self.group.as_ref()).await?;
         let (epoch, step) = (self.epoch(), self.step_in_epoch());
         if !value.is_finite() {

@@ -6,9 +6,15 @@
 //! four more.
 //! Sums run in f32 (per thread, then a tree in shared memory), not in the CPU's f64: equal to
 //! the CPU op to float tolerance (tested in `model`).
+//!
+//! Under SyncBN the slots' sums cross the host to be summed over the peers (`collective`'s
+//! exchanges are host copies): three reads a layer a step, the CPU op's three exchanges.
 
-use super::{NormBackend, NormBackward};
+use super::{over_batch, NormBackend, NormBackward};
+use crate::collective::SyncBatchNorm;
+use burn::backend::ops::FloatTensorOps;
 use burn::backend::TensorMetadata;
+use burn::tensor::TensorData;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
@@ -214,7 +220,8 @@ fn backward_sums_kernel(
     }
 }
 
-/// dx = gamma / std * (dy - mean(dy) - x_hat * mean(dy * x_hat)), the means over the slot.
+/// dx = gamma / std * (dy - mean(dy) - x_hat * mean(dy * x_hat)), the means over the slot's
+/// `count` values (every peer's under SyncBN).
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn dx_kernel(
@@ -227,7 +234,7 @@ fn dx_kernel(
     dx: &mut Tensor<f32>,
     d_residual: &mut Tensor<f32>,
     per_view: u32,
-    pixels: u32,
+    count: f32,
     epsilon: f32,
     #[comptime] relu: bool,
     #[comptime] residual: bool,
@@ -239,11 +246,10 @@ fn dx_kernel(
     let s = slot_at(x, i, per_view);
     let c = s % x.shape(1);
     let slots = moments.len() / 2;
-    let n = f32::cast_from(per_view * pixels);
     let inv_std = 1.0 / f32::sqrt(moments[slots + s] + epsilon);
     let x_hat = (x[i] - moments[s]) * inv_std;
     let g = masked(dy[i], relu_output[i], relu);
-    dx[i] = gamma[c] * inv_std * (g - sums[slots + s] / n - x_hat * sums[s] / n);
+    dx[i] = gamma[c] * inv_std * (g - sums[slots + s] / count - x_hat * sums[s] / count);
     if residual {
         d_residual[i] = g;
     }
@@ -379,8 +385,46 @@ fn per_slot(slots: usize) -> (CubeCount, CubeDim) {
     )
 }
 
+/// A small tensor's values on the host (natively only: SyncBN's peers never train in a page).
+fn read<R: CubeRuntime>(t: CubeTensor<R>) -> Vec<f32> {
+    let data = futures_lite::future::block_on(CubeBackend::<R>::float_into_data(t));
+    let data = data.expect("the GPU read back a batch norm's sums");
+    data.try_to_vec().expect("f32 sums")
+}
+
+fn upload<R: CubeRuntime>(values: Vec<f32>, like: &CubeTensor<R>) -> CubeTensor<R> {
+    let dims = like.shape().to_vec();
+    CubeBackend::<R>::float_from_data(TensorData::new(values, dims), &like.device)
+}
+
+/// This device's [2, slots] moments of `count` values a slot turned into the global batch's:
+/// its sums (count x mean) over the peers give the mean; its squares about that mean
+/// (count x (var + (mean - global mean)^2), what the CPU's second pass sums) the variance.
+fn over_peers<R: CubeRuntime>(
+    moments: CubeTensor<R>,
+    count: f64,
+    sync: &SyncBatchNorm,
+) -> CubeTensor<R> {
+    let local = read(moments.clone());
+    let (mean, var) = local.split_at(local.len() / 2);
+    let sums = mean.iter().map(|&m| m as f64 * count).collect();
+    let (sums, n) = over_batch(sums, count, Some(sync));
+    let global_mean: Vec<f64> = sums.iter().map(|s| s / n).collect();
+    let squares = (mean.iter().zip(var).zip(&global_mean))
+        .map(|((&m, &v), g)| count * (v as f64 + (m as f64 - g).powi(2)))
+        .collect();
+    let (squares, _) = over_batch(squares, count, Some(sync));
+    let var = squares.into_iter().map(|q| q / n);
+    let values = global_mean.into_iter().chain(var).map(|v| v as f32);
+    upload(values.collect(), &moments)
+}
+
 impl<R: CubeRuntime> NormBackend for CubeBackend<R> {
-    fn channel_moments(x: CubeTensor<R>, views: usize) -> CubeTensor<R> {
+    fn channel_moments(
+        x: CubeTensor<R>,
+        views: usize,
+        sync: Option<SyncBatchNorm>,
+    ) -> CubeTensor<R> {
         let slots = views * x.shape()[1];
         let (per_view, channels, pixels) = layout(&x, slots);
         let moments = empty(&x, &[2, slots]);
@@ -395,7 +439,10 @@ impl<R: CubeRuntime> NormBackend for CubeBackend<R> {
             channels,
             pixels,
         );
-        moments
+        match sync {
+            Some(sync) => over_peers(moments, (per_view * pixels) as f64, &sync),
+            None => moments,
+        }
     }
 
     fn fused_batch_norm(
@@ -405,6 +452,7 @@ impl<R: CubeRuntime> NormBackend for CubeBackend<R> {
         moments: CubeTensor<R>,
         epsilon: f32,
         relu: bool,
+        _: Option<SyncBatchNorm>,
     ) -> CubeTensor<R> {
         normalize(x, gamma, beta, moments, None, epsilon, relu)
     }
@@ -416,6 +464,7 @@ impl<R: CubeRuntime> NormBackend for CubeBackend<R> {
         moments: CubeTensor<R>,
         residual: CubeTensor<R>,
         epsilon: f32,
+        _: Option<SyncBatchNorm>,
     ) -> CubeTensor<R> {
         normalize(x, gamma, beta, moments, Some(residual), epsilon, true)
     }
@@ -454,6 +503,7 @@ impl<R: CubeRuntime> NormBackward for CubeBackend<R> {
         dy: CubeTensor<R>,
         relu_output: Option<CubeTensor<R>>,
         residual: bool,
+        sync: Option<SyncBatchNorm>,
     ) -> ([CubeTensor<R>; 3], Option<CubeTensor<R>>) {
         let [gamma, moments] = [gamma, moments].map(into_contiguous);
         // The elementwise dx walks x, dy and the ReLU's output in one memory order.
@@ -488,6 +538,18 @@ impl<R: CubeRuntime> NormBackward for CubeBackend<R> {
             epsilon,
             relu,
         );
+        // dx takes the global batch's sums; the parameters' gradients stay this device's share
+        // (summed over the peers with every other weight's).
+        let local = (per_view * pixels) as f64;
+        let (global_sums, values) = match &sync {
+            Some(sync) => {
+                let sums_f64 = read(sums.clone()).into_iter().map(f64::from).collect();
+                let (global, count) = over_batch(sums_f64, local, Some(sync));
+                let global = global.into_iter().map(|v| v as f32).collect();
+                (upload(global, &sums), count)
+            }
+            None => (sums.clone(), local),
+        };
         let dx = empty_like(&x);
         // Written only with a residual; a stand-in of one value otherwise.
         let d_residual = match residual {
@@ -504,11 +566,11 @@ impl<R: CubeRuntime> NormBackward for CubeBackend<R> {
             relu_output.into_tensor_arg(),
             gamma.into_tensor_arg(),
             moments.into_tensor_arg(),
-            sums.clone().into_tensor_arg(),
+            global_sums.into_tensor_arg(),
             dx.clone().into_tensor_arg(),
             d_residual.clone().into_tensor_arg(),
             per_view,
-            pixels,
+            values as f32,
             epsilon,
             relu,
             residual,

@@ -25,7 +25,7 @@ use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
 
 use super::conv::{f32s, tensor};
-use crate::collective;
+use crate::collective::SyncBatchNorm;
 #[cfg(all(feature = "cube-kernels", not(feature = "fusion"), feature = "cuda"))]
 use burn::backend::Cuda;
 #[cfg(all(
@@ -39,19 +39,21 @@ use burn::backend::Wgpu;
 mod cube;
 
 /// Per view and channel of x [B, C, H, W], stacked from `views` equal views: the mean and the
-/// biased variance, as [2, views * C] (view after view), without gradient (the gradient through
-/// them is part of [`batch_norm`]'s backward).
-pub fn channel_moments(x: Tensor<4>, views: usize) -> Tensor<2> {
+/// biased variance, as [2, views * C] (view after view), over every peer's images when `sync` is
+/// set; without gradient (the gradient through them is part of [`batch_norm`]'s backward).
+pub fn channel_moments(x: Tensor<4>, views: usize, sync: Option<SyncBatchNorm>) -> Tensor<2> {
     Tensor::from_dispatch(<Dispatch as NormBackend>::channel_moments(
         x.into_dispatch(),
         views,
+        sync,
     ))
 }
 
 /// `gamma * (x - mean) / sqrt(var + epsilon) + beta` per channel, where `moments` are x's own
 /// [`channel_moments`] (each view by its own), followed by a ReLU when `relu` (in the same
 /// pass; the backward pass takes the ReLU's mask from the output); the gradient is the
-/// training-mode one (through the batch statistics).
+/// training-mode one (through the batch statistics: the global batch's under `sync`, the
+/// moments' own peers).
 pub fn batch_norm(
     x: Tensor<4>,
     gamma: Tensor<1>,
@@ -59,6 +61,7 @@ pub fn batch_norm(
     moments: Tensor<2>,
     epsilon: f64,
     relu: bool,
+    sync: Option<SyncBatchNorm>,
 ) -> Tensor<4> {
     Tensor::from_dispatch(<Dispatch as NormBackend>::fused_batch_norm(
         x.into_dispatch(),
@@ -67,6 +70,7 @@ pub fn batch_norm(
         moments.into_dispatch(),
         epsilon as f32,
         relu,
+        sync,
     ))
 }
 
@@ -79,6 +83,7 @@ pub fn batch_norm_residual_relu(
     moments: Tensor<2>,
     residual: Tensor<4>,
     epsilon: f64,
+    sync: Option<SyncBatchNorm>,
 ) -> Tensor<4> {
     Tensor::from_dispatch(<Dispatch as NormBackend>::fused_batch_norm_residual(
         x.into_dispatch(),
@@ -87,6 +92,7 @@ pub fn batch_norm_residual_relu(
         moments.into_dispatch(),
         residual.into_dispatch(),
         epsilon as f32,
+        sync,
     ))
 }
 
@@ -122,7 +128,12 @@ pub fn running_update(
     backend_extension(Flex, Autodiff)
 )]
 pub trait NormBackend: Backend {
-    fn channel_moments(x: FloatTensor<Self>, views: usize) -> FloatTensor<Self>;
+    fn channel_moments(
+        x: FloatTensor<Self>,
+        views: usize,
+        sync: Option<SyncBatchNorm>,
+    ) -> FloatTensor<Self>;
+    /// `sync` is for the backward pass (the forward's moments are already the global batch's).
     fn fused_batch_norm(
         x: FloatTensor<Self>,
         gamma: FloatTensor<Self>,
@@ -130,6 +141,7 @@ pub trait NormBackend: Backend {
         moments: FloatTensor<Self>,
         epsilon: f32,
         relu: bool,
+        sync: Option<SyncBatchNorm>,
     ) -> FloatTensor<Self>;
     fn fused_batch_norm_residual(
         x: FloatTensor<Self>,
@@ -138,6 +150,7 @@ pub trait NormBackend: Backend {
         moments: FloatTensor<Self>,
         residual: FloatTensor<Self>,
         epsilon: f32,
+        sync: Option<SyncBatchNorm>,
     ) -> FloatTensor<Self>;
     fn running_update(
         mean: FloatTensor<Self>,
@@ -150,8 +163,10 @@ pub trait NormBackend: Backend {
 /// The backward pass of [`NormBackend::fused_batch_norm`] (and of the residual form) on a
 /// backend with the forward op: `[dx, dgamma, dbeta]` from x, gamma, x's moments and the
 /// output's gradient; with the ReLU, `relu_output` is the op's output, and dy counts only where
-/// it is positive. With `residual`, also that masked dy: the residual's gradient.
+/// it is positive. With `residual`, also that masked dy: the residual's gradient. Under `sync`,
+/// dx takes the sums over every peer's images.
 pub trait NormBackward: NormBackend {
+    #[allow(clippy::too_many_arguments)]
     fn fused_batch_norm_backward(
         x: FloatTensor<Self>,
         gamma: FloatTensor<Self>,
@@ -160,13 +175,14 @@ pub trait NormBackward: NormBackend {
         dy: FloatTensor<Self>,
         relu_output: Option<FloatTensor<Self>>,
         residual: bool,
+        sync: Option<SyncBatchNorm>,
     ) -> ([FloatTensor<Self>; 3], Option<FloatTensor<Self>>);
 }
 
 impl NormBackend for Flex {
-    fn channel_moments(x: FlexTensor, views: usize) -> FlexTensor {
+    fn channel_moments(x: FlexTensor, views: usize, sync: Option<SyncBatchNorm>) -> FlexTensor {
         let shape = Shape::of(&x, views);
-        let moments = shape.moments(&f32s(&x));
+        let moments = shape.moments(&f32s(&x), sync.as_ref());
         tensor(moments, &[2, shape.slots()])
     }
 
@@ -177,6 +193,7 @@ impl NormBackend for Flex {
         moments: FlexTensor,
         epsilon: f32,
         relu: bool,
+        _: Option<SyncBatchNorm>,
     ) -> FlexTensor {
         let shape = Shape::with_moments(&x, &moments);
         let coefficients =
@@ -192,6 +209,7 @@ impl NormBackend for Flex {
         moments: FlexTensor,
         residual: FlexTensor,
         epsilon: f32,
+        _: Option<SyncBatchNorm>,
     ) -> FlexTensor {
         let shape = Shape::with_moments(&x, &moments);
         let coefficients =
@@ -231,6 +249,7 @@ impl NormBackward for Flex {
         dy: FlexTensor,
         relu_output: Option<FlexTensor>,
         residual: bool,
+        sync: Option<SyncBatchNorm>,
     ) -> ([FlexTensor; 3], Option<FlexTensor>) {
         let shape = Shape::with_moments(&x, &moments);
         let dy = match relu_output {
@@ -241,8 +260,8 @@ impl NormBackward for Flex {
             ),
             None => f32s(&dy),
         };
-        let [dx, dgamma, dbeta] =
-            shape.backward(&f32s(&x), &f32s(&gamma), &f32s(&moments), epsilon, &dy);
+        let (x, gamma, moments) = (f32s(&x), f32s(&gamma), f32s(&moments));
+        let [dx, dgamma, dbeta] = shape.backward(&x, &gamma, &moments, epsilon, &dy, sync.as_ref());
         let c = shape.channels;
         let grads = [
             tensor(dx, &shape.dims()),
@@ -257,8 +276,12 @@ impl NormBackward for Flex {
 }
 
 impl<B: NormBackward, C: CheckpointStrategy> NormBackend for Autodiff<B, C> {
-    fn channel_moments(x: FloatTensor<Self>, views: usize) -> FloatTensor<Self> {
-        Self::from_inner(B::channel_moments(x.primitive, views))
+    fn channel_moments(
+        x: FloatTensor<Self>,
+        views: usize,
+        sync: Option<SyncBatchNorm>,
+    ) -> FloatTensor<Self> {
+        Self::from_inner(B::channel_moments(x.primitive, views, sync))
     }
 
     fn running_update(
@@ -280,6 +303,7 @@ impl<B: NormBackward, C: CheckpointStrategy> NormBackend for Autodiff<B, C> {
         moments: FloatTensor<Self>,
         epsilon: f32,
         relu: bool,
+        sync: Option<SyncBatchNorm>,
     ) -> FloatTensor<Self> {
         let output = B::fused_batch_norm(
             x.primitive.clone(),
@@ -288,14 +312,15 @@ impl<B: NormBackward, C: CheckpointStrategy> NormBackend for Autodiff<B, C> {
             moments.primitive.clone(),
             epsilon,
             relu,
+            None,
         );
-        record::<B, C, 3>(
-            [&x, &gamma, &beta],
-            moments.primitive,
+        let norm = Recorded {
+            moments: moments.primitive,
             epsilon,
             relu,
-            output,
-        )
+            sync,
+        };
+        record::<B, C, 3>([&x, &gamma, &beta], norm, output)
     }
 
     fn fused_batch_norm_residual(
@@ -305,6 +330,7 @@ impl<B: NormBackward, C: CheckpointStrategy> NormBackend for Autodiff<B, C> {
         moments: FloatTensor<Self>,
         residual: FloatTensor<Self>,
         epsilon: f32,
+        sync: Option<SyncBatchNorm>,
     ) -> FloatTensor<Self> {
         let output = B::fused_batch_norm_residual(
             x.primitive.clone(),
@@ -313,19 +339,31 @@ impl<B: NormBackward, C: CheckpointStrategy> NormBackend for Autodiff<B, C> {
             moments.primitive.clone(),
             residual.primitive.clone(),
             epsilon,
+            None,
         );
-        let parents = [&x, &gamma, &beta, &residual];
-        record::<B, C, 4>(parents, moments.primitive, epsilon, true, output)
+        let norm = Recorded {
+            moments: moments.primitive,
+            epsilon,
+            relu: true,
+            sync,
+        };
+        record::<B, C, 4>([&x, &gamma, &beta, &residual], norm, output)
     }
+}
+
+/// What a fused batch norm's backward pass needs besides its parents and output.
+struct Recorded<B: Backend> {
+    moments: FloatTensor<B>,
+    epsilon: f32,
+    relu: bool,
+    sync: Option<SyncBatchNorm>,
 }
 
 /// The fused batch norm's `output` recorded for autodiff, with its parents: x, gamma, beta and,
 /// in the residual form, the residual. The backward pass keeps the output only with the ReLU.
 fn record<B: NormBackward, C: CheckpointStrategy, const N: usize>(
     parents: [&FloatTensor<Autodiff<B, C>>; N],
-    moments: FloatTensor<B>,
-    epsilon: f32,
-    relu: bool,
+    norm: Recorded<B>,
     output: FloatTensor<B>,
 ) -> FloatTensor<Autodiff<B, C>> {
     let nodes = parents.map(|p| p.node.clone());
@@ -336,8 +374,9 @@ fn record<B: NormBackward, C: CheckpointStrategy, const N: usize>(
     {
         OpsKind::Tracked(prep) => {
             let (x, gamma) = (parents[0].primitive.clone(), parents[1].primitive.clone());
-            let relu_output = relu.then(|| output.clone());
-            prep.finish((x, gamma, moments, epsilon, relu_output), output)
+            let relu_output = norm.relu.then(|| output.clone());
+            let state = (x, gamma, norm.moments, norm.epsilon, relu_output, norm.sync);
+            prep.finish(state, output)
         }
         OpsKind::UnTracked(prep) => prep.finish(output),
     }
@@ -349,21 +388,30 @@ fn record<B: NormBackward, C: CheckpointStrategy, const N: usize>(
 struct BatchNormGrad<const N: usize>;
 
 impl<B: NormBackward, const N: usize> Backward<B, N> for BatchNormGrad<N> {
-    /// x, gamma, moments, epsilon and, with the ReLU, the output.
+    /// x, gamma, moments, epsilon, with the ReLU the output, and SyncBN's peers.
     type State = (
         FloatTensor<B>,
         FloatTensor<B>,
         FloatTensor<B>,
         f32,
         Option<FloatTensor<B>>,
+        Option<SyncBatchNorm>,
     );
 
     fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let (x, gamma, moments, epsilon, relu_output) = ops.state;
+        let (x, gamma, moments, epsilon, relu_output, sync) = ops.state;
         let dy = grads.consume::<B>(&ops.node);
         let residual = N == 4;
-        let (grads_of, d_residual) =
-            B::fused_batch_norm_backward(x, gamma, moments, epsilon, dy, relu_output, residual);
+        let (grads_of, d_residual) = B::fused_batch_norm_backward(
+            x,
+            gamma,
+            moments,
+            epsilon,
+            dy,
+            relu_output,
+            residual,
+            sync,
+        );
         let grads_of = grads_of.into_iter().chain(d_residual);
         for (node, grad) in ops.parents.into_iter().zip(grads_of) {
             if let Some(node) = node {
@@ -371,6 +419,18 @@ impl<B: NormBackward, const N: usize> Backward<B, N> for BatchNormGrad<N> {
             }
         }
     }
+}
+
+/// Per-slot sums of `count` values each on this device, over the whole batch: under `sync`, summed
+/// over every peer's images, the count with them. Returns the sums and the count they cover.
+fn over_batch(mut sums: Vec<f64>, count: f64, sync: Option<&SyncBatchNorm>) -> (Vec<f64>, f64) {
+    let Some(sync) = sync else {
+        return (sums, count);
+    };
+    sums.push(count);
+    sync.sum(&mut sums);
+    let count = sums.pop().expect("pushed above");
+    (sums, count)
 }
 
 /// x as `views` equal stacks of images of `channels` planes of `pixels` values each.
@@ -459,27 +519,23 @@ impl Shape {
         std::array::from_fn(|k| sums.iter().map(|s| s[k]).collect())
     }
 
-    /// Per-slot sums over the whole batch: this device's images, and while peers train
-    /// together (SyncBN, see `collective`), every peer's. Returns them with the count of values
-    /// each slot covers.
-    fn over_batch(&self, mut sums: Vec<f64>) -> (Vec<f64>, f64) {
-        sums.push(self.count());
-        collective::sum_batch_statistics(&mut sums);
-        let count = sums.pop().expect("pushed above");
-        (sums, count)
+    /// Per-slot sums over the whole batch: this device's images, and under `sync` every
+    /// peer's. Returns them with the count of values each slot covers.
+    fn over_batch(&self, sums: Vec<f64>, sync: Option<&SyncBatchNorm>) -> (Vec<f64>, f64) {
+        over_batch(sums, self.count(), sync)
     }
 
     /// [mean..., biased variance...] per slot (two passes over each plane: exact for inputs
     /// far from zero mean, where one-pass sums of squares cancel).
-    fn moments(&self, x: &[f32]) -> Vec<f32> {
+    fn moments(&self, x: &[f32], sync: Option<&SyncBatchNorm>) -> Vec<f32> {
         let [sums] = self.per_slot(|s| [self.planes(x, s).flatten().map(|&v| v as f64).sum()]);
-        let (sums, n) = self.over_batch(sums);
+        let (sums, n) = self.over_batch(sums, sync);
         let mean: Vec<f64> = sums.iter().map(|s| s / n).collect();
         let [squares] = self.per_slot(|s| {
             let squares = self.planes(x, s).flatten();
             [squares.map(|&v| (v as f64 - mean[s]).powi(2)).sum()]
         });
-        let (squares, _) = self.over_batch(squares);
+        let (squares, _) = self.over_batch(squares, sync);
         let var = squares.iter().map(|s| s / n);
         mean.iter().copied().chain(var).map(|v| v as f32).collect()
     }
@@ -541,6 +597,7 @@ impl Shape {
         moments: &[f32],
         eps: f32,
         dy: &[f32],
+        sync: Option<&SyncBatchNorm>,
     ) -> [Vec<f32>; 3] {
         let (mean, inv_std) = self.normalization(moments, eps);
         let [dgamma, dbeta] = self.per_slot(|s| {
@@ -555,7 +612,7 @@ impl Shape {
                 [dgamma + plane_dgamma as f64, dbeta + plane_dbeta as f64]
             })
         });
-        let (global, n) = self.over_batch([dgamma.clone(), dbeta.clone()].concat());
+        let (global, n) = self.over_batch([dgamma.clone(), dbeta.clone()].concat(), sync);
         let to_f32 = |v: &[f64]| v.iter().map(|&v| v as f32).collect::<Vec<f32>>();
         let (sum_dgamma, sum_dbeta) = global.split_at(self.slots());
         let (sum_dgamma, sum_dbeta, n) = (to_f32(sum_dgamma), to_f32(sum_dbeta), n as f32);
