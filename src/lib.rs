@@ -13,6 +13,9 @@
 #[macro_use]
 mod choice;
 
+// The training process's allocator policy: native only (libc).
+#[cfg(not(target_arch = "wasm32"))]
+pub mod alloc;
 pub mod arch;
 pub mod augment;
 #[cfg(feature = "train")]
