@@ -524,18 +524,34 @@ impl Plan {
         }
     }
 
-    /// Zeroes the entries of a tile's column matrix that are padding.
+    /// Zeroes the entries of a tile's column matrix that are padding: per row and image, the
+    /// output lines whose input line is padding as one run each above and below, and the edges of
+    /// the others entry by entry across the lines (a call per line cost a tenth of a step).
     fn zero_padding(&self, cols: &mut [f32], columns: usize, images: usize) {
-        for i in 0..images {
-            let block = i * self.pixels_out();
-            self.for_each_line(columns, |at, run| {
-                let line = &mut cols[block + at..][..self.w_out];
-                let Some((_, range)) = run else {
-                    return line.fill(0.0);
-                };
-                line[..range.start].fill(0.0);
-                line[range.end..].fill(0.0);
-            });
+        let (k, s, p, wo) = (self.kernel, self.stride, self.padding, self.w_out);
+        // Outputs o whose input o * s + tap - p lies in 0..len: first..last.
+        let inside = |tap: usize, len: usize, outputs: usize| {
+            let first = p.saturating_sub(tap).div_ceil(s).min(outputs);
+            let last = (len + p).saturating_sub(tap).div_ceil(s).min(outputs);
+            (first, last.max(first))
+        };
+        for row in 0..self.patch() {
+            let (ki, kj) = (row / k % k, row % k);
+            let (top, bottom) = inside(ki, self.height, self.h_out);
+            let (left, right) = inside(kj, self.width, wo);
+            for i in 0..images {
+                let block = &mut cols[row * columns + i * self.pixels_out()..][..self.pixels_out()];
+                if left == right {
+                    block.fill(0.0);
+                    continue;
+                }
+                block[..top * wo].fill(0.0);
+                block[bottom * wo..].fill(0.0);
+                let lines = &mut block[top * wo..bottom * wo];
+                for j in (0..left).chain(right..wo) {
+                    lines.iter_mut().skip(j).step_by(wo).for_each(|v| *v = 0.0);
+                }
+            }
         }
     }
 
