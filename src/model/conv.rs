@@ -466,9 +466,7 @@ impl Plan {
             for ki in 0..k {
                 for kj in 0..k {
                     let row = (c * k + ki) * k + kj;
-                    // Output columns whose input column ow * s + kj - p lies inside the image.
-                    let first = p.saturating_sub(kj).div_ceil(s);
-                    let last = (w + p).saturating_sub(kj).div_ceil(s).min(wo);
+                    let (first, last) = self.inside(kj, w, wo);
                     for oh in 0..self.h_out {
                         let ih = (oh * s + ki).checked_sub(p).filter(|&i| i < self.height);
                         let run = ih.filter(|_| first < last).map(|ih| {
@@ -524,21 +522,24 @@ impl Plan {
         }
     }
 
+    /// The outputs o (of `outputs` along an axis of `len` inputs) whose input o * stride + tap -
+    /// padding lies inside the image: first..last.
+    fn inside(&self, tap: usize, len: usize, outputs: usize) -> (usize, usize) {
+        let (s, p) = (self.stride, self.padding);
+        let first = p.saturating_sub(tap).div_ceil(s).min(outputs);
+        let last = (len + p).saturating_sub(tap).div_ceil(s).min(outputs);
+        (first, last.max(first))
+    }
+
     /// Zeroes the entries of a tile's column matrix that are padding: per row and image, the
     /// output lines whose input line is padding as one run each above and below, and the edges of
     /// the others entry by entry across the lines (a call per line cost a tenth of a step).
     fn zero_padding(&self, cols: &mut [f32], columns: usize, images: usize) {
-        let (k, s, p, wo) = (self.kernel, self.stride, self.padding, self.w_out);
-        // Outputs o whose input o * s + tap - p lies in 0..len: first..last.
-        let inside = |tap: usize, len: usize, outputs: usize| {
-            let first = p.saturating_sub(tap).div_ceil(s).min(outputs);
-            let last = (len + p).saturating_sub(tap).div_ceil(s).min(outputs);
-            (first, last.max(first))
-        };
+        let (k, wo) = (self.kernel, self.w_out);
         for row in 0..self.patch() {
             let (ki, kj) = (row / k % k, row % k);
-            let (top, bottom) = inside(ki, self.height, self.h_out);
-            let (left, right) = inside(kj, self.width, wo);
+            let (top, bottom) = self.inside(ki, self.height, self.h_out);
+            let (left, right) = self.inside(kj, self.width, wo);
             for i in 0..images {
                 let block = &mut cols[row * columns + i * self.pixels_out()..][..self.pixels_out()];
                 if left == right {
