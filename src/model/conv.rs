@@ -452,28 +452,31 @@ impl Plan {
         }
     }
 
-    /// Calls `f(at, run)` for each line of an image's block of a column matrix with `columns`
-    /// columns: the `w_out` entries from `at` on, of which `run = Some((x_at, range))` are at
-    /// `range` taken from the input pixels `x_at, x_at + stride, ...` (the rest is padding).
-    fn for_each_line(
-        &self,
-        columns: usize,
-        mut f: impl FnMut(usize, Option<(usize, Range<usize>)>),
-    ) {
-        let (k, s, p) = (self.kernel, self.stride, self.padding);
-        let (w, wo) = (self.width, self.w_out);
-        for c in 0..self.c_in {
-            for ki in 0..k {
-                for kj in 0..k {
-                    let row = (c * k + ki) * k + kj;
-                    let (first, last) = self.inside(kj, w, wo);
-                    for oh in 0..self.h_out {
-                        let ih = (oh * s + ki).checked_sub(p).filter(|&i| i < self.height);
-                        let run = ih.filter(|_| first < last).map(|ih| {
-                            ((c * self.height + ih) * w + first * s + kj - p, first..last)
-                        });
-                        f(row * columns + oh * wo, run);
-                    }
+    /// Calls `f(to, from, len)` for each line of a tile's column matrix (`columns` columns,
+    /// `images` images) whose inputs lie inside the image: its `len` entries from `to` take the
+    /// input pixels `from, from + stride, ...` (the tile's images one after another). The rest
+    /// is padding. Bounds are worked out once per row, not per line.
+    fn for_each_run(&self, columns: usize, images: usize, mut f: impl FnMut(usize, usize, usize)) {
+        let (k, s, p, w, wo) = (
+            self.kernel,
+            self.stride,
+            self.padding,
+            self.width,
+            self.w_out,
+        );
+        for row in 0..self.patch() {
+            let (c, ki, kj) = (row / (k * k), row / k % k, row % k);
+            let (top, bottom) = self.inside(ki, self.height, self.h_out);
+            let (left, right) = self.inside(kj, w, wo);
+            if left == right {
+                continue;
+            }
+            for i in 0..images {
+                let block = row * columns + i * self.pixels_out();
+                let image = i * self.image_in() + c * self.height * w;
+                for oh in top..bottom {
+                    let from = image + (oh * s + ki - p) * w + left * s + kj - p;
+                    f(block + oh * wo + left, from, right - left);
                 }
             }
         }
@@ -567,16 +570,14 @@ impl Plan {
             return self.zero_padding(cols, columns, images);
         }
         self.zero_padding(cols, columns, images);
-        for (i, x) in x.chunks(self.image_in()).enumerate() {
-            let block = i * self.pixels_out();
-            self.for_each_line(columns, |at, run| {
-                let Some((x_at, range)) = run else { return };
-                let out = &mut cols[block + at + range.start..][..range.len()];
-                out.iter_mut()
-                    .zip(x[x_at..].iter().step_by(s))
-                    .for_each(|(o, i)| *o = *i);
-            });
-        }
+        self.for_each_run(columns, images, |to, from, len| {
+            let out = &mut cols[to..to + len];
+            match s {
+                1 => out.copy_from_slice(&x[from..from + len]),
+                // By index: a strided iterator divides to find its length, on every line.
+                _ => (out.iter_mut().enumerate()).for_each(|(j, o)| *o = x[from + j * s]),
+            }
+        });
     }
 
     /// The adjoint of [`Plan::im2col`]: adds each column-matrix entry back onto its input pixel.
@@ -591,18 +592,10 @@ impl Plan {
                 dx.iter_mut().zip(grad).for_each(|(d, g)| *d += g);
             });
         }
-        for (i, dx) in dx.chunks_mut(self.image_in()).enumerate() {
-            let block = i * self.pixels_out();
-            self.for_each_line(columns, |at, run| {
-                let Some((x_at, range)) = run else { return };
-                let grad = &cols[block + at + range.start..][..range.len()];
-                dx[x_at..]
-                    .iter_mut()
-                    .step_by(s)
-                    .zip(grad)
-                    .for_each(|(d, g)| *d += g);
-            });
-        }
+        self.for_each_run(columns, images, |from, to, len| {
+            let grad = &cols[from..from + len];
+            (grad.iter().enumerate()).for_each(|(j, g)| dx[to + j * s] += g);
+        });
     }
 }
 
