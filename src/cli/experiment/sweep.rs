@@ -5,12 +5,13 @@
 //! from its checkpoint. `results.md`, `results.json` and `results.svg` are rewritten at the end.
 
 use crate::cli::chart::{Chart, Point, Series};
-use crate::cli::pretrain::{train, Recipe};
+use crate::cli::pretrain::Recipe;
 use crate::data::discover;
 use crate::eval::{Judge, Protocol, Scores};
 use crate::files::write_atomic;
 use crate::loss::LossKind;
 use crate::model::Encoder;
+use crate::run::train;
 use crate::run::RunDir;
 use crate::train::RunConfig;
 use crate::weights::{init_encoder, module_from_bytes};
@@ -99,7 +100,7 @@ pub fn run(args: SweepArgs) -> anyhow::Result<()> {
                 let scores = cached(&run.join("scores.json"), || {
                     eprintln!("cell {name}");
                     let config = args.recipe.config(loss, batch_size, seed);
-                    train(config, &run, true)?;
+                    train(config, &run, true, None)?;
                     let ckpt = RunDir::open(&run)?
                         .latest_checkpoint()?
                         .ok_or_else(|| anyhow::anyhow!("{name}: trained but no checkpoint"))?;

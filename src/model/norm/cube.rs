@@ -9,6 +9,9 @@
 //!
 //! Under SyncBN the slots' sums cross the host to be summed over the peers (`collective`'s
 //! exchanges are host copies): three reads a layer a step, the CPU op's three exchanges.
+//!
+//! Over 500 lines on purpose: the kernels and their launches share the slot layout and the
+//! workgroup's reduction, and each kernel is short; split, each half would need the other's.
 
 use super::{over_batch, NormBackend, NormBackward};
 use crate::collective::SyncBatchNorm;

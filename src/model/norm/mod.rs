@@ -14,6 +14,9 @@
 //! A batch may stack several views (the trainer sends both views of its images through the
 //! encoder at once): each view's images are then normalized by their own statistics, as if it
 //! had passed alone. The statistics are kept per (view, channel) slot.
+//!
+//! Over 500 lines on purpose: one autodiff op (its recording, its backward) over both backends,
+//! and the CPU kernels it dispatches to, which share one layout (`Shape`) and one summation order.
 
 use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
 use burn::backend::autodiff::grads::Gradients;

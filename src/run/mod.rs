@@ -4,6 +4,12 @@
 //! `state.json` carries its files' CRC-32s: a damaged checkpoint is named and skipped for the one
 //! before it.
 
+#[cfg(not(target_arch = "wasm32"))]
+mod train;
+
+#[cfg(not(target_arch = "wasm32"))]
+pub use train::train;
+
 use crate::files::write_atomic;
 use crate::train::RunConfig;
 use serde_json::Value;
