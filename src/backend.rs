@@ -119,12 +119,11 @@ pub fn has_fast_conv(device: &Device) -> bool {
 /// Whether `device` runs dcl's own CubeCL kernels (`optim::update`): Burn's GPU backends, when
 /// built without fusion (whose tensors are not CubeCL's until fused).
 pub fn has_cube_kernels(device: &Device) -> bool {
-    use burn::backend::DispatchDevice;
     match device.clone().inner().as_dispatch() {
         #[cfg(all(feature = "cube-kernels", not(feature = "fusion")))]
-        DispatchDevice::Wgpu(_) => true,
+        burn::backend::DispatchDevice::Wgpu(_) => true,
         #[cfg(all(feature = "cube-kernels", feature = "cuda", not(feature = "fusion")))]
-        DispatchDevice::Cuda(_) => true,
+        burn::backend::DispatchDevice::Cuda(_) => true,
         _ => false,
     }
 }

@@ -12,6 +12,8 @@ use burn::tensor::Tensor;
 /// The scalars of one Adam step on one tensor (Burn's `Adam`, no AMSGrad): `decay` is the L2
 /// penalty added to the gradient; `scale` and `epsilon` carry the bias corrections of step
 /// `time`, as Burn folds them.
+// Read by the kernels only, which a build with Burn's fusion leaves out.
+#[cfg_attr(feature = "fusion", allow(dead_code))]
 #[derive(Clone, Copy, Debug)]
 pub struct AdamStep {
     pub lr: f32,
@@ -43,6 +45,8 @@ impl AdamStep {
 
 /// The scalars of one SGD step with momentum on one tensor (Burn's `Sgd` and `Momentum`, not
 /// Nesterov's): velocity = gradient * keep + velocity * momentum.
+// Read by the kernels only, which a build with Burn's fusion leaves out.
+#[cfg_attr(feature = "fusion", allow(dead_code))]
 #[derive(Clone, Copy, Debug)]
 pub struct SgdStep {
     pub lr: f32,
