@@ -4,7 +4,7 @@
 //! fresh tensor). glibc hands blocks over its mmap threshold back to the kernel when they are
 //! freed, and trims the heap's top, so each step page-faults its activations in anew: 276,069
 //! page faults in a 12-step `dcl bench train --model resnet-mini --batch-size 64`, 30,575 with
-//! freed memory kept, and 18% more images/s (results/bench). The memory a run holds is then its
+//! freed memory kept, and 17% more images/s (results/bench). The memory a run holds is then its
 //! peak, which it reaches on every step anyway.
 
 /// Keeps blocks up to glibc's largest mmap threshold (32 MiB, a batch-64 `resnet-mini`

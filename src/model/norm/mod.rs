@@ -308,22 +308,15 @@ impl<B: NormBackward, C: CheckpointStrategy> NormBackend for Autodiff<B, C> {
         relu: bool,
         sync: Option<SyncBatchNorm>,
     ) -> FloatTensor<Self> {
-        let output = B::fused_batch_norm(
-            x.primitive.clone(),
-            gamma.primitive.clone(),
-            beta.primitive.clone(),
-            moments.primitive.clone(),
-            epsilon,
-            relu,
-            None,
-        );
         let norm = Recorded {
             moments: moments.primitive,
             epsilon,
             relu,
             sync,
         };
-        record::<B, C, 3>([&x, &gamma, &beta], norm, output)
+        record::<B, C, 3>([&x, &gamma, &beta], norm, |[x, gamma, beta], moments| {
+            B::fused_batch_norm(x, gamma, beta, moments, epsilon, relu, None)
+        })
     }
 
     fn fused_batch_norm_residual(
@@ -335,22 +328,16 @@ impl<B: NormBackward, C: CheckpointStrategy> NormBackend for Autodiff<B, C> {
         epsilon: f32,
         sync: Option<SyncBatchNorm>,
     ) -> FloatTensor<Self> {
-        let output = B::fused_batch_norm_residual(
-            x.primitive.clone(),
-            gamma.primitive.clone(),
-            beta.primitive.clone(),
-            moments.primitive.clone(),
-            residual.primitive.clone(),
-            epsilon,
-            None,
-        );
         let norm = Recorded {
             moments: moments.primitive,
             epsilon,
             relu: true,
             sync,
         };
-        record::<B, C, 4>([&x, &gamma, &beta, &residual], norm, output)
+        let parents = [&x, &gamma, &beta, &residual];
+        record::<B, C, 4>(parents, norm, |[x, gamma, beta, residual], moments| {
+            B::fused_batch_norm_residual(x, gamma, beta, moments, residual, epsilon, None)
+        })
     }
 }
 
@@ -362,13 +349,16 @@ struct Recorded<B: Backend> {
     sync: Option<SyncBatchNorm>,
 }
 
-/// The fused batch norm's `output` recorded for autodiff, with its parents: x, gamma, beta and,
-/// in the residual form, the residual. The backward pass keeps the output only with the ReLU.
+/// The fused batch norm's output, `forward` of its parents' values and the moments, recorded for
+/// autodiff with its parents: x, gamma, beta and, in the residual form, the residual. The
+/// backward pass keeps the output only with the ReLU. (The inner op gets no peers: its moments
+/// are already the global batch's.)
 fn record<B: NormBackward, C: CheckpointStrategy, const N: usize>(
     parents: [&FloatTensor<Autodiff<B, C>>; N],
     norm: Recorded<B>,
-    output: FloatTensor<B>,
+    forward: impl FnOnce([FloatTensor<B>; N], FloatTensor<B>) -> FloatTensor<B>,
 ) -> FloatTensor<Autodiff<B, C>> {
+    let output = forward(parents.map(|p| p.primitive.clone()), norm.moments.clone());
     let nodes = parents.map(|p| p.node.clone());
     match BatchNormGrad::<N>
         .prepare::<C>(nodes)
