@@ -1,12 +1,13 @@
 // The playground page: controls, live charts, view pairs, the embedding scatter. Training runs in
-// www/worker.js; this file holds the page's state, answers the worker's messages and forwards
-// what the user does. Drawing is charts.js's, the autosave's store autosave.js's, the settings
-// form form.js's, the page's words text.js's.
+// www/worker.js (started and asked through worker-client.js); this file holds the page's state,
+// answers the worker's messages and forwards what the user does. Drawing is charts.js's, the
+// autosave's store autosave.js's, the settings form form.js's, the page's words text.js's.
 
 import { drawRgb, drawScatter as scatterOn, drawViews, legendHtml, lineChart } from './charts.js';
 import { readAutosave, writeAutosave } from './autosave.js';
 import { applyPreset, formConfig } from './form.js';
-import { DEVICE_NAMES, deviceNote, knnText } from './text.js';
+import { DEVICE_NAMES, autosaveOffer, deviceNote, knnText, slowStepNote } from './text.js';
+import { TrainingWorker } from './worker-client.js';
 
 const $ = (id) => document.getElementById(id);
 const RUN_COLORS = ['#d62728', '#1f77b4', '#2ca02c', '#9467bd', '#ff7f0e', '#8c564b'];
@@ -40,9 +41,6 @@ const state = {
 };
 const runs = []; // every run of this page: { label, color, losses: [[step, loss]], knn: [[epoch, top1]] }
 let scatter = null; // { points, labels }
-let worker = null;
-let nextId = 0;
-const pending = new Map();
 let lastConfig = {}; // the current run's, as the worker reported it
 let restoring = null; // the curves of an autosave being continued
 let slowStepTimer = null;
@@ -65,23 +63,11 @@ function fail(message) {
   render();
 }
 
-function ask(message, transfer = []) {
-  const id = nextId++;
-  return new Promise((resolve, reject) => {
-    pending.set(id, { resolve, reject });
-    worker.postMessage({ ...message, id }, transfer);
-  });
-}
-
 // ---- drawing (charts.js draws; this file knows what) ----------------------------------------
 
 function drawScatter() {
   const screen = scatterOn($('scatter'), scatter, state.dataset ? state.dataset.classes : 10);
   if (scatter) scatter.screen = screen;
-}
-
-function drawLegend() {
-  if (state.dataset) $('legend').innerHTML = legendHtml(state.dataset);
 }
 
 function render() {
@@ -122,8 +108,7 @@ async function offerAutosave() {
   const saved = await readAutosave();
   if (!saved || saved.dataset !== state.dataset?.name || saved.epoch >= saved.config.epochs) return;
   if (state.status === 'running' || runs.length) return;
-  showBanner(`A run (${saved.curves.label}) was saved after epoch ${saved.epoch} of ${saved.config.epochs} ` +
-    `on ${new Date(saved.savedAt).toLocaleString()}: "Continue the saved run" picks it up.`, false);
+  showBanner(autosaveOffer(saved), false);
   $('continue').textContent = 'Continue the saved run';
   $('continue').hidden = false;
 }
@@ -138,7 +123,7 @@ async function continueSaved() {
   showBanner('');
   if (!saved || saved.dataset !== state.dataset?.name) return start(lastConfig);
   restoring = saved.curves;
-  worker.postMessage({ type: 'continue', config: saved.config, epoch: saved.epoch, bytes: saved.weights });
+  worker.tell({ type: 'continue', config: saved.config, epoch: saved.epoch, bytes: saved.weights });
 }
 
 /// The first step of a run that takes far longer than a step should: say what to lower instead
@@ -147,13 +132,8 @@ function watchFirstStep() {
   clearTimeout(slowStepTimer);
   const seconds = window.dclPlayground.slowStepSeconds;
   slowStepTimer = setTimeout(() => {
-    const adapter = state.adapter || 'an unnamed adapter';
-    const emulated = /swiftshader/i.test(adapter) ? ', which emulates a GPU on the CPU' : '';
-    const device = state.device === 'cpu' ? 'the CPU' : `this GPU (${adapter}${emulated})`;
     state.slowStep = true;
-    showBanner(`The first training step has run for ${seconds} s and is not done: a batch of ` +
-      `${lastConfig.batch_size} images for ${lastConfig.model} may be too much for ${device}. ` +
-      'Pause, then lower the batch size or pick resnet-mini and start again.', false);
+    showBanner(slowStepNote(state, lastConfig, seconds), false);
   }, seconds * 1000);
 }
 
@@ -185,7 +165,7 @@ const onMessage = {
     state.dataset = summary;
     $('dataset').textContent = `Using ${summary.name} (${source}): ${summary.trainImages} training and ` +
       `${summary.testImages} test images, ${summary.classes} classes, stored ${summary.shape.join('x')}.`;
-    drawLegend();
+    $('legend').innerHTML = legendHtml(summary);
     render();
     offerAutosave();
   },
@@ -275,12 +255,8 @@ const onMessage = {
       'lower the batch size or the model size, then resume or start again.' : message);
     if (paused) setStatus('paused');
   },
-  reply({ id, value, error }) {
-    const p = pending.get(id);
-    pending.delete(id);
-    if (error) p.reject(new Error(error)); else p.resolve(value);
-  },
 };
+const worker = new TrainingWorker(onMessage, (e) => state.lost || fail(`the training worker failed: ${e.message}`));
 
 // ---- user actions --------------------------------------------------------------------------
 
@@ -288,21 +264,21 @@ const onMessage = {
 /// the worker, and the worker's queue holds it until the default data has arrived.
 async function start(overrides = {}) {
   await launched;
-  if (!worker) throw new Error('the training worker did not start');
+  if (!worker.started) throw new Error('the training worker did not start');
   replaceLostWorker();
   const config = { ...formConfig(), ...overrides };
-  worker.postMessage({ type: 'start', config });
+  worker.tell({ type: 'start', config });
 }
 
 async function tellWorker(type) {
   await launched;
-  if (worker) worker.postMessage({ type });
+  if (worker.started) worker.tell({ type });
 }
 
 /// Parses picked, dropped or given files in the worker; resolves to the dataset's summary.
 function loadFiles(files) {
   const name = files.map((f) => f.name).join(', ');
-  return ask({ type: 'files', name, files }, files.map((f) => f.bytes)).catch((e) => {
+  return worker.ask({ type: 'files', name, files }, files.map((f) => f.bytes)).catch((e) => {
     fail(`${e.message}. Pick cifar-10-binary.tar.gz, its data_batch_*.bin files, or MNIST-style IDX files.`);
     throw e;
   });
@@ -315,7 +291,7 @@ async function readFiles(fileList) {
 }
 
 async function save() {
-  const bytes = await ask({ type: 'save' });
+  const bytes = await worker.ask({ type: 'save' });
   const url = URL.createObjectURL(new Blob([bytes], { type: 'application/octet-stream' }));
   const a = Object.assign(document.createElement('a'), { href: url, download: 'model.safetensors' });
   a.click();
@@ -325,8 +301,8 @@ async function save() {
 
 /// Loads a model.safetensors into the current run (paused first); resolves to its kNN top-1.
 function loadWeights(name, bytes) {
-  worker.postMessage({ type: 'pause' });
-  return ask({ type: 'load', name, bytes }, [bytes]);
+  worker.tell({ type: 'pause' });
+  return worker.ask({ type: 'load', name, bytes }, [bytes]);
 }
 
 async function showNeighbors(event) {
@@ -338,7 +314,7 @@ async function showNeighbors(event) {
     const [bx, by] = scatter.screen[best];
     if ((px - x) ** 2 + (py - y) ** 2 < (bx - x) ** 2 + (by - y) ** 2) best = i;
   });
-  const { images } = await ask({ type: 'neighbors', index: best, k: 8 });
+  const { images } = await worker.ask({ type: 'neighbors', index: best, k: 8 });
   const ctx = $('neighbors').getContext('2d');
   ctx.clearRect(0, 0, 400, 60);
   images.forEach((rgb, i) => drawRgb(ctx, rgb, 0, 4 + i * 48 + (i ? 8 : 0), 6, 44));
@@ -346,9 +322,9 @@ async function showNeighbors(event) {
 
 function wire() {
   $('start').onclick = () => start().catch((e) => fail(e.message));
-  $('pause').onclick = () => worker.postMessage({ type: state.status === 'paused' ? 'resume' : 'pause' });
+  $('pause').onclick = () => worker.tell({ type: state.status === 'paused' ? 'resume' : 'pause' });
   $('reset').onclick = () => {
-    worker.postMessage({ type: 'pause' });
+    worker.tell({ type: 'pause' });
     runs.length = 0;
     scatter = null;
     Object.assign(state, { step: 0, epoch: 0, losses: [], knnTop1: [], error: null, device: null, deviceReason: null });
@@ -376,23 +352,18 @@ function wire() {
 async function main() {
   wire();
   render();
-  launchWorker();
+  worker.launch();
 }
 
 /// After a lost GPU the worker's wasm module holds a dead device: a new worker gets a new one.
 function replaceLostWorker() {
   if (!state.lost) return;
-  worker.terminate();
   state.lost = null;
-  launchWorker();
+  worker.replace();
 }
 
-function launchWorker() {
-  worker = new Worker(new URL('./worker.js', import.meta.url), { type: 'module' });
-  worker.onmessage = ({ data }) => onMessage[data.type](data);
-  worker.onerror = (e) => state.lost || fail(`the training worker failed: ${e.message}`);
-  worker.postMessage({ type: 'init' });
-}
+const askLoss = (fused) => (z1, z2, n, d, kind = 'dcl', temperature = 0.1, sigma = 0.5) =>
+  worker.ask({ type: 'loss', z1: Array.from(z1), z2: Array.from(z2), n, d, kind, temperature, sigma, fused });
 
 // The automation hook for tests and tutorials.
 window.dclPlayground = {
@@ -405,12 +376,10 @@ window.dclPlayground = {
   save,
   // Bytes of a model.safetensors (ArrayBuffer or Uint8Array) into the current run -> kNN top-1.
   loadWeights: (bytes, name = 'model.safetensors') => loadWeights(name, (bytes.buffer ?? bytes).slice(0)),
-  // The loss of two [n, d] embeddings through Burn on WebGPU (a number)...
-  loss: (z1, z2, n, d, kind = 'dcl', temperature = 0.1, sigma = 0.5) =>
-    ask({ type: 'loss', z1: Array.from(z1), z2: Array.from(z2), n, d, kind, temperature, sigma }),
-  // ...and through the fused WGSL kernel: {loss, gradZ1, gradZ2}.
-  fusedLoss: (z1, z2, n, d, kind = 'dcl', temperature = 0.1, sigma = 0.5) =>
-    ask({ type: 'loss', z1: Array.from(z1), z2: Array.from(z2), n, d, kind, temperature, sigma, fused: true }),
+  // The loss of two [n, d] embeddings through Burn on WebGPU (a number), and through the fused
+  // WGSL kernel ({loss, gradZ1, gradZ2}).
+  loss: askLoss(false),
+  fusedLoss: askLoss(true),
   // The autosave IndexedDB holds ({epoch, config, dataset, savedAt, ...}), if any...
   savedRun: async () => {
     const saved = await readAutosave();

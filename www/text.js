@@ -22,3 +22,19 @@ export function deviceNote(state) {
   }
   return `"auto" trains on the GPU through WebGPU (${gpu.name}).`;
 }
+
+/// The banner that offers an unfinished autosaved run.
+export function autosaveOffer(saved) {
+  return `A run (${saved.curves.label}) was saved after epoch ${saved.epoch} of ${saved.config.epochs} ` +
+    `on ${new Date(saved.savedAt).toLocaleString()}: "Continue the saved run" picks it up.`;
+}
+
+/// The banner for a first step that runs far longer than a step should: what to lower.
+export function slowStepNote(state, config, seconds) {
+  const adapter = state.adapter || 'an unnamed adapter';
+  const emulated = /swiftshader/i.test(adapter) ? ', which emulates a GPU on the CPU' : '';
+  const device = state.device === 'cpu' ? 'the CPU' : `this GPU (${adapter}${emulated})`;
+  return `The first training step has run for ${seconds} s and is not done: a batch of ` +
+    `${config.batch_size} images for ${config.model} may be too much for ${device}. ` +
+    'Pause, then lower the batch size or pick resnet-mini and start again.';
+}
