@@ -107,8 +107,8 @@ pub fn device_at(spec: DeviceSpec) -> anyhow::Result<Device> {
 }
 
 /// Whether `device` takes the flex backend extensions (`model::conv`'s im2col + gemm convolution,
-/// `model::norm`'s fused batch norm: the CPU device) rather than Burn's own ops, which the GPU
-/// backends keep.
+/// `model::norm`'s fused batch norm): the CPU device. The GPU backends' own forms of both go with
+/// [`has_cube_kernels`].
 pub fn has_fast_conv(device: &Device) -> bool {
     matches!(
         device.clone().inner().as_dispatch(),
@@ -116,8 +116,9 @@ pub fn has_fast_conv(device: &Device) -> bool {
     )
 }
 
-/// Whether `device` runs dcl's own CubeCL kernels (`optim::update`): Burn's GPU backends, when
-/// built without fusion (whose tensors are not CubeCL's until fused).
+/// Whether `device` runs dcl's own CubeCL kernels (`optim::update`, `model::norm`'s and
+/// `model::conv`'s): Burn's GPU backends, when built without fusion (whose tensors are not
+/// CubeCL's until fused).
 pub fn has_cube_kernels(device: &Device) -> bool {
     match device.clone().inner().as_dispatch() {
         #[cfg(all(feature = "cube-kernels", not(feature = "fusion")))]

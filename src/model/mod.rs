@@ -12,11 +12,13 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Initializer, Linear, LinearConfig, PaddingConfig2d};
 use burn::tensor::activation::relu;
 use burn::tensor::ops::ConvOptions;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{DType, Device, Tensor};
 
 pub use crate::arch::{ModelName, ResNetArch, PROJECTION_DIM};
 
 mod conv;
+#[cfg(all(feature = "cube-kernels", not(feature = "fusion")))]
+mod cube;
 mod norm;
 mod precision;
 
@@ -66,8 +68,9 @@ fn conv(c_in: usize, c_out: usize, kernel: usize, stride: usize, device: &Device
         .init(device)
 }
 
-/// A bias-free convolution's forward pass, at the step's precision: on the CPU device through
-/// [`conv::conv2d`] (im2col and gemm, backward included), elsewhere Burn's own.
+/// A bias-free convolution's forward pass, at the step's precision: through [`conv::conv2d`]
+/// (im2col, then gemm on the CPU or Burn's matmul on the GPU backends with dcl's kernels; backward
+/// included) in f32, Burn's own elsewhere (bf16 on CUDA, fusion builds).
 fn conv_forward(conv: &Conv2d, x: Tensor<4>, lowering: Lowering) -> Tensor<4> {
     let geometry = match (conv.padding.clone(), conv.stride, conv.kernel_size) {
         (PaddingConfig2d::Explicit(t, l, b, r), [s, s2], [k, k2])
@@ -84,17 +87,20 @@ fn conv_forward(conv: &Conv2d, x: Tensor<4>, lowering: Lowering) -> Tensor<4> {
     let Some(geometry) = geometry else {
         return conv.forward(x);
     };
-    let fast = crate::backend::has_fast_conv(&x.device());
-    precision::lowered(x, conv.weight.val(), lowering, |x, weight| match fast {
-        true => conv::conv2d(x, weight, geometry),
-        false => {
-            let (s, p) = (geometry.stride, geometry.padding);
-            burn::tensor::module::conv2d(
-                x,
-                weight,
-                None,
-                ConvOptions::new([s; 2], [p; 2], [1, 1], 1),
-            )
+    let device = x.device();
+    let ours = crate::backend::has_fast_conv(&device) || crate::backend::has_cube_kernels(&device);
+    precision::lowered(x, conv.weight.val(), lowering, |x, weight| {
+        match ours && x.dtype() == DType::F32 {
+            true => conv::conv2d(x, weight, geometry),
+            false => {
+                let (s, p) = (geometry.stride, geometry.padding);
+                burn::tensor::module::conv2d(
+                    x,
+                    weight,
+                    None,
+                    ConvOptions::new([s; 2], [p; 2], [1, 1], 1),
+                )
+            }
         }
     })
 }
@@ -465,7 +471,7 @@ mod tests {
 
     /// The autodiff devices batch norm trains on: the CPU and, where built, wgpu (lavapipe),
     /// whose fused batch norm is `norm`'s CubeCL kernels.
-    fn training_devices() -> Vec<Device> {
+    pub(super) fn training_devices() -> Vec<Device> {
         let mut devices = vec![crate::backend::cpu().autodiff()];
         #[cfg(feature = "wgpu")]
         devices.push(

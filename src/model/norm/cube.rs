@@ -15,15 +15,15 @@
 
 use super::{over_batch, NormBackend, NormBackward};
 use crate::collective::SyncBatchNorm;
+use crate::model::cube::{elementwise, empty};
 use burn::backend::ops::FloatTensorOps;
 use burn::backend::TensorMetadata;
 use burn::tensor::TensorData;
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{CubeBackend, CubeRuntime};
 use cubecl::prelude::*;
-use cubecl::{calculate_cube_count_elemwise, CubeDim};
+use cubecl::CubeDim;
 
 /// Threads of a slot's workgroup: the sums' tree in shared memory has this many leaves.
 const THREADS: usize = 256;
@@ -369,16 +369,6 @@ fn empty_like<R: CubeRuntime>(x: &CubeTensor<R>) -> CubeTensor<R> {
     let handle = x.client.empty(x.handle.size() as usize);
     let (client, device) = (x.client.clone(), x.device.clone());
     CubeTensor::new(client, handle, x.meta.as_ref().clone(), device, x.dtype)
-}
-
-fn empty<R: CubeRuntime>(like: &CubeTensor<R>, dims: &[usize]) -> CubeTensor<R> {
-    let (client, device) = (like.client.clone(), like.device.clone());
-    empty_device_dtype(client, device, dims.to_vec().into(), like.dtype)
-}
-
-fn elementwise<R: CubeRuntime>(x: &CubeTensor<R>, elements: usize) -> (CubeCount, CubeDim) {
-    let dim = CubeDim::new(&x.client, elements);
-    (calculate_cube_count_elemwise(&x.client, elements, dim), dim)
 }
 
 fn per_slot(slots: usize) -> (CubeCount, CubeDim) {

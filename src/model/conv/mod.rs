@@ -8,8 +8,8 @@
 //! images (one image at 32x32, up to 32 at 4x4) is one rayon task: im2col, then one gemm forward;
 //! im2col, two gemms and col2im backward, the weight gradient summed over fixed groups of images.
 //! Stride-1 layers at 32x32 take the shifted path instead ([`Path::Shifted`]): no column matrix.
-//! Only the CPU device takes this path (see `backend::has_fast_conv`); it is tested equal to
-//! Burn's `conv2d` in value and gradients.
+//! On Burn's GPU backends the same op is [`cube`]'s: im2col as a kernel, then Burn's matmul.
+//! Tested equal to Burn's `conv2d` in value and gradients on every device.
 //!
 //! Over 500 lines on purpose: the op, its backward pass and its two paths share one tiling and
 //! one scratch, and are tested together (a third of the file).
@@ -18,12 +18,23 @@ use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::Checkpoi
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::Autodiff;
+#[cfg(all(feature = "cube-kernels", not(feature = "fusion"), feature = "cuda"))]
+use burn::backend::Cuda;
+#[cfg(all(
+    feature = "cube-kernels",
+    not(feature = "fusion"),
+    any(feature = "wgpu", feature = "webgpu")
+))]
+use burn::backend::Wgpu;
 use burn::backend::{backend_extension, tensor::FloatTensor, Backend, Dispatch};
 use burn::tensor::{Bytes, DType, Shape, Tensor};
 use burn_flex::{Flex, FlexTensor, Layout};
 use rayon::prelude::*;
 use std::cell::RefCell;
 use std::ops::Range;
+
+#[cfg(all(feature = "cube-kernels", not(feature = "fusion")))]
+mod cube;
 
 /// How many partial sums the weight gradient is split into: the parallelism of the backward
 /// pass (more than the cores of most CPUs), bounded so that the partials' memory stays small.
@@ -51,7 +62,19 @@ pub fn conv2d(x: Tensor<4>, weight: Tensor<4>, geometry: Geometry) -> Tensor<4> 
     ))
 }
 
-#[backend_extension(Flex, Autodiff)]
+#[cfg_attr(
+    all(feature = "cube-kernels", not(feature = "fusion")),
+    backend_extension(
+        Flex,
+        Wgpu: cfg(any(feature = "wgpu", feature = "webgpu")),
+        Cuda: cfg(feature = "cuda"),
+        Autodiff
+    )
+)]
+#[cfg_attr(
+    not(all(feature = "cube-kernels", not(feature = "fusion"))),
+    backend_extension(Flex, Autodiff)
+)]
 pub trait ConvBackend: Backend {
     fn im2col_conv2d(
         x: FloatTensor<Self>,
@@ -61,27 +84,62 @@ pub trait ConvBackend: Backend {
     ) -> FloatTensor<Self>;
 }
 
+/// The backward pass of [`ConvBackend::im2col_conv2d`]: the input's gradient (when asked) and
+/// the weight's, from the op's input, weight and output gradient.
+pub trait ConvBackward: ConvBackend {
+    fn im2col_conv2d_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        output_grad: FloatTensor<Self>,
+        geometry: Geometry,
+        want_x: bool,
+    ) -> (Option<FloatTensor<Self>>, FloatTensor<Self>);
+}
+
 impl ConvBackend for Flex {
     fn im2col_conv2d(x: FlexTensor, weight: FlexTensor, stride: u32, padding: u32) -> FlexTensor {
         Plan::new(&x, &weight, stride, padding).forward(&x, &weight)
     }
 }
 
-impl<C: CheckpointStrategy> ConvBackend for Autodiff<Flex, C> {
+impl ConvBackward for Flex {
+    fn im2col_conv2d_backward(
+        x: FlexTensor,
+        weight: FlexTensor,
+        output_grad: FlexTensor,
+        geometry: Geometry,
+        want_x: bool,
+    ) -> (Option<FlexTensor>, FlexTensor) {
+        let [stride, padding] = [geometry.stride, geometry.padding].map(|v| v as u32);
+        Plan::new(&x, &weight, stride, padding).backward(&x, &weight, &output_grad, want_x)
+    }
+}
+
+impl<B: ConvBackward, C: CheckpointStrategy> ConvBackend for Autodiff<B, C> {
     fn im2col_conv2d(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         stride: u32,
         padding: u32,
     ) -> FloatTensor<Self> {
-        let plan = Plan::new(&x.primitive, &weight.primitive, stride, padding);
-        let output = plan.forward(&x.primitive, &weight.primitive);
+        let output = B::im2col_conv2d(
+            x.primitive.clone(),
+            weight.primitive.clone(),
+            stride,
+            padding,
+        );
+        let geometry = Geometry {
+            stride: stride as usize,
+            padding: padding as usize,
+        };
         match ConvGrad
             .prepare::<C>([x.node.clone(), weight.node.clone()])
             .compute_bound()
             .stateful()
         {
-            OpsKind::Tracked(prep) => prep.finish((plan, x.primitive, weight.primitive), output),
+            OpsKind::Tracked(prep) => {
+                prep.finish((x.primitive, weight.primitive, geometry), output)
+            }
             OpsKind::UnTracked(prep) => prep.finish(output),
         }
     }
@@ -90,19 +148,20 @@ impl<C: CheckpointStrategy> ConvBackend for Autodiff<Flex, C> {
 #[derive(Debug)]
 struct ConvGrad;
 
-impl Backward<Flex, 2> for ConvGrad {
-    type State = (Plan, FlexTensor, FlexTensor);
+impl<B: ConvBackward> Backward<B, 2> for ConvGrad {
+    type State = (FloatTensor<B>, FloatTensor<B>, Geometry);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [x_node, w_node] = ops.parents;
-        let (plan, x, weight) = ops.state;
-        let output_grad = grads.consume::<Flex>(&ops.node);
-        let (x_grad, w_grad) = plan.backward(&x, &weight, &output_grad, x_node.is_some());
+        let (x, weight, geometry) = ops.state;
+        let output_grad = grads.consume::<B>(&ops.node);
+        let want_x = x_node.is_some();
+        let (x_grad, w_grad) = B::im2col_conv2d_backward(x, weight, output_grad, geometry, want_x);
         if let (Some(node), Some(grad)) = (x_node, x_grad) {
-            grads.register::<Flex>(node.id, grad);
+            grads.register::<B>(node.id, grad);
         }
         if let Some(node) = w_node {
-            grads.register::<Flex>(node.id, w_grad);
+            grads.register::<B>(node.id, w_grad);
         }
     }
 }
@@ -796,18 +855,37 @@ mod tests {
     use burn::tensor::ops::ConvOptions;
     use burn::tensor::Distribution;
 
+    /// The largest difference of `a` (on any device) from `b` (on the CPU).
     fn max_diff(a: Tensor<4>, b: Tensor<4>) -> f32 {
+        let a = Tensor::<4>::from_data(a.into_data(), &b.device());
         (a - b).abs().max().into_scalar::<f32>()
     }
 
-    /// Value and both gradients against Burn's `conv2d`, for every kernel/stride/padding the
-    /// ResNets use and a few they do not, on odd image sizes.
+    /// Value and both gradients against Burn's `conv2d` on the CPU, for every kernel/stride/padding
+    /// the ResNets use and a few they do not, on odd image sizes: on the CPU device (im2col or
+    /// shifted, then gemm) and on wgpu (the im2col kernel, then Burn's matmul). The reference is the
+    /// CPU's because Burn's wgpu convolution (this pin, autotuned) gives a zero input gradient
+    /// for the 1x1 stride-2 case below (the ResNets' shortcuts).
     #[test]
     fn equals_burns_conv2d_with_gradients() {
-        let device = crate::backend::cpu().autodiff();
-        device.seed(7);
+        for device in crate::model::tests::training_devices() {
+            equals_burns_conv2d_on(&device);
+        }
+    }
+
+    fn equals_burns_conv2d_on(device: &burn::tensor::Device) {
+        let cpu = crate::backend::cpu().autodiff();
+        cpu.seed(7);
         let random =
-            |shape: [usize; 4]| Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+            |shape: [usize; 4]| Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &cpu);
+        let on = |t: &Tensor<4>, grad: bool| {
+            let t = Tensor::<4>::from_data(t.to_data(), device);
+            if grad {
+                t.require_grad()
+            } else {
+                t
+            }
+        };
         // The second shape puts several images in a tile, and tiles of unequal size in a group;
         // the last has a padding wider than its images.
         for (kernel, stride, padding, x_grad, shape) in [
@@ -826,35 +904,29 @@ mod tests {
             let x = random(shape);
             let x = if x_grad { x.require_grad() } else { x };
             let weight = random([5, shape[1], kernel, kernel]).require_grad();
-            let geometry = Geometry { stride, padding };
-            let ours = conv2d(x.clone(), weight.clone(), geometry);
+            let (x_ours, w_ours) = (on(&x, x_grad), on(&weight, true));
+            let ours = conv2d(x_ours.clone(), w_ours.clone(), Geometry { stride, padding });
             let options = ConvOptions::new([stride; 2], [padding; 2], [1, 1], 1);
             let burns = burn::tensor::module::conv2d(x.clone(), weight.clone(), None, options);
-            assert_eq!(ours.dims(), burns.dims(), "k{kernel} s{stride} p{padding}");
-            let case = format!("k{kernel} s{stride} p{padding} {shape:?}");
+            let case = format!("{device:?}: k{kernel} s{stride} p{padding} {shape:?}");
+            assert_eq!(ours.dims(), burns.dims(), "{case}");
             assert!(
                 max_diff(ours.clone(), burns.clone()) < 1e-4,
                 "value, {case}"
             );
             let r = random(ours.dims());
             let (g_ours, g_burn) = (
-                (ours * r.clone()).sum().backward(),
+                (ours * on(&r, false)).sum().backward(),
                 (burns * r).sum().backward(),
             );
-            let (w_ours, w_burn) = (weight.grad(&g_ours).unwrap(), weight.grad(&g_burn).unwrap());
-            assert!(
-                max_diff(w_ours, w_burn) < 1e-3,
-                "weight gradient, k{kernel} s{stride} p{padding}"
-            );
+            let (dw_ours, dw_burn) = (w_ours.grad(&g_ours).unwrap(), weight.grad(&g_burn).unwrap());
+            assert!(max_diff(dw_ours, dw_burn) < 1e-3, "weight gradient, {case}");
             match x_grad {
                 true => {
-                    let (a, b) = (x.grad(&g_ours).unwrap(), x.grad(&g_burn).unwrap());
-                    assert!(
-                        max_diff(a, b) < 1e-4,
-                        "input gradient, k{kernel} s{stride} p{padding}"
-                    );
+                    let (a, b) = (x_ours.grad(&g_ours).unwrap(), x.grad(&g_burn).unwrap());
+                    assert!(max_diff(a, b) < 1e-4, "input gradient, {case}");
                 }
-                false => assert!(x.grad(&g_ours).is_none()),
+                false => assert!(x_ours.grad(&g_ours).is_none()),
             }
         }
     }
