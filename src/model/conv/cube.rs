@@ -1,26 +1,80 @@
-//! The convolution on Burn's GPU backends: im2col as one kernel, then one matmul of Burn's.
+//! The convolution on Burn's GPU backends: im2col as a CubeCL kernel, then Burn's matmul.
 //!
-//! Burn's own convolution takes about twenty dispatches a layer a training step without
-//! autotune (the page's build: the weight gradient as a direct convolution, the input gradient
-//! as a transposed one through NCHW/NHWC copies and a weight flip), and most of the ~190 slices
-//! and copies of a 395-dispatch step with it. Here a layer is two dispatches forward (im2col,
-//! matmul) and five backward (im2col again, dY as a matrix, two matmuls, col2im).
+//! Burn's own convolution takes about twenty dispatches a layer a training step (the weight
+//! gradient as a direct convolution, the input gradient as a transposed one through NCHW/NHWC
+//! copies and a weight flip): most of the ~190 slices and copies of a 395-dispatch step. Here a
+//! layer is two dispatches forward (im2col, matmul) and about three backward (Burn's matmul's
+//! two, then col2im, im2col's gradient).
 //!
-//! The column matrix is [C k k, B Ho Wo]: the matmul's output [Co, B Ho Wo] is the convolution's
-//! [B, Co, Ho, Wo] with its first two dimensions swapped, handed on as that strided view (the
-//! batch-norm kernels and im2col read their inputs by strides), and in the backward pass dY in
-//! that same layout is a matrix without a copy.
+//! Only im2col is an op of our own (with col2im its backward pass); the matmul, the reshapes and
+//! their gradients are Burn's tensor ops, so its matmul kernels are compiled once, in Burn's
+//! crates (calling them on CubeCL's tensors from here compiled a second copy: 2.2 MB of the
+//! page's module). The column matrix is [C k k, B Ho Wo]: the matmul's output [Co, B Ho Wo] is
+//! the convolution's [B, Co, Ho, Wo] with its first two dimensions swapped, handed on as that
+//! strided view (the batch-norm kernels and im2col read their inputs by strides).
 
-use super::{ConvBackend, ConvBackward, Geometry};
+use super::Geometry;
 use crate::model::cube::{elementwise, empty};
-use burn::backend::ops::FloatTensorOps;
-use burn::backend::TensorMetadata;
-use burn::tensor::Shape;
+use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::Autodiff;
+#[cfg(feature = "cuda")]
+use burn::backend::Cuda;
+#[cfg(any(feature = "wgpu", feature = "webgpu"))]
+use burn::backend::Wgpu;
+use burn::backend::{backend_extension, tensor::FloatTensor, Backend, Dispatch, TensorMetadata};
+use burn::tensor::{Shape, Tensor as BurnTensor};
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{CubeBackend, CubeRuntime};
 use cubecl::prelude::*;
 
-type Gpu<R> = CubeBackend<R>;
+/// [`super::conv2d`] on a GPU backend: cols = im2col(x) [C k k, B Ho Wo], then
+/// W [Co, C k k] · cols.
+pub fn conv2d(x: BurnTensor<4>, weight: BurnTensor<4>, geometry: Geometry) -> BurnTensor<4> {
+    let [batch, c_in, height, width] = x.dims();
+    let [c_out, _, kernel, _] = weight.dims();
+    let Geometry { stride, padding } = geometry;
+    let out = |n: usize| (n + 2 * padding - kernel) / stride + 1;
+    let cols = BurnTensor::<2>::from_dispatch(<Dispatch as ColumnsBackend>::im2col(
+        x.into_dispatch(),
+        kernel as u32,
+        stride as u32,
+        padding as u32,
+    ));
+    let y = weight.reshape([c_out, c_in * kernel * kernel]).matmul(cols);
+    y.reshape([c_out, batch, out(height), out(width)])
+        .swap_dims(0, 1)
+}
+
+#[backend_extension(
+    Wgpu: cfg(any(feature = "wgpu", feature = "webgpu")),
+    Cuda: cfg(feature = "cuda"),
+    Autodiff
+)]
+pub trait ColumnsBackend: Backend {
+    /// The column matrix [C k k, B Ho Wo] of x [B, C, H, W] for a k x k kernel.
+    fn im2col(x: FloatTensor<Self>, kernel: u32, stride: u32, padding: u32) -> FloatTensor<Self>;
+}
+
+/// im2col's backward pass: each input pixel's gradient summed over the columns it went into.
+pub trait ColumnsBackward: ColumnsBackend {
+    fn col2im(dcols: FloatTensor<Self>, columns: &Columns) -> FloatTensor<Self>;
+}
+
+/// What im2col's backward pass needs to know of its input.
+#[derive(Clone, Debug)]
+pub struct Columns {
+    input: Shape,
+    kernel: usize,
+    geometry: Geometry,
+}
+
+impl Columns {
+    fn out(&self, n: usize) -> usize {
+        (n + 2 * self.geometry.padding - self.kernel) / self.geometry.stride + 1
+    }
+}
 
 /// cols [C k k, B Ho Wo] of x [B, C, H, W] (read by its strides): row (c, ky, kx), column
 /// (b, oy, ox) holds x[b, c, oy s + ky - p, ox s + kx - p], zero in the padding. A thread a line
@@ -108,129 +162,92 @@ fn col2im_kernel(
     }
 }
 
-/// The shapes of one convolution.
-struct Layer {
-    batch: usize,
-    c_in: usize,
-    c_out: usize,
-    kernel: usize,
-    h_out: usize,
-    w_out: usize,
-    geometry: Geometry,
-}
-
-impl Layer {
-    fn of<R: CubeRuntime>(x: &CubeTensor<R>, weight: &CubeTensor<R>, geometry: Geometry) -> Self {
-        let (dims, w) = (x.shape(), weight.shape());
-        assert!(
-            dims.num_dims() == 4 && w.num_dims() == 4 && w[1] == dims[1] && w[2] == w[3],
-            "im2col conv2d: input {dims:?} and weight {w:?} do not fit"
-        );
-        let Geometry { stride, padding } = geometry;
-        let out = |n: usize| (n + 2 * padding - w[2]) / stride + 1;
-        Self {
-            batch: dims[0],
-            c_in: dims[1],
-            c_out: w[0],
-            kernel: w[2],
-            h_out: out(dims[2]),
-            w_out: out(dims[3]),
-            geometry,
-        }
-    }
-
-    fn patch(&self) -> usize {
-        self.c_in * self.kernel * self.kernel
-    }
-
-    fn columns(&self) -> usize {
-        self.batch * self.h_out * self.w_out
-    }
-
-    fn im2col<R: CubeRuntime>(&self, x: CubeTensor<R>) -> CubeTensor<R> {
-        let cols = empty(&x, &[self.patch(), self.columns()]);
-        let (count, dim) = elementwise(&x, self.patch() * self.batch * self.h_out);
-        let Geometry { stride, padding } = self.geometry;
+impl<R: CubeRuntime> ColumnsBackend for CubeBackend<R> {
+    fn im2col(x: CubeTensor<R>, kernel: u32, stride: u32, padding: u32) -> CubeTensor<R> {
+        let dims = x.shape();
+        let columns = Columns {
+            input: dims.clone(),
+            kernel: kernel as usize,
+            geometry: Geometry {
+                stride: stride as usize,
+                padding: padding as usize,
+            },
+        };
+        let (h_out, w_out) = (columns.out(dims[2]), columns.out(dims[3]));
+        let rows = dims[1] * columns.kernel * columns.kernel;
+        let cols = empty(&x, &[rows, dims[0] * h_out * w_out]);
+        let (count, dim) = elementwise(&x, rows * dims[0] * h_out);
         im2col_kernel::launch(
             &x.client.clone(),
             count,
             dim,
             x.into_tensor_arg(),
             cols.clone().into_tensor_arg(),
-            self.kernel as u32,
-            stride as u32,
-            padding as u32,
-            self.h_out as u32,
-            self.w_out as u32,
+            kernel,
+            stride,
+            padding,
+            h_out as u32,
+            w_out as u32,
         );
         cols
     }
+}
 
-    fn col2im<R: CubeRuntime>(&self, dcols: CubeTensor<R>, input: &Shape) -> CubeTensor<R> {
+impl<R: CubeRuntime> ColumnsBackward for CubeBackend<R> {
+    fn col2im(dcols: CubeTensor<R>, columns: &Columns) -> CubeTensor<R> {
+        let input = &columns.input;
         let dx = empty(&dcols, &input.to_vec());
         let (count, dim) = elementwise(&dcols, input.num_elements() / input[3]);
-        let Geometry { stride, padding } = self.geometry;
+        let Geometry { stride, padding } = columns.geometry;
         col2im_kernel::launch(
             &dcols.client.clone(),
             count,
             dim,
             dcols.into_tensor_arg(),
             dx.clone().into_tensor_arg(),
-            self.kernel as u32,
+            columns.kernel as u32,
             stride as u32,
             padding as u32,
-            self.h_out as u32,
-            self.w_out as u32,
+            columns.out(input[2]) as u32,
+            columns.out(input[3]) as u32,
         );
         dx
     }
-
-    /// The weight [Co, C, k, k] as the matrix [Co, C k k].
-    fn weight_matrix<R: CubeRuntime>(&self, weight: CubeTensor<R>) -> CubeTensor<R> {
-        Gpu::<R>::float_reshape(weight, Shape::new([self.c_out, self.patch()]))
-    }
 }
 
-impl<R: CubeRuntime> ConvBackend for CubeBackend<R> {
-    fn im2col_conv2d(
-        x: CubeTensor<R>,
-        weight: CubeTensor<R>,
-        stride: u32,
-        padding: u32,
-    ) -> CubeTensor<R> {
-        let geometry = Geometry {
-            stride: stride as usize,
-            padding: padding as usize,
+impl<B: ColumnsBackward, C: CheckpointStrategy> ColumnsBackend for Autodiff<B, C> {
+    fn im2col(x: FloatTensor<Self>, kernel: u32, stride: u32, padding: u32) -> FloatTensor<Self> {
+        let columns = Columns {
+            input: x.primitive.shape(),
+            kernel: kernel as usize,
+            geometry: Geometry {
+                stride: stride as usize,
+                padding: padding as usize,
+            },
         };
-        let layer = Layer::of(&x, &weight, geometry);
-        let cols = layer.im2col(x);
-        let y = Gpu::<R>::float_matmul(layer.weight_matrix(weight), cols);
-        let (b, co) = (layer.batch, layer.c_out);
-        let y = Gpu::<R>::float_reshape(y, Shape::new([co, b, layer.h_out, layer.w_out]));
-        Gpu::<R>::float_swap_dims(y, 0, 1)
+        let cols = B::im2col(x.primitive, kernel, stride, padding);
+        match Im2colGrad
+            .prepare::<C>([x.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(columns, cols),
+            OpsKind::UnTracked(prep) => prep.finish(cols),
+        }
     }
 }
 
-impl<R: CubeRuntime> ConvBackward for CubeBackend<R> {
-    fn im2col_conv2d_backward(
-        x: CubeTensor<R>,
-        weight: CubeTensor<R>,
-        output_grad: CubeTensor<R>,
-        geometry: Geometry,
-        want_x: bool,
-    ) -> (Option<CubeTensor<R>>, CubeTensor<R>) {
-        let layer = Layer::of(&x, &weight, geometry);
-        let input = x.shape();
-        let cols = layer.im2col(x);
-        // dY [B, Co, Ho, Wo] as the matrix [Co, B Ho Wo]: free when dY has the forward's layout.
-        let dy = Gpu::<R>::float_swap_dims(output_grad, 0, 1);
-        let dy = Gpu::<R>::float_reshape(dy, Shape::new([layer.c_out, layer.columns()]));
-        let dw = Gpu::<R>::float_matmul(dy.clone(), Gpu::<R>::float_swap_dims(cols, 0, 1));
-        let dw = Gpu::<R>::float_reshape(dw, weight.shape());
-        let dx = want_x.then(|| {
-            let w_t = Gpu::<R>::float_swap_dims(layer.weight_matrix(weight), 0, 1);
-            layer.col2im(Gpu::<R>::float_matmul(w_t, dy), &input)
-        });
-        (dx, dw)
+#[derive(Debug)]
+struct Im2colGrad;
+
+impl<B: ColumnsBackward> Backward<B, 1> for Im2colGrad {
+    type State = Columns;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [x_node] = ops.parents;
+        let dcols = grads.consume::<B>(&ops.node);
+        if let Some(node) = x_node {
+            grads.register::<B>(node.id, B::col2im(dcols, &ops.state));
+        }
     }
 }

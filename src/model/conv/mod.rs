@@ -8,7 +8,8 @@
 //! images (one image at 32x32, up to 32 at 4x4) is one rayon task: im2col, then one gemm forward;
 //! im2col, two gemms and col2im backward, the weight gradient summed over fixed groups of images.
 //! Stride-1 layers at 32x32 take the shifted path instead ([`Path::Shifted`]): no column matrix.
-//! On Burn's GPU backends the same op is [`cube`]'s: im2col as a kernel, then Burn's matmul.
+//! On Burn's GPU backends the same convolution is [`cube`]'s: im2col as a kernel, then Burn's
+//! matmul.
 //! Tested equal to Burn's `conv2d` in value and gradients on every device.
 //!
 //! Over 500 lines on purpose: the op, its backward pass and its two paths share one tiling and
@@ -18,14 +19,6 @@ use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::Checkpoi
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::Autodiff;
-#[cfg(all(feature = "cube-kernels", not(feature = "fusion"), feature = "cuda"))]
-use burn::backend::Cuda;
-#[cfg(all(
-    feature = "cube-kernels",
-    not(feature = "fusion"),
-    any(feature = "wgpu", feature = "webgpu")
-))]
-use burn::backend::Wgpu;
 use burn::backend::{backend_extension, tensor::FloatTensor, Backend, Dispatch};
 use burn::tensor::{Bytes, DType, Shape, Tensor};
 use burn_flex::{Flex, FlexTensor, Layout};
@@ -52,7 +45,12 @@ pub struct Geometry {
 }
 
 /// `conv2d(x, weight)` without bias: x [B, C, H, W], weight [Co, C, k, k] -> [B, Co, Ho, Wo].
+/// On the CPU device and, in f32, on the GPU backends with dcl's kernels.
 pub fn conv2d(x: Tensor<4>, weight: Tensor<4>, geometry: Geometry) -> Tensor<4> {
+    #[cfg(all(feature = "cube-kernels", not(feature = "fusion")))]
+    if !crate::backend::has_fast_conv(&x.device()) {
+        return cube::conv2d(x, weight, geometry);
+    }
     let [stride, padding] = [geometry.stride, geometry.padding].map(|v| v as u32);
     Tensor::from_dispatch(<Dispatch as ConvBackend>::im2col_conv2d(
         x.into_dispatch(),
@@ -62,19 +60,7 @@ pub fn conv2d(x: Tensor<4>, weight: Tensor<4>, geometry: Geometry) -> Tensor<4> 
     ))
 }
 
-#[cfg_attr(
-    all(feature = "cube-kernels", not(feature = "fusion")),
-    backend_extension(
-        Flex,
-        Wgpu: cfg(any(feature = "wgpu", feature = "webgpu")),
-        Cuda: cfg(feature = "cuda"),
-        Autodiff
-    )
-)]
-#[cfg_attr(
-    not(all(feature = "cube-kernels", not(feature = "fusion"))),
-    backend_extension(Flex, Autodiff)
-)]
+#[backend_extension(Flex, Autodiff)]
 pub trait ConvBackend: Backend {
     fn im2col_conv2d(
         x: FloatTensor<Self>,
