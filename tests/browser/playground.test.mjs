@@ -82,7 +82,8 @@ function tensorBytes(file, name) {
 
 // Software WebGPU (SwiftShader, 2 cores) takes 20-60 s for one step of resnet-mini here, so this
 // test checks the wiring on WebGPU (steps run, losses are finite, the optimizer moves the weights,
-// save and load, the same first loss as the CPU path) and leaves learning to the CPU path's test.
+// save and load, the same first loss as the CPU path, the next losses tracking native ones) and
+// leaves learning to the CPU path's test.
 const STEPS = 4;
 const WIRING_RUN = { batchSize: 8, subset: 64, evalImages: 64, epochs: 2, lr: 0.001, temperature: 0.1, loss: 'dcl' };
 
@@ -144,11 +145,20 @@ test(`the page trains on WebGPU: ${STEPS} steps, finite losses, the weights move
     // views, so the same first loss (float32 sums in different orders aside; 1e-4 is the bar).
     await page.evaluate((config) => window.dclPlayground.start({ ...config, device: 'cpu' }), WIRING_RUN);
     const cpu = await waitFor(page, 'a step on the CPU path', (c) => c.device === 'cpu' && c.step >= 1, 300_000);
-    const native = nativeFirstLoss(WIRING_RUN);
+    const nativeLosses = nativeSteps(WIRING_RUN);
+    const native = nativeLosses[0];
     const [gpuLoss, cpuLoss] = [s.losses[0], cpu.losses[0]];
     console.log(`# first loss: WebGPU ${gpuLoss}, the page's CPU path ${cpuLoss}, native ${native}`);
     for (const [path, loss] of [['WebGPU', gpuLoss], ['the CPU path', cpuLoss]]) {
       assert.ok(Math.abs(loss - native) <= 1e-4 * Math.abs(native), `first loss: ${path} ${loss} vs native ${native}`);
+    }
+    // The next steps follow the gradients: float order drifts them apart by 0.1-1.5% over three
+    // Adam steps (WebGPU 2.9879 0.9713 2.0301, native 2.9898 0.9809 2.0013). With Burn's own GPU
+    // convolution (its input gradient wrong, for 1x1 stride 2 at least) WebGPU gave 3.3295 1.1919
+    // 1.6788: 11-22% off.
+    for (let i = 1; i < STEPS; i++) {
+      const [webgpu, nativeLoss] = [s.losses[i], nativeLosses[i]];
+      assert.ok(Math.abs(webgpu - nativeLoss) <= 0.05 * Math.abs(nativeLoss), `loss of step ${i}: WebGPU ${webgpu} vs native ${nativeLoss}`);
     }
   } catch (e) {
     console.log(logs.slice(-20).join('\n'));
@@ -158,8 +168,8 @@ test(`the page trains on WebGPU: ${STEPS} steps, finite losses, the weights move
   }
 });
 
-/// The first step's loss of the page's preset with `config`, trained by the native CLI on the CPU.
-function nativeFirstLoss(config) {
+/// The steps' losses of the page's preset with `config`, trained by the native CLI on the CPU.
+function nativeSteps(config) {
   const out = mkdtempSync(join(tmpdir(), 'dcl-native-'));
   try {
     execFileSync(DCL, ['pretrain', '--data', 'fashion-mnist', '--model', 'resnet-mini', '--device', 'cpu',
@@ -169,7 +179,7 @@ function nativeFirstLoss(config) {
       '--out', join(out, 'run')], { stdio: 'ignore' });
     const steps = readFileSync(join(out, 'run', 'metrics.jsonl'), 'utf8').split('\n').filter(Boolean)
       .map((line) => JSON.parse(line)).filter((e) => e.event === 'step');
-    return steps[0].loss;
+    return steps.map((e) => e.loss);
   } finally {
     rmSync(out, { recursive: true, force: true });
   }
