@@ -87,8 +87,7 @@ fn conv_forward(conv: &Conv2d, x: Tensor<4>, lowering: Lowering) -> Tensor<4> {
     let Some(geometry) = geometry else {
         return conv.forward(x);
     };
-    let device = x.device();
-    let ours = crate::backend::has_fast_conv(&device) || crate::backend::has_cube_kernels(&device);
+    let ours = own_kernels(&x.device());
     precision::lowered(x, conv.weight.val(), lowering, |x, weight| {
         match ours && x.dtype() == DType::F32 {
             true => conv::conv2d(x, weight, geometry),
@@ -137,7 +136,7 @@ fn batch_norm(bn: &BatchNorm, x: Tensor<4>, pass: &Pass) -> Tensor<4> {
     let c = x.dims()[1];
     let device = x.device();
     match device.is_autodiff() {
-        true if fused(&device) => fused_batch_norm(bn, x, pass, Then::Nothing),
+        true if own_kernels(&device) => fused_batch_norm(bn, x, pass, Then::Nothing),
         true => batch_norm_from_tensor_ops(bn, x, pass.views),
         false => {
             let stat = |state: &RunningState<Tensor<1>>| state.value().reshape([1, c]);
@@ -149,7 +148,7 @@ fn batch_norm(bn: &BatchNorm, x: Tensor<4>, pass: &Pass) -> Tensor<4> {
 
 /// [`batch_norm`], then a ReLU: in the same op where batch norm trains fused.
 fn batch_norm_relu(bn: &BatchNorm, x: Tensor<4>, pass: &Pass) -> Tensor<4> {
-    match x.device().is_autodiff() && fused(&x.device()) {
+    match x.device().is_autodiff() && own_kernels(&x.device()) {
         true => fused_batch_norm(bn, x, pass, Then::Relu),
         false => relu(batch_norm(bn, x, pass)),
     }
@@ -163,7 +162,7 @@ fn batch_norm_residual_relu(
     residual: Tensor<4>,
     pass: &Pass,
 ) -> Tensor<4> {
-    match x.device().is_autodiff() && fused(&x.device()) {
+    match x.device().is_autodiff() && own_kernels(&x.device()) {
         true => fused_batch_norm(bn, x, pass, Then::AddRelu(Box::new(residual))),
         false => relu(batch_norm(bn, x, pass) + residual),
     }
@@ -177,9 +176,9 @@ enum Then {
     AddRelu(Box<Tensor<4>>),
 }
 
-/// Whether batch norm trains on `device` (autodiff) as [`norm`]'s fused op: on the CPU, and on
-/// the GPU backends that have its kernels (not under Burn's fusion).
-fn fused(device: &Device) -> bool {
+/// Whether `device` trains through dcl's own ops ([`conv`]'s convolution, [`norm`]'s fused batch
+/// norm): on the CPU, and on the GPU backends that have their kernels (not under Burn's fusion).
+fn own_kernels(device: &Device) -> bool {
     crate::backend::has_fast_conv(device) || crate::backend::has_cube_kernels(device)
 }
 

@@ -35,7 +35,6 @@ pub fn conv2d(x: BurnTensor<4>, weight: BurnTensor<4>, geometry: Geometry) -> Bu
     let [batch, c_in, height, width] = x.dims();
     let [c_out, _, kernel, _] = weight.dims();
     let Geometry { stride, padding } = geometry;
-    let out = |n: usize| (n + 2 * padding - kernel) / stride + 1;
     let cols = BurnTensor::<2>::from_dispatch(<Dispatch as ColumnsBackend>::im2col(
         x.into_dispatch(),
         kernel as u32,
@@ -43,8 +42,8 @@ pub fn conv2d(x: BurnTensor<4>, weight: BurnTensor<4>, geometry: Geometry) -> Bu
         padding as u32,
     ));
     let y = weight.reshape([c_out, c_in * kernel * kernel]).matmul(cols);
-    y.reshape([c_out, batch, out(height), out(width)])
-        .swap_dims(0, 1)
+    let [h_out, w_out] = [height, width].map(|n| geometry.out(n, kernel));
+    y.reshape([c_out, batch, h_out, w_out]).swap_dims(0, 1)
 }
 
 #[backend_extension(
@@ -71,8 +70,17 @@ pub struct Columns {
 }
 
 impl Columns {
+    fn new(input: Shape, kernel: u32, stride: u32, padding: u32) -> Self {
+        let [stride, padding] = [stride, padding].map(|v| v as usize);
+        Self {
+            input,
+            kernel: kernel as usize,
+            geometry: Geometry { stride, padding },
+        }
+    }
+
     fn out(&self, n: usize) -> usize {
-        (n + 2 * self.geometry.padding - self.kernel) / self.geometry.stride + 1
+        self.geometry.out(n, self.kernel)
     }
 }
 
@@ -165,14 +173,7 @@ fn col2im_kernel(
 impl<R: CubeRuntime> ColumnsBackend for CubeBackend<R> {
     fn im2col(x: CubeTensor<R>, kernel: u32, stride: u32, padding: u32) -> CubeTensor<R> {
         let dims = x.shape();
-        let columns = Columns {
-            input: dims.clone(),
-            kernel: kernel as usize,
-            geometry: Geometry {
-                stride: stride as usize,
-                padding: padding as usize,
-            },
-        };
+        let columns = Columns::new(dims.clone(), kernel, stride, padding);
         let (h_out, w_out) = (columns.out(dims[2]), columns.out(dims[3]));
         let rows = dims[1] * columns.kernel * columns.kernel;
         let cols = empty(&x, &[rows, dims[0] * h_out * w_out]);
@@ -217,14 +218,7 @@ impl<R: CubeRuntime> ColumnsBackward for CubeBackend<R> {
 
 impl<B: ColumnsBackward, C: CheckpointStrategy> ColumnsBackend for Autodiff<B, C> {
     fn im2col(x: FloatTensor<Self>, kernel: u32, stride: u32, padding: u32) -> FloatTensor<Self> {
-        let columns = Columns {
-            input: x.primitive.shape(),
-            kernel: kernel as usize,
-            geometry: Geometry {
-                stride: stride as usize,
-                padding: padding as usize,
-            },
-        };
+        let columns = Columns::new(x.primitive.shape(), kernel, stride, padding);
         let cols = B::im2col(x.primitive, kernel, stride, padding);
         match Im2colGrad
             .prepare::<C>([x.node.clone()])

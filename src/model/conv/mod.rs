@@ -44,6 +44,13 @@ pub struct Geometry {
     pub padding: usize,
 }
 
+impl Geometry {
+    /// Outputs along an axis of `n` inputs, for a kernel `kernel` wide.
+    fn out(&self, n: usize, kernel: usize) -> usize {
+        (n + 2 * self.padding - kernel) / self.stride + 1
+    }
+}
+
 /// `conv2d(x, weight)` without bias: x [B, C, H, W], weight [Co, C, k, k] -> [B, Co, Ho, Wo].
 /// On the CPU device and, in f32, on the GPU backends with dcl's kernels.
 pub fn conv2d(x: Tensor<4>, weight: Tensor<4>, geometry: Geometry) -> Tensor<4> {
@@ -70,62 +77,27 @@ pub trait ConvBackend: Backend {
     ) -> FloatTensor<Self>;
 }
 
-/// The backward pass of [`ConvBackend::im2col_conv2d`]: the input's gradient (when asked) and
-/// the weight's, from the op's input, weight and output gradient.
-pub trait ConvBackward: ConvBackend {
-    fn im2col_conv2d_backward(
-        x: FloatTensor<Self>,
-        weight: FloatTensor<Self>,
-        output_grad: FloatTensor<Self>,
-        geometry: Geometry,
-        want_x: bool,
-    ) -> (Option<FloatTensor<Self>>, FloatTensor<Self>);
-}
-
 impl ConvBackend for Flex {
     fn im2col_conv2d(x: FlexTensor, weight: FlexTensor, stride: u32, padding: u32) -> FlexTensor {
         Plan::new(&x, &weight, stride, padding).forward(&x, &weight)
     }
 }
 
-impl ConvBackward for Flex {
-    fn im2col_conv2d_backward(
-        x: FlexTensor,
-        weight: FlexTensor,
-        output_grad: FlexTensor,
-        geometry: Geometry,
-        want_x: bool,
-    ) -> (Option<FlexTensor>, FlexTensor) {
-        let [stride, padding] = [geometry.stride, geometry.padding].map(|v| v as u32);
-        Plan::new(&x, &weight, stride, padding).backward(&x, &weight, &output_grad, want_x)
-    }
-}
-
-impl<B: ConvBackward, C: CheckpointStrategy> ConvBackend for Autodiff<B, C> {
+impl<C: CheckpointStrategy> ConvBackend for Autodiff<Flex, C> {
     fn im2col_conv2d(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         stride: u32,
         padding: u32,
     ) -> FloatTensor<Self> {
-        let output = B::im2col_conv2d(
-            x.primitive.clone(),
-            weight.primitive.clone(),
-            stride,
-            padding,
-        );
-        let geometry = Geometry {
-            stride: stride as usize,
-            padding: padding as usize,
-        };
+        let plan = Plan::new(&x.primitive, &weight.primitive, stride, padding);
+        let output = plan.forward(&x.primitive, &weight.primitive);
         match ConvGrad
             .prepare::<C>([x.node.clone(), weight.node.clone()])
             .compute_bound()
             .stateful()
         {
-            OpsKind::Tracked(prep) => {
-                prep.finish((x.primitive, weight.primitive, geometry), output)
-            }
+            OpsKind::Tracked(prep) => prep.finish((plan, x.primitive, weight.primitive), output),
             OpsKind::UnTracked(prep) => prep.finish(output),
         }
     }
@@ -134,20 +106,19 @@ impl<B: ConvBackward, C: CheckpointStrategy> ConvBackend for Autodiff<B, C> {
 #[derive(Debug)]
 struct ConvGrad;
 
-impl<B: ConvBackward> Backward<B, 2> for ConvGrad {
-    type State = (FloatTensor<B>, FloatTensor<B>, Geometry);
+impl Backward<Flex, 2> for ConvGrad {
+    type State = (Plan, FlexTensor, FlexTensor);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [x_node, w_node] = ops.parents;
-        let (x, weight, geometry) = ops.state;
-        let output_grad = grads.consume::<B>(&ops.node);
-        let want_x = x_node.is_some();
-        let (x_grad, w_grad) = B::im2col_conv2d_backward(x, weight, output_grad, geometry, want_x);
+        let (plan, x, weight) = ops.state;
+        let output_grad = grads.consume::<Flex>(&ops.node);
+        let (x_grad, w_grad) = plan.backward(&x, &weight, &output_grad, x_node.is_some());
         if let (Some(node), Some(grad)) = (x_node, x_grad) {
-            grads.register::<B>(node.id, grad);
+            grads.register::<Flex>(node.id, grad);
         }
         if let Some(node) = w_node {
-            grads.register::<B>(node.id, w_grad);
+            grads.register::<Flex>(node.id, w_grad);
         }
     }
 }
@@ -197,7 +168,7 @@ impl Plan {
             weight.layout().shape()
         );
         let (stride, padding) = (stride as usize, padding as usize);
-        let out = |n: usize| (n + 2 * padding - kernel) / stride + 1;
+        let out = |n: usize| Geometry { stride, padding }.out(n, kernel);
         let plan = Self {
             batch,
             c_in,
