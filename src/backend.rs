@@ -129,6 +129,16 @@ pub fn has_cube_kernels(device: &Device) -> bool {
     }
 }
 
+/// Whether `device` is a wgpu device on a software adapter (lavapipe; SwiftShader, the page's
+/// WebGPU on a machine without a GPU), where `model::conv` multiplies by a kernel of its own.
+pub fn software_gpu(device: &Device) -> bool {
+    match device.clone().inner().as_dispatch() {
+        #[cfg(any(feature = "wgpu", feature = "webgpu"))]
+        burn::backend::DispatchDevice::Wgpu(_) => wgpu_context().is_some_and(|c| c.software),
+        _ => false,
+    }
+}
+
 /// The CPU device without autodiff: seeded initialization and host-side helpers.
 pub fn cpu() -> Device {
     default_to_cpu();

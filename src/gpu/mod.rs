@@ -16,6 +16,8 @@ pub struct GpuContext {
     pub device: wgpu::Device,
     pub queue: wgpu::Queue,
     pub adapter_name: String,
+    /// A CPU's emulation of a GPU (lavapipe, SwiftShader; a browser's fallback adapter).
+    pub software: bool,
 }
 
 impl GpuContext {
@@ -34,7 +36,7 @@ impl GpuContext {
                      (apt install mesa-vulkan-drivers)"
                 )
             })?;
-        let adapter_name = adapter.get_info().name;
+        let info = adapter.get_info();
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("dcl"),
@@ -45,7 +47,8 @@ impl GpuContext {
         Ok(Self {
             device,
             queue,
-            adapter_name,
+            adapter_name: info.name,
+            software: info.device_type == wgpu::DeviceType::Cpu,
         })
     }
 
@@ -53,8 +56,10 @@ impl GpuContext {
     /// share one device (see `backend`).
     #[cfg(feature = "train")]
     pub fn from_setup(setup: burn::backend::wgpu::WgpuSetup) -> Self {
+        let info = setup.adapter.get_info();
         Self {
-            adapter_name: setup.adapter.get_info().name,
+            adapter_name: info.name,
+            software: info.device_type == wgpu::DeviceType::Cpu,
             device: setup.device,
             queue: setup.queue,
         }

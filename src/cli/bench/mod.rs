@@ -46,6 +46,10 @@ pub enum BenchCommand {
         /// Also run the PyTorch reference (scripts/pytorch_bench_train.py) and print the ratio.
         #[arg(long)]
         pytorch: bool,
+        /// On wgpu and CUDA: each kernel's device time a step, the slowest first (each launch
+        /// is then timed on its own, which slows the step: its images/s are not the step's).
+        #[arg(long, conflicts_with = "pytorch")]
+        kernel_times: bool,
         /// With --pytorch: this many dcl and PyTorch runs, interleaved (this machine drifts by 10-30%
         /// between runs); the medians and the spread of the pairs' ratios are reported.
         #[arg(long, default_value_t = 1, requires = "pytorch")]
@@ -97,6 +101,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
             optimizer,
             threads,
             pytorch,
+            kernel_times,
             pairs,
             json,
         } => {
@@ -126,7 +131,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
                 loss_kernel: loss_kernel.unwrap_or(RunConfig::default_loss_kernel(device)),
                 optimizer,
             };
-            let launches = launch_log(device)?;
+            let launches = launch_log(device, kernel_times)?;
             let mut bench = task.run(&launches)?;
             bench["device"] = match names.is_empty() {
                 true => device.to_string(),
@@ -184,15 +189,15 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
 
 /// Kernel launches are counted on the CubeCL devices; the CPU device launches none.
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
-fn launch_log(device: DeviceKind) -> anyhow::Result<Option<LaunchLog>> {
+fn launch_log(device: DeviceKind, timed: bool) -> anyhow::Result<Option<LaunchLog>> {
     match device {
         DeviceKind::Cpu => Ok(None),
-        _ => LaunchLog::start().map(Some),
+        _ => LaunchLog::start(timed).map(Some),
     }
 }
 
 #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
-fn launch_log(_: DeviceKind) -> anyhow::Result<Option<LaunchLog>> {
+fn launch_log(_: DeviceKind, _: bool) -> anyhow::Result<Option<LaunchLog>> {
     Ok(None)
 }
 
@@ -205,6 +210,17 @@ impl LaunchLog {
     fn count(&self) -> usize {
         match *self {}
     }
+
+    fn kernel_times(&self, _: usize) -> Vec<KernelTime> {
+        match *self {}
+    }
+}
+
+/// One kernel's launches and their summed device time, over a stretch of the launch log.
+pub struct KernelTime {
+    pub kernel: String,
+    pub launches: usize,
+    pub ms: f64,
 }
 
 struct BenchTask {
@@ -274,6 +290,20 @@ impl BenchTask {
             per_step(now_launched - launched + now.dispatches - before.dispatches)
         });
         let host_reads = per_step(now.host_reads - before.host_reads);
+        let kernels: Vec<serde_json::Value> = match (launches, launched) {
+            (Some(log), Some(launched)) => log
+                .kernel_times(launched)
+                .into_iter()
+                .map(|k| {
+                    serde_json::json!({
+                        "kernel": k.kernel,
+                        "launches_per_step": per_step(k.launches),
+                        "ms_per_step": k.ms / self.steps as f64,
+                    })
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
         // The device waits for nothing but the views while "data" runs: the next step's views
         // are made while this one computes, so only what that overlap does not hide is left.
         let total: f64 = phases.iter().map(|(_, ms)| ms).sum();
@@ -295,6 +325,7 @@ impl BenchTask {
             "data_wait_share": data / total,
             "dispatches_per_step": dispatches,
             "host_reads_per_step": host_reads,
+            "kernels": kernels,
         }))
     }
 }
@@ -395,6 +426,38 @@ fn print_train_bench(b: &serde_json::Value, json: bool) {
         f(&b["dispatches_per_step"]),
         f(&b["host_reads_per_step"]),
     );
+    print_kernel_times(b);
+}
+
+/// The slowest kernels of a step, when they were timed (`--kernel-times`).
+fn print_kernel_times(b: &serde_json::Value) {
+    const SHOWN: usize = 25;
+    let Some(kernels) = b["kernels"]
+        .as_array()
+        .filter(|k| k[0]["ms_per_step"].as_f64() > Some(0.0))
+    else {
+        return;
+    };
+    let total: f64 = kernels
+        .iter()
+        .filter_map(|k| k["ms_per_step"].as_f64())
+        .sum();
+    println!("\n{total:.1} ms of kernels a step, the slowest {SHOWN}:\n");
+    println!("| kernel | launches/step | ms/step | share |\n|---|---|---|---|");
+    for k in kernels.iter().take(SHOWN) {
+        let ms = k["ms_per_step"].as_f64().unwrap_or(0.0);
+        let name = k["kernel"].as_str().unwrap_or("");
+        println!(
+            "| {} | {:.1} | {ms:.1} | {:.1}% |",
+            // CubeCL separates a kernel's type arguments with bars, which would end the cell.
+            name.replace(" | ", " ")
+                .chars()
+                .take(100)
+                .collect::<String>(),
+            k["launches_per_step"].as_f64().unwrap_or(0.0),
+            100.0 * ms / total
+        );
+    }
 }
 
 #[cfg(feature = "wgpu")]

@@ -41,9 +41,18 @@ pub fn conv2d(x: BurnTensor<4>, weight: BurnTensor<4>, geometry: Geometry) -> Bu
         stride as u32,
         padding as u32,
     ));
-    let y = weight.reshape([c_out, c_in * kernel * kernel]).matmul(cols);
+    let y = product(weight.reshape([c_out, c_in * kernel * kernel]), cols);
     let [h_out, w_out] = [height, width].map(|n| geometry.out(n, kernel));
     y.reshape([c_out, batch, h_out, w_out]).swap_dims(0, 1)
+}
+
+/// W · cols: on a software GPU by [`super::tiled`]'s kernel, elsewhere by Burn's matmul.
+fn product(weight: BurnTensor<2>, cols: BurnTensor<2>) -> BurnTensor<2> {
+    #[cfg(any(feature = "wgpu", feature = "webgpu"))]
+    if crate::backend::software_gpu(&cols.device()) {
+        return super::tiled::matmul(weight, cols);
+    }
+    weight.matmul(cols)
 }
 
 #[backend_extension(

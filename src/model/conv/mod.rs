@@ -28,6 +28,12 @@ use std::ops::Range;
 
 #[cfg(all(feature = "cube-kernels", not(feature = "fusion")))]
 mod cube;
+#[cfg(all(
+    feature = "cube-kernels",
+    not(feature = "fusion"),
+    any(feature = "wgpu", feature = "webgpu")
+))]
+mod tiled;
 
 /// How many partial sums the weight gradient is split into: the parallelism of the backward
 /// pass (more than the cores of most CPUs), bounded so that the partials' memory stays small.

@@ -49,15 +49,16 @@ fn workgroup_sum(value: f32) -> f32 {
     partial[0]
 }
 
-/// Where value `k` of slot (view, c) lies in x [B, C, H, W], by x's strides (the convolutions
-/// hand over their own layouts; copying them to one would cost a dispatch): the slot's values are
-/// its view's images' planes, image after image.
+/// Where row `row` of slot (view, c) starts in x [B, C, H, W] (read by its strides: the
+/// convolutions hand over their own layouts; copying them to one would cost a dispatch): the
+/// slot's rows are its view's images' rows, image after image, each W values at x's last stride.
+/// A thread walks whole rows, so the divisions (slow on the GPUs that emulate them) come once a
+/// row, not once a value.
 #[cube]
-fn at(x: &Tensor<f32>, k: usize, view: usize, c: usize, per_view: usize, pixels: usize) -> usize {
-    let image = view * per_view + k / pixels;
-    let p = k % pixels;
-    let width = x.shape(3);
-    image * x.stride(0) + c * x.stride(1) + p / width * x.stride(2) + p % width * x.stride(3)
+fn row_start(x: &Tensor<f32>, row: usize, view: usize, c: usize, per_view: usize) -> usize {
+    let height = x.shape(2);
+    let image = view * per_view + row / height;
+    image * x.stride(0) + c * x.stride(1) + row % height * x.stride(2)
 }
 
 /// Per slot: the mean, then the biased variance about it, into moments [2, slots].
@@ -76,19 +77,26 @@ fn moments_kernel(
     let view = slot / channels;
     let c = slot % channels;
     let count = per_view * pixels;
+    let (rows, width, step) = (per_view * x.shape(2), x.shape(3), x.stride(3));
     let mut sum = 0.0f32;
-    let mut k = UNIT_POS_X as usize;
-    while k < count {
-        sum += x[at(x, k, view, c, per_view, pixels)];
-        k += THREADS;
+    let mut row = UNIT_POS_X as usize;
+    while row < rows {
+        let start = row_start(x, row, view, c, per_view);
+        for w in 0..width {
+            sum += x[start + w * step];
+        }
+        row += THREADS;
     }
     let mean = workgroup_sum(sum) / f32::cast_from(count);
     let mut squares = 0.0f32;
-    let mut k = UNIT_POS_X as usize;
-    while k < count {
-        let d = x[at(x, k, view, c, per_view, pixels)] - mean;
-        squares += d * d;
-        k += THREADS;
+    let mut row = UNIT_POS_X as usize;
+    while row < rows {
+        let start = row_start(x, row, view, c, per_view);
+        for w in 0..width {
+            let d = x[start + w * step] - mean;
+            squares += d * d;
+        }
+        row += THREADS;
     }
     let var = workgroup_sum(squares) / f32::cast_from(count);
     if UNIT_POS_X == 0 {
@@ -191,13 +199,11 @@ fn backward_sums_kernel(
     sums: &mut Tensor<f32>,
     per_view: u32,
     channels: u32,
-    pixels: u32,
     epsilon: f32,
     #[comptime] relu: bool,
 ) {
     let per_view = per_view as usize;
     let channels = channels as usize;
-    let pixels = pixels as usize;
     let slot = CUBE_POS_X as usize;
     let view = slot / channels;
     let c = slot % channels;
@@ -206,14 +212,20 @@ fn backward_sums_kernel(
     let inv_std = 1.0 / f32::sqrt(moments[slots + slot] + epsilon);
     let mut dgamma = 0.0f32;
     let mut dbeta = 0.0f32;
-    let mut k = UNIT_POS_X as usize;
-    while k < per_view * pixels {
-        let i = at(x, k, view, c, per_view, pixels);
-        let j = at(dy, k, view, c, per_view, pixels);
-        let g = masked(dy[j], relu_output[i], relu);
-        dgamma += g * (x[i] - mean) * inv_std;
-        dbeta += g;
-        k += THREADS;
+    let (rows, width) = (per_view * x.shape(2), x.shape(3));
+    let mut row = UNIT_POS_X as usize;
+    while row < rows {
+        let (x_start, dy_start) = (
+            row_start(x, row, view, c, per_view),
+            row_start(dy, row, view, c, per_view),
+        );
+        for w in 0..width {
+            let i = x_start + w * x.stride(3);
+            let g = masked(dy[dy_start + w * dy.stride(3)], relu_output[i], relu);
+            dgamma += g * (x[i] - mean) * inv_std;
+            dbeta += g;
+        }
+        row += THREADS;
     }
     let dgamma = workgroup_sum(dgamma);
     let dbeta = workgroup_sum(dbeta);
@@ -527,7 +539,6 @@ impl<R: CubeRuntime> NormBackward for CubeBackend<R> {
             sums.clone().into_tensor_arg(),
             per_view,
             channels,
-            pixels,
             epsilon,
             relu,
         );
