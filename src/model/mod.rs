@@ -511,20 +511,23 @@ mod tests {
 
     /// Both training paths (the fused op, the tensor ops of a GPU build with fusion) against
     /// Burn's `BatchNorm`, alone and followed by a ReLU: output, gradients of input, gamma and
-    /// beta, running statistics; then eval.
+    /// beta, running statistics; then eval. The second shape has enough rows a channel that
+    /// the GPU kernels' workgroups take their wide form.
     #[test]
     fn batch_norm_equals_burns_in_training_and_in_eval() {
         for device in training_devices() {
-            batch_norm_equals_burns_on(&device);
+            for shape in [[3, 5, 4, 6], [3, 5, 360, 3]] {
+                batch_norm_equals_burns_on(&device, shape);
+            }
         }
     }
 
-    fn batch_norm_equals_burns_on(device: &Device) {
+    fn batch_norm_equals_burns_on(device: &Device, shape: [usize; 4]) {
         let (_, random) = seeded(11);
-        let [gamma, beta] = affine(&random, 5).map(|t| to(&t, device));
-        let x_values = random([3, 5, 4, 6], 2.0, 3.0);
+        let [gamma, beta] = affine(&random, shape[1]).map(|t| to(&t, device));
+        let x_values = random(shape, 2.0, 3.0);
         // A weighted sum, so that every output's gradient differs.
-        let weights = to(&random([3, 5, 4, 6], 0.0, 1.0), device);
+        let weights = to(&random(shape, 0.0, 1.0), device);
         let device = device.clone();
         // x as given, and x channels-last in memory (as a GPU convolution may hand it over):
         // a leaf of either layout, and x the [B, C, H, W] view of it.
