@@ -215,7 +215,7 @@ mod tests {
     use super::*;
     use burn::tensor::{Distribution, Tensor};
 
-    /// Value and both gradients against Burn's matmul on the CPU, on shapes off the 4 x 4 blocks
+    /// Value and both gradients against Burn's matmul on the CPU, on shapes off the 4 x 8 blocks
     /// and on reductions long enough to be split (the weight gradient's shape among them).
     #[test]
     fn equals_burns_matmul_with_gradients() {
