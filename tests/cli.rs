@@ -640,10 +640,11 @@ fn batch_sweep_runs_its_grid_and_survives_kill_9() {
     assert!(stderr(&out).contains("grid.json"), "{}", stderr(&out));
 }
 
-/// `mpirun -np 2 dcl pretrain` on loopback: the run is one process's (the step losses, to float
-/// rounding: negatives gathered, batch norms synced); kill -9 of rank 1 ends the job with an
-/// error that names it and leaves the last checkpoint; `--resume` under mpirun ends the run as
-/// the uninterrupted one did, bit for bit.
+/// `mpirun -np 2 dcl pretrain` on loopback: the run is the one-process run on two peers
+/// (`--devices cpu,cpu`), bit for bit, and its first steps are one device's to float rounding
+/// (negatives gathered, batch norms synced); kill -9 of rank 1 ends the job with an error that
+/// names it and leaves the last checkpoint; `--resume` under mpirun ends the run as the
+/// uninterrupted one did, bit for bit.
 #[cfg(feature = "mpi")]
 #[test]
 fn pretrain_under_mpirun_matches_one_process_and_survives_kill_9() {
@@ -683,13 +684,20 @@ fn pretrain_under_mpirun_matches_one_process_and_survives_kill_9() {
     finish(&mut alone);
     let two = tmp.path().join("two");
     assert!(finish(&mut mpirun(&two)).contains("rank 1 of 2: from epoch 0"));
+    let peers = tmp.path().join("peers");
+    let mut in_process = Command::new(dcl_bin());
+    pretrain(&mut in_process, &peers);
+    finish(in_process.args(["--devices", "cpu,cpu"]));
     let (one_losses, two_losses) = (losses(&one), losses(&two));
     assert_eq!((one_losses.len(), two_losses.len()), (12, 12));
+    assert_eq!(two_losses, losses(&peers), "mpirun against --devices cpu,cpu");
+    // Later steps drift apart from one device's as training amplifies the split's rounding, by
+    // how much depends on the machine: 1e-6 relative at step 3 where this test was written,
+    // 1.3e-2 on another (the same binary), where the peers in one process drift as far.
     let apart = |a: f64, b: f64| (a - b).abs() / a.abs();
-    for (step, (&a, &b)) in one_losses.iter().zip(&two_losses).take(4).enumerate() {
-        let bound = if step < 2 { 1e-5 } else { 2e-3 };
+    for (step, (&a, &b)) in one_losses.iter().zip(&two_losses).take(2).enumerate() {
         assert!(
-            apart(a, b) <= bound,
+            apart(a, b) <= 1e-5,
             "step {step}: {one_losses:?}\nvs\n{two_losses:?}"
         );
     }
