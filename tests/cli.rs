@@ -690,7 +690,11 @@ fn pretrain_under_mpirun_matches_one_process_and_survives_kill_9() {
     finish(in_process.args(["--devices", "cpu,cpu"]));
     let (one_losses, two_losses) = (losses(&one), losses(&two));
     assert_eq!((one_losses.len(), two_losses.len()), (12, 12));
-    assert_eq!(two_losses, losses(&peers), "mpirun against --devices cpu,cpu");
+    assert_eq!(
+        two_losses,
+        losses(&peers),
+        "mpirun against --devices cpu,cpu"
+    );
     // Later steps drift apart from one device's as training amplifies the split's rounding, by
     // how much depends on the machine: 1e-6 relative at step 3 where this test was written,
     // 1.3e-2 on another (the same binary), where the peers in one process drift as far.
