@@ -5,7 +5,7 @@
 //! whose barriers a software GPU runs as switches between coroutines: natively on SwiftShader its
 //! autotuner measured that kernel 2.3x slower than its best pick over the step's products, and
 //! up to 8x on the weight gradient's (short and wide, reduced over every pixel of the batch). Here
-//! a thread keeps a 4 x 8 block of the output in registers, reads both operands by their strides
+//! a thread keeps an 8 x 8 block of the output in registers, reads both operands by their strides
 //! (a transpose is a view, not a copy) and shares nothing: no shared memory, no barrier. A long
 //! reduction is split over threads into partial blocks, summed by a second kernel, so the weight
 //! gradient's few outputs still fill the machine.
@@ -23,9 +23,10 @@ use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{CubeBackend, CubeRuntime};
 use cubecl::prelude::*;
 
-/// Rows and columns of the output block a thread keeps: 32 products per step of k from 12 loads
-/// (4 x 4 blocks: 16 from 8, and 9% slower on SwiftShader).
-const BLOCK: usize = 4;
+/// Rows and columns of the output block a thread keeps: 64 products per step of k from 16 loads
+/// (measured on SwiftShader, the products of a step: 4 x 4 blocks 657 ms, 4 x 8 598-615, 8 x 8
+/// 457-469, 8 x 16 480-489).
+const BLOCK: usize = 8;
 const WIDE: usize = 8;
 /// Threads a product should have to fill a software GPU (a few cores, each running a workgroup's
 /// invocations in SIMD lanes): below this the reduction is split.
@@ -215,7 +216,7 @@ mod tests {
     use super::*;
     use burn::tensor::{Distribution, Tensor};
 
-    /// Value and both gradients against Burn's matmul on the CPU, on shapes off the 4 x 8 blocks
+    /// Value and both gradients against Burn's matmul on the CPU, on shapes off the 8 x 8 blocks
     /// and on reductions long enough to be split (the weight gradient's shape among them).
     #[test]
     fn equals_burns_matmul_with_gradients() {
