@@ -1,4 +1,5 @@
-//! The convolution on Burn's GPU backends: im2col as a CubeCL kernel, then Burn's matmul.
+//! The convolution on Burn's GPU backends: im2col as a CubeCL kernel, then Burn's matmul (on a
+//! software GPU, [`super::tiled`]'s kernel instead).
 //!
 //! Burn's own convolution takes about twenty dispatches a layer a training step (the weight
 //! gradient as a direct convolution, the input gradient as a transposed one through NCHW/NHWC
