@@ -70,21 +70,14 @@ fn row_start(x: &Tensor<f32>, row: usize, view: usize, c: usize, per_view: usize
 
 /// Per slot: the mean, then the biased variance about it, into moments [2, slots].
 #[cube(launch)]
-fn moments_kernel(
-    x: &Tensor<f32>,
-    moments: &mut Tensor<f32>,
-    per_view: u32,
-    channels: u32,
-    pixels: u32,
-) {
+fn moments_kernel(x: &Tensor<f32>, moments: &mut Tensor<f32>, per_view: u32, channels: u32) {
     let per_view = per_view as usize;
     let channels = channels as usize;
-    let pixels = pixels as usize;
     let slot = CUBE_POS_X as usize;
     let view = slot / channels;
     let c = slot % channels;
-    let count = per_view * pixels;
     let (rows, width, step) = (per_view * x.shape(2), x.shape(3), x.stride(3));
+    let count = rows * width;
     let mut sum = 0.0f32;
     let mut row = UNIT_POS_X as usize;
     while row < rows {
@@ -390,8 +383,13 @@ fn empty_like<R: CubeRuntime>(x: &CubeTensor<R>) -> CubeTensor<R> {
     CubeTensor::new(client, handle, x.meta.as_ref().clone(), device, x.dtype)
 }
 
-/// A workgroup per slot, for slots of `rows` rows of values each.
-fn per_slot(slots: usize, rows: usize) -> (CubeCount, CubeDim) {
+/// A workgroup per slot of x, whose slots hold `per_view` images' rows each.
+fn per_slot<R: CubeRuntime>(
+    x: &CubeTensor<R>,
+    slots: usize,
+    per_view: u32,
+) -> (CubeCount, CubeDim) {
+    let rows = per_view as usize * x.shape()[2];
     let threads = match rows > FEW_THREADS * ROWS_PER_THREAD {
         true => THREADS,
         false => FEW_THREADS,
@@ -445,7 +443,7 @@ impl<R: CubeRuntime> NormBackend for CubeBackend<R> {
         let slots = views * x.shape()[1];
         let (per_view, channels, pixels) = layout(&x, slots);
         let moments = empty(&x, &[2, slots]);
-        let (count, dim) = per_slot(slots, per_view as usize * x.shape()[2]);
+        let (count, dim) = per_slot(&x, slots, per_view);
         moments_kernel::launch(
             &x.client.clone(),
             count,
@@ -454,7 +452,6 @@ impl<R: CubeRuntime> NormBackend for CubeBackend<R> {
             moments.clone().into_tensor_arg(),
             per_view,
             channels,
-            pixels,
         );
         match sync {
             Some(sync) => over_peers(moments, (per_view * pixels) as f64, &sync),
@@ -539,7 +536,7 @@ impl<R: CubeRuntime> NormBackward for CubeBackend<R> {
         let (per_view, channels, pixels) = layout(&x, slots);
         let client = x.client.clone();
         let sums = empty(&x, &[2, slots]);
-        let (count, dim) = per_slot(slots, per_view as usize * x.shape()[2]);
+        let (count, dim) = per_slot(&x, slots, per_view);
         backward_sums_kernel::launch(
             &client,
             count,
