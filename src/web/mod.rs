@@ -18,8 +18,19 @@ use wasm_bindgen_futures::future_to_promise;
 #[cfg(feature = "train")]
 mod playground;
 
+// The static constructors (cubecl's `inventory` registrations: thousands of them), run once.
+// Unless the module calls them itself, wasm-ld links it as a "command" and wraps every export
+// in a call to all of them: each call from JS into the module (wasm-bindgen's externref table,
+// every bind group entry of every dispatch) ran them again, 80% of a training step's host time
+// in the page (README "The playground").
+unsafe extern "C" {
+    fn __wasm_call_ctors();
+}
+
 #[wasm_bindgen(start)]
 pub fn start() {
+    // SAFETY: the linker's constructor list, called once before any other export runs.
+    unsafe { __wasm_call_ctors() };
     console_error_panic_hook::set_once();
 }
 
