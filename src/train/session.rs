@@ -29,7 +29,7 @@ pub enum Event {
         scores: Scores,
     },
     /// One optimization step; `step` counts from 0 over the whole run, `images_per_sec` is the
-    /// current epoch's average so far (images, not views).
+    /// current epoch's average after its first step (images, not views; see `Pace`).
     Step {
         epoch: usize,
         step: usize,
@@ -79,7 +79,36 @@ pub struct Session {
     evaluated: Option<usize>,
     pixels_reported: bool,
     checkpoint_due: bool,
-    epoch_started: Option<Instant>,
+    pace: Option<Pace>,
+}
+
+/// The epoch's images/s from the end of its first step on (that step's own figure until then):
+/// a run's first step also compiles the GPU's kernels (28 s of the page's first step on
+/// SwiftShader, 1.4 s each after), which an average from the epoch's start carries for long.
+struct Pace {
+    since: Instant,
+    images: usize,
+    first: bool,
+}
+
+impl Pace {
+    fn new(first: bool) -> Self {
+        Self {
+            since: Instant::now(),
+            images: 0,
+            first,
+        }
+    }
+
+    /// `images` more trained: the rate so far, counted afresh after the first step.
+    fn step(&mut self, images: usize) -> f64 {
+        self.images += images;
+        let rate = self.images as f64 / self.since.elapsed().as_secs_f64();
+        if self.first {
+            *self = Self::new(false);
+        }
+        rate
+    }
 }
 
 impl Session {
@@ -114,7 +143,7 @@ impl Session {
             evaluated: None,
             pixels_reported: false,
             checkpoint_due: false,
-            epoch_started: None,
+            pace: None,
         })
     }
 
@@ -167,7 +196,7 @@ impl Session {
         if self.trainer().epoch_finished() && !self.trainer().finished() {
             self.strategy.end_epoch();
             self.checkpoint_due = true;
-            self.epoch_started = None;
+            self.pace = None;
         }
         if let Some(m) = self.monitor.as_ref().filter(|_| !self.pixels_reported) {
             self.pixels_reported = true;
@@ -189,15 +218,15 @@ impl Session {
         if self.trainer().finished() {
             return Ok(Event::Finished);
         }
-        let started = *self.epoch_started.get_or_insert_with(Instant::now);
+        let batch = self.config().batch_size;
+        let pace = self.pace.get_or_insert_with(|| Pace::new(true));
         let step = self.strategy.step_async().await?;
-        let images = self.trainer().step_in_epoch() * self.config().batch_size;
         Ok(Event::Step {
             epoch: step.epoch,
             step: step.step,
             loss: step.loss,
             lr: step.lr,
-            images_per_sec: images as f64 / started.elapsed().as_secs_f64(),
+            images_per_sec: pace.step(batch),
         })
     }
 
