@@ -492,6 +492,38 @@ fn bench_loss_reports_both_paths_and_the_fused_memory_stays_linear() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--device wgpu"));
 }
 
+/// The table `dcl bench train` prints on the CPU, where no kernel is timed (it panicked there
+/// once, after the row).
+#[test]
+fn bench_train_prints_its_table_on_the_cpu() {
+    let out = dcl(&[
+        "bench",
+        "train",
+        "--device",
+        "cpu",
+        "--model",
+        "resnet-mini",
+        "--batch-size",
+        "4",
+        "--steps",
+        "1",
+        "--threads",
+        "1",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let row = stdout
+        .lines()
+        .find(|l| l.starts_with("| resnet-mini | 4 | cpu | 1 |"))
+        .unwrap_or_else(|| panic!("no row for the run in:\n{stdout}"));
+    let rate: f64 = row.split('|').nth(5).unwrap().trim().parse().unwrap();
+    assert!(rate > 0.0, "{row}");
+}
+
 #[test]
 fn experiment_npc_writes_its_tables_and_q_falls_with_the_batch() {
     let tmp = tempfile::tempdir().unwrap();

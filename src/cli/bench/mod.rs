@@ -434,7 +434,7 @@ fn print_kernel_times(b: &serde_json::Value) {
     const SHOWN: usize = 25;
     let Some(kernels) = b["kernels"]
         .as_array()
-        .filter(|k| k[0]["ms_per_step"].as_f64() > Some(0.0))
+        .filter(|k| k.first().and_then(|k| k["ms_per_step"].as_f64()) > Some(0.0))
     else {
         return;
     };
