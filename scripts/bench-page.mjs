@@ -1,0 +1,58 @@
+#!/usr/bin/env node
+// The page's training speed as a person sees it: `dcl serve`, headless Chromium (software WebGPU
+// through SwiftShader here), one run started through `window.dclPlayground`, each step's time
+// taken from the page's state. Prints a table: each step's seconds, then the steady state (steps
+// 2 to the last: the first step compiles the GPU's kernels) beside the page's own figure.
+//
+//   node scripts/bench-page.mjs [--device wgpu|cpu] [--batch-size 8] [--steps 8] [--root DIR]
+//
+// DCL_BIN is the native `dcl` (default: $CARGO_TARGET_DIR/release/dcl); --root the folder served
+// (another checkout's page, to compare commits on one machine).
+import { spawn } from 'node:child_process';
+import { parseArgs } from 'node:util';
+import { chromium } from 'playwright-core';
+
+const { values: opt } = parseArgs({
+  options: {
+    device: { type: 'string', default: 'wgpu' },
+    'batch-size': { type: 'string', default: '8' },
+    steps: { type: 'string', default: '8' },
+    root: { type: 'string', default: process.cwd() },
+  },
+});
+const batch = Number(opt['batch-size']);
+const steps = Number(opt.steps);
+if (!(batch >= 2 && steps >= 3)) throw new Error('--batch-size must be >= 2 and --steps >= 3');
+const target = process.env.CARGO_TARGET_DIR || `${process.env.HOME}/.cache/dcl-target`;
+const dcl = process.env.DCL_BIN || `${target}/release/dcl`;
+
+const server = spawn(dcl, ['serve', '--port', '0', '--data', 'fashion-mnist'],
+  { cwd: opt.root, stdio: ['ignore', 'pipe', 'inherit'] });
+const url = await new Promise((resolve, reject) => {
+  server.stdout.once('data', (line) => resolve(String(line).match(/http:\/\/[\d.:]+/)[0]));
+  server.once('exit', (code) => reject(new Error(`dcl serve exited with ${code}`)));
+});
+const browser = await chromium.launch({ executablePath: '/usr/bin/chromium', args: ['--no-first-run', '--enable-unsafe-webgpu'] });
+try {
+  const page = await browser.newPage();
+  await page.goto(url);
+  const config = { batchSize: batch, subset: batch * (steps + 1), evalImages: 64, epochs: 1, lr: 0.001, temperature: 0.1, loss: 'dcl', device: opt.device };
+  await page.evaluate((c) => window.dclPlayground.start(c), config);
+  const started = Date.now();
+  const seen = []; // [step, seconds since Start, the page's images/s]
+  while (!seen.length || seen.at(-1)[0] < steps) {
+    const s = await page.evaluate(() => window.dclPlayground.state());
+    if (s.error) throw new Error(`the page reports: ${s.error}`);
+    if (s.step > (seen.at(-1)?.[0] ?? 0)) seen.push([s.step, (Date.now() - started) / 1000, s.imagesPerSec]);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  console.log(`| step | seconds since Start | seconds | the page's images/s |\n|---|---|---|---|`);
+  seen.forEach(([step, at, rate], i) => console.log(`| ${step} | ${at.toFixed(2)} | ${i ? (at - seen[i - 1][1]).toFixed(2) : '-'} | ${rate.toFixed(2)} |`));
+  const [first, last] = [seen.find(([step]) => step >= 1), seen.at(-1)];
+  const perStep = (last[1] - first[1]) / (last[0] - first[0]);
+  const device = await page.evaluate(() => window.dclPlayground.state().adapter);
+  console.log(`\n${opt.device} (${device}), batch ${batch}: ${perStep.toFixed(3)} s a step after the first, ${(batch / perStep).toFixed(2)} images/s`);
+} finally {
+  await browser.close();
+  server.kill();
+}
