@@ -50,7 +50,7 @@ try {
   seen.forEach(([step, at, rate], i) => console.log(`| ${step} | ${at.toFixed(2)} | ${i ? (at - seen[i - 1][1]).toFixed(2) : '-'} | ${rate.toFixed(2)} |`));
   const [first, last] = [seen.find(([step]) => step >= 1), seen.at(-1)];
   const perStep = (last[1] - first[1]) / (last[0] - first[0]);
-  const device = await page.evaluate(() => window.dclPlayground.state().adapter);
+  const device = (await page.evaluate(() => window.dclPlayground.state().adapter)) ?? 'no GPU adapter';
   console.log(`\n${opt.device} (${device}), batch ${batch}: ${perStep.toFixed(3)} s a step after the first, ${(batch / perStep).toFixed(2)} images/s`);
 } finally {
   await browser.close();
