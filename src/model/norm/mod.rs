@@ -27,7 +27,7 @@ use burn::tensor::Tensor;
 use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
 
-use super::conv::{f32s, tensor};
+use super::conv::{f32s, tensor, zeros};
 use crate::collective::SyncBatchNorm;
 #[cfg(all(feature = "cube-kernels", not(feature = "fusion"), feature = "cuda"))]
 use burn::backend::Cuda;
@@ -586,25 +586,24 @@ impl Shape {
     /// `y = x * scale + shift` per slot, plus `residual` (laid out as x) when given, then the
     /// ReLU when `relu`; images in parallel.
     fn apply(&self, x: &[f32], k: &Coefficients, relu: bool, residual: Option<&[f32]>) -> Vec<f32> {
-        // y starts as the residual, which the normalized x is added to.
-        let add = residual.is_some();
-        let mut y = residual.map_or_else(|| vec![0f32; x.len()], <[f32]>::to_vec);
+        let mut y = zeros(x.len());
         let pixels = self.pixels();
         let image = self.channels * pixels;
+        // As Burn's ReLU: zero where v <= 0, so a NaN passes through.
+        let activate = |v: f32| if relu && v <= 0.0 { 0.0 } else { v };
         (y.par_chunks_mut(image).zip(x.par_chunks(image)))
             .enumerate()
             .for_each(|(i, (y, x))| {
                 for (c, (y, x)) in y.chunks_mut(pixels).zip(x.chunks(pixels)).enumerate() {
                     let s = self.slot(i, c);
                     let (scale, shift) = (k.scale[s], k.shift[s]);
-                    y.iter_mut().zip(x).for_each(|(y, x)| {
-                        let mut v = x * scale + shift;
-                        if add {
-                            v += *y;
-                        }
-                        // As Burn's ReLU: zero where v <= 0, so a NaN passes through.
-                        *y = if relu && v <= 0.0 { 0.0 } else { v };
-                    });
+                    let planes = y.iter_mut().zip(x);
+                    match residual.map(|r| &r[i * image + c * pixels..][..pixels]) {
+                        Some(r) => planes
+                            .zip(r)
+                            .for_each(|((y, x), r)| *y = activate(x * scale + shift + r)),
+                        None => planes.for_each(|(y, x)| *y = activate(x * scale + shift)),
+                    }
                 }
             });
         y
@@ -640,7 +639,7 @@ impl Shape {
         let (sum_dgamma, sum_dbeta, n) = (to_f32(sum_dgamma), to_f32(sum_dbeta), n as f32);
         let pixels = self.pixels();
         let image = self.channels * pixels;
-        let mut dx = vec![0f32; x.len()];
+        let mut dx = zeros(x.len());
         (dx.par_chunks_mut(image)
             .zip(x.par_chunks(image).zip(dy.par_chunks(image))))
         .enumerate()
