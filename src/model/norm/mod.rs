@@ -586,24 +586,25 @@ impl Shape {
     /// `y = x * scale + shift` per slot, plus `residual` (laid out as x) when given, then the
     /// ReLU when `relu`; images in parallel.
     fn apply(&self, x: &[f32], k: &Coefficients, relu: bool, residual: Option<&[f32]>) -> Vec<f32> {
-        let mut y = zeros(x.len());
+        // y starts as the residual, which the normalized x is added to.
+        let add = residual.is_some();
+        let mut y = residual.map_or_else(|| zeros(x.len()), <[f32]>::to_vec);
         let pixels = self.pixels();
         let image = self.channels * pixels;
-        // As Burn's ReLU: zero where v <= 0, so a NaN passes through.
-        let activate = |v: f32| if relu && v <= 0.0 { 0.0 } else { v };
         (y.par_chunks_mut(image).zip(x.par_chunks(image)))
             .enumerate()
             .for_each(|(i, (y, x))| {
                 for (c, (y, x)) in y.chunks_mut(pixels).zip(x.chunks(pixels)).enumerate() {
                     let s = self.slot(i, c);
                     let (scale, shift) = (k.scale[s], k.shift[s]);
-                    let planes = y.iter_mut().zip(x);
-                    match residual.map(|r| &r[i * image + c * pixels..][..pixels]) {
-                        Some(r) => planes
-                            .zip(r)
-                            .for_each(|((y, x), r)| *y = activate(x * scale + shift + r)),
-                        None => planes.for_each(|(y, x)| *y = activate(x * scale + shift)),
-                    }
+                    y.iter_mut().zip(x).for_each(|(y, x)| {
+                        let mut v = x * scale + shift;
+                        if add {
+                            v += *y;
+                        }
+                        // As Burn's ReLU: zero where v <= 0, so a NaN passes through.
+                        *y = if relu && v <= 0.0 { 0.0 } else { v };
+                    });
                 }
             });
         y
