@@ -213,21 +213,21 @@ test('the default run learns on the CPU path: 100 steps, the loss falls', { time
 });
 
 // A run of 2 epochs of 2 steps. The first step (3-6 s on SwiftShader here: the backward's kernels
-// are compiled in it) outlasts a 1 s limit: the page says what to lower. Epoch 1 is autosaved; the GPU is then lost (the device destroyed
-// mid-step): the page says so, and Resume continues in a new worker from epoch 1's weights, the
-// curves kept. The tab is then reloaded (closed and reopened): it offers the saved run, and
+// are compiled in it) outlasts a 0.5 s limit: the page says what to lower. Epoch 1 is autosaved;
+// the GPU is then lost (the device destroyed mid-step): the page says so, and Resume continues in
+// a new worker from epoch 1's weights, the curves kept. The tab is then reloaded (closed and reopened): it offers the saved run, and
 // continuing it trains on from epoch 1 again.
 test('the page survives a lost GPU and a closed tab, and says when a step is too slow', { timeout: 1_500_000 }, async () => {
   const { browser, page, logs } = await open(true);
   try {
     await page.evaluate(async () => {
       const p = window.dclPlayground;
-      p.slowStepSeconds = 1;
+      p.slowStepSeconds = 0.5;
       await p.start({ batchSize: 4, subset: 8, evalImages: 16, epochs: 2, lr: 0.001, device: 'wgpu' });
     });
     await waitFor(page, 'the slow-step message', (s) => s.slowStep, 600_000);
     const slow = await page.textContent('#banner');
-    assert.match(slow, /first training step has run for 1 s and is not done: a batch of 4 images for resnet-mini/);
+    assert.match(slow, /first training step has run for 0.5 s and is not done: a batch of 4 images for resnet-mini/);
     assert.match(slow, /lower the batch size/);
     await waitFor(page, 'the autosave of epoch 1', (s) => s.autosaved === 1, 900_000);
     const saved = await page.evaluate(() => window.dclPlayground.savedRun());
