@@ -8,9 +8,8 @@
 //
 // DCL_BIN is the native `dcl` (default: $CARGO_TARGET_DIR/release/dcl); --root the folder served
 // (another checkout's page, to compare commits on one machine).
-import { spawn } from 'node:child_process';
 import { parseArgs } from 'node:util';
-import { chromium } from 'playwright-core';
+import { launchChromium, servePage } from './page-server.mjs';
 
 const { values: opt } = parseArgs({
   options: {
@@ -26,13 +25,8 @@ if (!(batch >= 2 && steps >= 3)) throw new Error('--batch-size must be >= 2 and 
 const target = process.env.CARGO_TARGET_DIR || `${process.env.HOME}/.cache/dcl-target`;
 const dcl = process.env.DCL_BIN || `${target}/release/dcl`;
 
-const server = spawn(dcl, ['serve', '--port', '0', '--data', 'fashion-mnist'],
-  { cwd: opt.root, stdio: ['ignore', 'pipe', 'inherit'] });
-const url = await new Promise((resolve, reject) => {
-  server.stdout.once('data', (line) => resolve(String(line).match(/http:\/\/[\d.:]+/)[0]));
-  server.once('exit', (code) => reject(new Error(`dcl serve exited with ${code}`)));
-});
-const browser = await chromium.launch({ executablePath: '/usr/bin/chromium', args: ['--no-first-run', '--enable-unsafe-webgpu'] });
+const { server, url } = await servePage(dcl, opt.root);
+const browser = await launchChromium(true);
 try {
   const page = await browser.newPage();
   await page.goto(url);

@@ -44,25 +44,23 @@ impl GpuContext {
                 ..Default::default()
             })
             .await?;
-        Ok(Self {
+        Ok(Self::on(device, queue, info))
+    }
+
+    fn on(device: wgpu::Device, queue: wgpu::Queue, adapter: wgpu::AdapterInfo) -> Self {
+        Self {
             device,
             queue,
-            adapter_name: info.name,
-            software: info.device_type == wgpu::DeviceType::Cpu,
-        })
+            software: adapter.device_type == wgpu::DeviceType::Cpu,
+            adapter_name: adapter.name,
+        }
     }
 
     /// The device and queue that Burn's wgpu backend was set up on, so the WGSL kernels and Burn
     /// share one device (see `backend`).
     #[cfg(feature = "train")]
     pub fn from_setup(setup: burn::backend::wgpu::WgpuSetup) -> Self {
-        let info = setup.adapter.get_info();
-        Self {
-            adapter_name: info.name,
-            software: info.device_type == wgpu::DeviceType::Cpu,
-            device: setup.device,
-            queue: setup.queue,
-        }
+        Self::on(setup.device, setup.queue, setup.adapter.get_info())
     }
 
     /// Blocks on [`GpuContext::new`] (native only).

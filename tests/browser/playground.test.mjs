@@ -5,41 +5,27 @@
 // One file (over 500 lines): the tests share one server and one browser, started once.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, execFileSync } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { gzipSync } from 'node:zlib';
 import { join } from 'node:path';
-import { chromium } from 'playwright-core';
+import { launchChromium, servePage } from '../../scripts/page-server.mjs';
 
 const DCL = process.env.DCL_BIN || 'target/release/dcl';
 const OUT = process.env.DCL_TEST_OUT || 'test-output';
-const FLAGS = [
-  '--no-first-run', '--disable-background-networking', '--disable-component-update',
-  '--disable-sync', '--disable-quic',
-];
 let server;
 let url;
 
 before(async () => {
   mkdirSync(OUT, { recursive: true });
-  server = spawn(DCL, ['serve', '--port', '0', '--data', 'fashion-mnist'], { stdio: ['ignore', 'pipe', 'inherit'] });
-  url = await new Promise((resolve, reject) => {
-    server.stdout.once('data', (line) => {
-      const found = String(line).match(/http:\/\/[\d.:]+/);
-      found ? resolve(found[0]) : reject(new Error(`dcl serve said: ${line}`));
-    });
-    server.once('exit', (code) => reject(new Error(`dcl serve exited with ${code}`)));
-  });
+  ({ server, url } = await servePage(DCL));
 });
 
 after(() => server && server.kill());
 
 async function open(webgpu) {
-  const browser = await chromium.launch({
-    executablePath: '/usr/bin/chromium',
-    args: [...FLAGS, ...(webgpu ? ['--enable-unsafe-webgpu'] : [])],
-  });
+  const browser = await launchChromium(webgpu);
   const page = await browser.newPage({ viewport: { width: 1320, height: 1100 } });
   const logs = [];
   page.on('console', (m) => logs.push(m.text()));
