@@ -11,11 +11,16 @@ use rayon::prelude::*;
 /// Entries of a transformed 4x4 block: the gemms per tile.
 const POINTS: usize = 16;
 
-/// Channels in and out below which the transforms cost what the saved multiplies do: on one
-/// thread and two (`path_timings`, batch 128), 16 channels at 32x32 were 6% faster forward but 4%
+/// Channels in and out below which the transforms cost what the saved multiplies do. Natively
+/// on two threads (`path_timings`, batch 128), 16 channels at 32x32 were 6% faster forward but 4%
 /// slower backward than the shifted frames; 32 at 16x16 14% and 7% faster than im2col; 64 at 32x32
-/// 39% and 18%.
+/// 39% and 18%. In the page's wasm (SIMD128, no fused multiply-add) multiplies cost more: the
+/// page's CPU step was 6% faster at 16 than at 32 (120.0-124.5 against 112.9-114.4 images/s,
+/// `scripts/bench-page.mjs --device cpu`), and no faster with the 3-channel stem too.
+#[cfg(not(target_arch = "wasm32"))]
 const MIN_CHANNELS: usize = 32;
+#[cfg(target_arch = "wasm32")]
+const MIN_CHANNELS: usize = 16;
 
 /// Whether F(2x2, 3x3) computes this layer: 3x3, stride 1, padding 1, even height and width, and
 /// [`MIN_CHANNELS`] in and out.
