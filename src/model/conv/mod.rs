@@ -248,14 +248,15 @@ impl Plan {
         if self.path == Path::Winograd {
             return tensor(Winograd::forward(self, &weight).apply(&x, tile), &shape);
         }
-        let mut y = zeros(self.batch * self.image_out());
-        y.par_chunks_mut(tile * self.image_out())
-            .zip(x.par_chunks(tile * self.image_in()))
-            .for_each(|(y, x)| match self.path {
-                Path::Im2col => self.im2col_forward(x, &weight, y),
-                Path::Shifted => self.shifted_forward(x, &weight, y),
-                Path::Winograd => unreachable!("F(2x2, 3x3) tiles on its own"),
-            });
+        let y = written(self.batch * self.image_out(), |y| {
+            y.par_chunks_mut(tile * self.image_out())
+                .zip(x.par_chunks(tile * self.image_in()))
+                .for_each(|(y, x)| match self.path {
+                    Path::Im2col => self.im2col_forward(x, &weight, y),
+                    Path::Shifted => self.shifted_forward(x, &weight, y),
+                    Path::Winograd => unreachable!("F(2x2, 3x3) tiles on its own"),
+                })
+        });
         tensor(y, &shape)
     }
 
@@ -323,7 +324,7 @@ impl Plan {
     }
 
     /// Y [Co, t*P] = W [Co, CKK] · cols [CKK, t*P], then each image's block out.
-    fn im2col_forward(&self, x: &[f32], weight: &[f32], y: &mut [f32]) {
+    fn im2col_forward(&self, x: &[f32], weight: &[f32], y: &mut [Uninit]) {
         let columns = x.len() / self.image_in() * self.pixels_out();
         with_scratch(
             [self.patch() * columns, self.c_out * columns],
@@ -388,7 +389,7 @@ impl Plan {
     }
 
     /// Y [Co, frames] = sum over taps of W_tap [Co, C] · X [C, frames shifted by the tap].
-    fn shifted_forward(&self, x: &[f32], weight: &[f32], y: &mut [f32]) {
+    fn shifted_forward(&self, x: &[f32], weight: &[f32], y: &mut [Uninit]) {
         let f = self.frames(x.len() / self.image_in());
         with_scratch(
             [self.c_in * f.len, self.c_out * f.outputs],
@@ -722,12 +723,46 @@ fn frame(images: &[f32], matrix: &mut [f32], dims: [usize; 3], framing: Framing)
     }
 }
 
-/// The inverse of [`frame`]: images [t, C, h, w] out of a matrix laid out by `framing`.
-fn unframe(matrix: &[f32], images: &mut [f32], dims: [usize; 3], framing: Framing) {
+/// The inverse of [`frame`]: images [t, C, h, w] out of a matrix laid out by `framing`. Writes
+/// every entry of `images`.
+fn unframe<S: Slot>(matrix: &[f32], images: &mut [S], dims: [usize; 3], framing: Framing) {
     let (w, t) = (dims[2], images.len() / dims.iter().product::<usize>());
     for (at, from) in framing.lines(t, dims) {
-        images[at..at + w].copy_from_slice(&matrix[from..from + w]);
+        let line = images[at..at + w].iter_mut();
+        line.zip(&matrix[from..from + w])
+            .for_each(|(s, v)| s.set(*v));
     }
+}
+
+/// An output entry not yet written.
+type Uninit = std::mem::MaybeUninit<f32>;
+
+/// Where an op writes a value: an entry already set, or one never yet written.
+trait Slot {
+    fn set(&mut self, value: f32);
+}
+
+impl Slot for f32 {
+    fn set(&mut self, value: f32) {
+        *self = value;
+    }
+}
+
+impl Slot for Uninit {
+    fn set(&mut self, value: f32) {
+        self.write(value);
+    }
+}
+
+/// An op's output of `len` entries that `write` fills, every one of them (the conv forward
+/// passes, whose last step writes each output once): no zeroing first, which was half the
+/// step's memset (`perf`).
+fn written(len: usize, write: impl FnOnce(&mut [Uninit])) -> Vec<f32> {
+    let mut values = Vec::with_capacity(len);
+    write(&mut values.spare_capacity_mut()[..len]);
+    // SAFETY: `write`'s callers (below) write every entry: each tile's images whole.
+    unsafe { values.set_len(len) };
+    values
 }
 
 thread_local! {

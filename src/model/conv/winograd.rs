@@ -5,7 +5,7 @@
 //! and the input gradient (the same convolution with the weight flipped and transposed) take it;
 //! the weight gradient stays with im2col or the shifted frames.
 
-use super::{gemm, with_scratch, Mat, Plan};
+use super::{gemm, with_scratch, written, Mat, Plan, Uninit};
 use rayon::prelude::*;
 
 /// Entries of a transformed 4x4 block: the gemms per tile.
@@ -107,16 +107,16 @@ impl Winograd {
 
     /// The convolution of images x [B, c_in, H, W] -> [B, c_out, H, W], `tile` images a task.
     pub(super) fn apply(&self, x: &[f32], tile: usize) -> Vec<f32> {
-        let mut y = super::zeros(x.len() / self.image_in() * self.image_out());
-        y.par_chunks_mut(tile * self.image_out())
-            .zip(x.par_chunks(tile * self.image_in()))
-            .for_each(|(y, x)| self.convolve(x, y));
-        y
+        written(x.len() / self.image_in() * self.image_out(), |y| {
+            y.par_chunks_mut(tile * self.image_out())
+                .zip(x.par_chunks(tile * self.image_in()))
+                .for_each(|(y, x)| self.convolve(x, y))
+        })
     }
 
     /// One tile of images: V [16, C, blocks] from the inputs, M_p [Co, blocks] = U_p · V_p for
     /// each point p, then each block's 2x2 outputs out of M.
-    fn convolve(&self, x: &[f32], y: &mut [f32]) {
+    fn convolve(&self, x: &[f32], y: &mut [Uninit]) {
         let columns = x.len() / self.image_in() * self.blocks();
         let lines = 8 * (self.width / 2 + 1);
         with_scratch(
@@ -186,7 +186,7 @@ impl Winograd {
     /// Y = A^T M A for every block: M [16, Co, columns] to images [t, Co, H, W]. Per output
     /// channel the combinations run along all the tile's blocks (M A into 8 runs of `work`, then
     /// A^T (M A) into 4 more); then each block's four outputs go to their places.
-    fn transform_outputs(&self, m: &[f32], y: &mut [f32], work: &mut [f32], columns: usize) {
+    fn transform_outputs(&self, m: &[f32], y: &mut [Uninit], work: &mut [f32], columns: usize) {
         let (h, w, half) = (self.height, self.width, self.width / 2);
         let (s, ys) = work[..12 * columns].split_at_mut(8 * columns);
         for o in 0..self.c_out {
@@ -210,8 +210,8 @@ impl Winograd {
                     for (i, line) in lines.chunks_mut(w).enumerate() {
                         let ys = [0, 1].map(|b| &run(ys, 2 * i + b, columns)[first..][..half]);
                         for (q, pair) in line.chunks_exact_mut(2).enumerate() {
-                            pair[0] = ys[0][q];
-                            pair[1] = ys[1][q];
+                            pair[0].write(ys[0][q]);
+                            pair[1].write(ys[1][q]);
                         }
                     }
                 }
