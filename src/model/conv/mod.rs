@@ -142,8 +142,7 @@ enum Path {
     /// gemm per kernel tap over the frames shifted by that tap (no column matrix, no col2im). Its
     /// outputs fill the frames, padding included: (H + 2p)(W + 2p) / (Ho Wo) times the work.
     Shifted,
-    /// Winograd's F(2x2, 3x3) ([`winograd`]) for the forward pass and the input gradient: 3x3,
-    /// stride 1, padding 1, even sizes. The weight gradient takes [`Plan::direct_path`].
+    /// Winograd's F(2x2, 3x3) ([`winograd`]): 3x3, stride 1, padding 1, even sizes.
     Winograd,
 }
 
@@ -269,8 +268,16 @@ impl Plan {
         want_x: bool,
     ) -> (Option<FlexTensor>, FlexTensor) {
         if self.path == Path::Winograd {
-            let direct = self.with_path(self.direct_path());
-            let (_, dw) = direct.backward(x, weight, output_grad, false);
+            let dw = match winograd::fits_weight_gradient(self) {
+                true => {
+                    let dw = winograd::weight_gradient(self, &f32s(x), &f32s(output_grad));
+                    tensor(dw, &[self.c_out, self.c_in, 3, 3])
+                }
+                false => {
+                    let direct = self.with_path(self.direct_path());
+                    direct.backward(x, weight, output_grad, false).1
+                }
+            };
             let dx = want_x.then(|| {
                 let winograd = Winograd::input_gradient(self, &f32s(weight));
                 let dx = winograd.apply(&f32s(output_grad), self.tile());

@@ -2,10 +2,11 @@
 //! and padding 1 on even-sized images: every 2x2 block of outputs from a 4x4 block of inputs with
 //! 16 multiplies a channel pair instead of 36. Each of the 16 points of the transformed blocks is
 //! one gemm over channels, [Co, C] x [C, blocks], so the products stay gemm's. The forward pass
-//! and the input gradient (the same convolution with the weight flipped and transposed) take it;
-//! the weight gradient stays with im2col or the shifted frames.
+//! and the input gradient (the same convolution with the weight flipped and transposed) take it,
+//! and so does the weight gradient, as the algorithm's adjoint in the weight: one gemm a point
+//! over the blocks, [Co, blocks] x [blocks, C], then G^T (.) G per channel pair.
 
-use super::{gemm, with_scratch, written, Mat, Plan, Uninit};
+use super::{gemm, with_scratch, written, Mat, Plan, Uninit, WEIGHT_GRAD_GROUPS};
 use rayon::prelude::*;
 
 /// Entries of a transformed 4x4 block: the gemms per tile.
@@ -34,13 +35,18 @@ pub(super) fn fits(plan: &Plan) -> bool {
         && even(plan.width)
 }
 
-/// A convolution of `c_in` to `c_out` channels on `height` x `width` images with its weight
-/// already transformed: `u` [16, c_out, c_in].
-pub(super) struct Winograd {
+/// A layer in F(2x2, 3x3)'s blocks: `c_in` to `c_out` channels on `height` x `width` images.
+#[derive(Clone, Copy)]
+struct Blocks {
     c_in: usize,
     c_out: usize,
     height: usize,
     width: usize,
+}
+
+/// A convolution with its weight already transformed: `u` [16, c_out, c_in].
+pub(super) struct Winograd {
+    blocks: Blocks,
     u: Vec<f32>,
 }
 
@@ -83,15 +89,107 @@ impl Winograd {
                 }
             }
         }
-        Self {
+        let blocks = Blocks {
             c_in,
             c_out,
             height: plan.height,
             width: plan.width,
-            u,
-        }
+        };
+        Self { blocks, u }
     }
 
+    /// The convolution of images x [B, c_in, H, W] -> [B, c_out, H, W], `tile` images a task.
+    pub(super) fn apply(&self, x: &[f32], tile: usize) -> Vec<f32> {
+        let (image_in, image_out) = (self.blocks.image_in(), self.blocks.image_out());
+        written(x.len() / image_in * image_out, |y| {
+            y.par_chunks_mut(tile * image_out)
+                .zip(x.par_chunks(tile * image_in))
+                .for_each(|(y, x)| self.convolve(x, y))
+        })
+    }
+
+    /// One tile of images: V [16, C, blocks] from the inputs, M_p [Co, blocks] = U_p · V_p for
+    /// each point p, then each block's 2x2 outputs out of M.
+    fn convolve(&self, x: &[f32], y: &mut [Uninit]) {
+        let Blocks { c_in, c_out, .. } = self.blocks;
+        let columns = self.blocks.columns(x);
+        with_scratch(
+            [
+                POINTS * c_in * columns,
+                POINTS * c_out * columns,
+                self.blocks.lines().max(12 * columns),
+            ],
+            |[v, m, work]| {
+                self.blocks.transform_inputs(x, v, work, columns);
+                for p in 0..POINTS {
+                    let u = Mat::rows(&self.u[p * c_out * c_in..], c_in);
+                    let v = Mat::rows(&v[p * c_in * columns..], columns);
+                    let m = &mut m[p * c_out * columns..];
+                    gemm(m, c_out, columns, c_in, false, u, v);
+                }
+                self.blocks.transform_outputs(m, y, work, columns);
+            },
+        );
+    }
+}
+
+/// Blocks per image below which the weight gradient stays direct: its per-point products sum
+/// over a group's blocks only (fixed groups of images, for exact repeats), and at 4x4 images that
+/// is 32 blocks against accumulators of Co x C entries per point: 84.6 -> 126.1 ms backward at 512
+/// channels, 8.9 -> 10.5 at 128 (batch 64 and 128, `path_timings`), while 8x8 images gained (50.8
+/// -> 40.5 ms at 256 channels, 8.1 -> 7.5 at 64).
+const MIN_BLOCKS_FOR_WEIGHT_GRADIENT: usize = 16;
+
+/// Whether [`weight_gradient`] pays for this layer.
+pub(super) fn fits_weight_gradient(plan: &Plan) -> bool {
+    plan.height / 2 * (plan.width / 2) >= MIN_BLOCKS_FOR_WEIGHT_GRADIENT
+}
+
+/// The weight gradient [Co, C, 3, 3] of the layer `plan` (one F(2x2, 3x3) fits) from its input x
+/// and the gradient of its output dy: with Y = A^T [U ⊙ V] A and U = G g G^T, dL/dg = G^T M G for
+/// M = Σ over blocks of (A dY A^T) ⊙ V, each point's sum a gemm. Summed over fixed groups of
+/// images in a fixed order, as the direct paths' weight gradient.
+pub(super) fn weight_gradient(plan: &Plan, x: &[f32], dy: &[f32]) -> Vec<f32> {
+    let blocks = Blocks {
+        c_in: plan.c_in,
+        c_out: plan.c_out,
+        height: plan.height,
+        width: plan.width,
+    };
+    let (image_in, image_out) = (blocks.image_in(), blocks.image_out());
+    let group = plan.batch.div_ceil(WEIGHT_GRAD_GROUPS);
+    let tile = plan.tile().min(group);
+    let pairs = plan.c_out * plan.c_in;
+    let partials: Vec<Vec<f32>> = (x.par_chunks(group * image_in))
+        .zip(dy.par_chunks(group * image_out))
+        .map(|(x, dy)| {
+            let mut m = vec![0f32; POINTS * pairs];
+            let tiles = x.chunks(tile * image_in).zip(dy.chunks(tile * image_out));
+            tiles.for_each(|(x, dy)| blocks.weight_products(x, dy, &mut m));
+            m
+        })
+        .collect();
+    let mut m = vec![0f32; POINTS * pairs];
+    for partial in partials {
+        m.iter_mut().zip(partial).for_each(|(a, b)| *a += b);
+    }
+    let mut dw = vec![0f32; pairs * 9];
+    for (pair, dw) in dw.chunks_mut(9).enumerate() {
+        // M G by rows of M, then G^T (M G) by columns of that.
+        let rows: [[f32; 3]; 4] = std::array::from_fn(|a| {
+            gradient_transform([0, 1, 2, 3].map(|b| m[(4 * a + b) * pairs + pair]))
+        });
+        for k in 0..3 {
+            let column = gradient_transform([0, 1, 2, 3].map(|a| rows[a][k]));
+            for (j, value) in column.into_iter().enumerate() {
+                dw[3 * j + k] = value;
+            }
+        }
+    }
+    dw
+}
+
+impl Blocks {
     fn image_in(&self) -> usize {
         self.c_in * self.height * self.width
     }
@@ -101,47 +199,92 @@ impl Winograd {
     }
 
     /// Blocks of 2x2 outputs per image.
-    fn blocks(&self) -> usize {
+    fn per_image(&self) -> usize {
         self.height / 2 * (self.width / 2)
     }
 
-    /// The convolution of images x [B, c_in, H, W] -> [B, c_out, H, W], `tile` images a task.
-    pub(super) fn apply(&self, x: &[f32], tile: usize) -> Vec<f32> {
-        written(x.len() / self.image_in() * self.image_out(), |y| {
-            y.par_chunks_mut(tile * self.image_out())
-                .zip(x.par_chunks(tile * self.image_in()))
-                .for_each(|(y, x)| self.convolve(x, y))
-        })
+    /// Blocks in a tile of input images `x`.
+    fn columns(&self, x: &[f32]) -> usize {
+        x.len() / self.image_in() * self.per_image()
     }
 
-    /// One tile of images: V [16, C, blocks] from the inputs, M_p [Co, blocks] = U_p · V_p for
-    /// each point p, then each block's 2x2 outputs out of M.
-    fn convolve(&self, x: &[f32], y: &mut [Uninit]) {
-        let columns = x.len() / self.image_in() * self.blocks();
-        let lines = 8 * (self.width / 2 + 1);
+    /// The scratch the input transform needs: four padded lines, even and odd entries apart.
+    fn lines(&self) -> usize {
+        8 * (self.width / 2 + 1)
+    }
+
+    /// One tile's share of the weight gradient: m [16, Co, C] += (A dY A^T)_p · V_p^T per point.
+    /// Both operands run along the blocks, so their rows are laid a cache line more than a power
+    /// of two apart (see `Plan::im2col_backward`).
+    fn weight_products(&self, x: &[f32], dy: &[f32], m: &mut [f32]) {
+        let (c_in, c_out) = (self.c_in, self.c_out);
+        let columns = self.columns(x);
+        let stride = columns + 16;
         with_scratch(
             [
-                POINTS * self.c_in * columns,
-                POINTS * self.c_out * columns,
-                lines.max(12 * columns),
+                POINTS * c_in * stride,
+                POINTS * c_out * stride,
+                self.lines(),
             ],
-            |[v, m, work]| {
-                self.transform_inputs(x, v, work, columns);
+            |[v, d, work]| {
+                self.transform_inputs(x, v, work, stride);
+                self.transform_output_grads(dy, d, work, stride);
                 for p in 0..POINTS {
-                    let u = Mat::rows(&self.u[p * self.c_out * self.c_in..], self.c_in);
-                    let v = Mat::rows(&v[p * self.c_in * columns..], columns);
-                    let m = &mut m[p * self.c_out * columns..];
-                    gemm(m, self.c_out, columns, self.c_in, false, u, v);
+                    let d = Mat::rows(&d[p * c_out * stride..], stride);
+                    let v = Mat::cols(&v[p * c_in * stride..], stride);
+                    let m = &mut m[p * c_out * c_in..];
+                    gemm(m, c_out, c_in, columns, true, d, v);
                 }
-                self.transform_outputs(m, y, work, columns);
             },
         );
     }
 
+    /// A dY A^T for every 2x2 block of the output gradient, into D [16, Co, blocks] with rows
+    /// `stride` apart: A y = (y0, y0 + y1, y0 - y1, -y1) across each block's two lines, then along
+    /// them (even and odd columns apart, as the inputs').
+    fn transform_output_grads(&self, dy: &[f32], d: &mut [f32], lines: &mut [f32], stride: usize) {
+        let (h, w, half) = (self.height, self.width, self.width / 2);
+        let (even, odd) = lines[..8 * half].split_at_mut(4 * half);
+        for (image, dy) in dy.chunks(self.image_out()).enumerate() {
+            for (o, plane) in dy.chunks(h * w).enumerate() {
+                for r in 0..h / 2 {
+                    for (j, line) in [2 * r, 2 * r + 1].into_iter().enumerate() {
+                        let (e, od) = (&mut even[3 * j * half..], &mut odd[3 * j * half..]);
+                        split_parity(&plane[line * w..][..w], &mut e[..half], &mut od[..half]);
+                    }
+                    for parity in [&mut *even, &mut *odd] {
+                        let (top, rest) = parity.split_at_mut(half);
+                        let (middle, bottom) = rest.split_at_mut(2 * half);
+                        let (sum, difference) = middle.split_at_mut(half);
+                        for i in 0..half {
+                            let (t, b) = (top[i], bottom[i]);
+                            [sum[i], difference[i], bottom[i]] = [t + b, t - b, -b];
+                        }
+                    }
+                    let first = image * self.per_image() + r * half;
+                    for a in 0..4 {
+                        let (e, od) = (&even[a * half..][..half], &odd[a * half..][..half]);
+                        let at = |b: usize| ((4 * a + b) * self.c_out + o) * stride + first;
+                        d[at(0)..][..half].copy_from_slice(e);
+                        let runs = [(1, 1.0), (2, -1.0)];
+                        for (b, sign) in runs {
+                            let out = &mut d[at(b)..][..half];
+                            for i in 0..half {
+                                out[i] = e[i] + sign * od[i];
+                            }
+                        }
+                        let out = &mut d[at(3)..][..half];
+                        out.iter_mut().zip(od).for_each(|(out, v)| *out = -v);
+                    }
+                }
+            }
+        }
+    }
+
     /// V = B^T d B for every 4x4 input block d (lines and columns 2r - 1 .. 2r + 3, zero outside
-    /// the image), into V [16, C, columns]. Per line of blocks: the four lines' even and odd
+    /// the image), into V [16, C, blocks] with rows `stride` apart. Per line of blocks: the four lines' even and odd
     /// columns apart, combined across lines (B^T), then along them (B): contiguous runs only.
-    fn transform_inputs(&self, x: &[f32], v: &mut [f32], lines: &mut [f32], columns: usize) {
+    fn transform_inputs(&self, x: &[f32], v: &mut [f32], lines: &mut [f32], stride: usize) {
         let (h, w, half) = (self.height, self.width, self.width / 2);
         let n = half + 1;
         let (even, odd) = lines[..8 * n].split_at_mut(4 * n);
@@ -160,10 +303,10 @@ impl Winograd {
                     for parity in [&mut *even, &mut *odd] {
                         combine_lines(parity, n);
                     }
-                    let first = image * self.blocks() + r * half;
+                    let first = image * self.per_image() + r * half;
                     for a in 0..4 {
                         let (e, o) = (&even[a * n..][..n], &odd[a * n..][..n]);
-                        let at = |b: usize| ((4 * a + b) * self.c_in + c) * columns + first;
+                        let at = |b: usize| ((4 * a + b) * self.c_in + c) * stride + first;
                         // d's columns 2q .. 2q + 4 are e[q], o[q], e[q + 1], o[q + 1].
                         let runs: [(&[f32], &[f32], f32); 4] = [
                             (&e[..half], &e[1..], -1.0),
@@ -206,7 +349,7 @@ impl Winograd {
             for (image, y) in y.chunks_mut(self.image_out()).enumerate() {
                 let plane = &mut y[o * h * w..][..h * w];
                 for (r, lines) in plane.chunks_mut(2 * w).enumerate() {
-                    let first = image * self.blocks() + r * half;
+                    let first = image * self.per_image() + r * half;
                     for (i, line) in lines.chunks_mut(w).enumerate() {
                         let ys = [0, 1].map(|b| &run(ys, 2 * i + b, columns)[first..][..half]);
                         for (q, pair) in line.chunks_exact_mut(2).enumerate() {
@@ -261,6 +404,24 @@ fn output_transform(m: [&[f32]; 4], out0: &mut [f32], out1: &mut [f32]) {
     for i in 0..n {
         out0[i] = m0[i] + m1[i] + m2[i];
         out1[i] = m1[i] - m2[i] - m3[i];
+    }
+}
+
+/// G^T m for a 4-vector m: the weight gradient's side of F(2, 3).
+fn gradient_transform(m: [f32; 4]) -> [f32; 3] {
+    let half = 0.5;
+    [
+        m[0] + half * (m[1] + m[2]),
+        half * (m[1] - m[2]),
+        half * (m[1] + m[2]) + m[3],
+    ]
+}
+
+/// A line's even columns and its odd ones.
+fn split_parity(line: &[f32], even: &mut [f32], odd: &mut [f32]) {
+    for (k, pair) in line.chunks_exact(2).enumerate() {
+        even[k] = pair[0];
+        odd[k] = pair[1];
     }
 }
 
