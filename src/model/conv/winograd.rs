@@ -26,7 +26,7 @@ const MIN_CHANNELS: usize = 16;
 /// Whether F(2x2, 3x3) computes this layer: 3x3, stride 1, padding 1, even height and width, and
 /// [`MIN_CHANNELS`] in and out.
 pub(super) fn fits(plan: &Plan) -> bool {
-    let even = |n: usize| n >= 2 && n % 2 == 0;
+    let even = |n: usize| n >= 2 && n.is_multiple_of(2);
     let wide = plan.c_in.min(plan.c_out) >= MIN_CHANNELS;
     wide && plan.kernel == 3
         && plan.stride == 1
