@@ -12,15 +12,13 @@ use rayon::prelude::*;
 /// Entries of a transformed 4x4 block: the gemms per tile.
 const POINTS: usize = 16;
 
-/// Channels in and out below which the transforms cost what the saved multiplies do. Natively
-/// on two threads (`path_timings`, batch 128), 16 channels at 32x32 were 6% faster forward but 4%
-/// slower backward than the shifted frames; 32 at 16x16 14% and 7% faster than im2col; 64 at 32x32
-/// 39% and 18%. In the page's wasm (SIMD128, no fused multiply-add) multiplies cost more: the
-/// page's CPU step was 6% faster at 16 than at 32 (120.0-124.5 against 112.9-114.4 images/s,
-/// `scripts/bench-page.mjs --device cpu`), and no faster with the 3-channel stem too.
-#[cfg(not(target_arch = "wasm32"))]
-const MIN_CHANNELS: usize = 32;
-#[cfg(target_arch = "wasm32")]
+/// Channels in and out below which the transforms cost what the saved multiplies do
+/// (`path_timings`, batch 128, two threads): at 16 channels and 32x32 natively level with the
+/// shifted frames (forward 4.02 against 4.55 ms, backward 8.57 against 8.77; the whole step the
+/// same at 16 and 32 in four interleaved pairs), at 32 channels and 16x16 faster than im2col
+/// (forward 2.98 against 4.45, backward 7.11 against 10.19). In the page's wasm (SIMD128, no fused
+/// multiply-add) multiplies cost more: its CPU step was 6% faster from 16 channels than from 32,
+/// and no faster with the 3-channel stem too (`scripts/bench-page.mjs --device cpu`).
 const MIN_CHANNELS: usize = 16;
 
 /// Whether F(2x2, 3x3) computes this layer: 3x3, stride 1, padding 1, even height and width, and
@@ -208,9 +206,9 @@ impl Blocks {
         x.len() / self.image_in() * self.per_image()
     }
 
-    /// The scratch the input transform needs: four padded lines, even and odd entries apart.
+    /// The scratch the input transform needs: a plane split by line parity and column phase.
     fn lines(&self) -> usize {
-        8 * (self.width / 2 + 1)
+        8 * (self.height / 2 + 1) * (self.width / 2)
     }
 
     /// One tile's share of the weight gradient: m [16, Co, C] += (A dY A^T)_p · V_p^T per point.
@@ -282,43 +280,48 @@ impl Blocks {
     }
 
     /// V = B^T d B for every 4x4 input block d (lines and columns 2r - 1 .. 2r + 3, zero outside
-    /// the image), into V [16, C, blocks] with rows `stride` apart. Per line of blocks: the four lines' even and odd
-    /// columns apart, combined across lines (B^T), then along them (B): contiguous runs only.
+    /// the image), into V [16, C, blocks] with rows `stride` apart. Each plane is first split by
+    /// the parity of its zero-padded lines and by column phase, `phases[k][parity]` holding
+    /// padded entries (2m + parity, 2q + k) at m * (W / 2) + q: entry (j, k) of every block of the
+    /// plane is then one run, from m = j / 2 on, and each of V's 16 points one pass over runs as
+    /// long as the plane's blocks (per line of blocks, the runs were too short to vectorize).
     fn transform_inputs(&self, x: &[f32], v: &mut [f32], lines: &mut [f32], stride: usize) {
         let (h, w, half) = (self.height, self.width, self.width / 2);
-        let n = half + 1;
-        let (even, odd) = lines[..8 * n].split_at_mut(4 * n);
+        let (per_image, phase) = (self.per_image(), (h / 2 + 1) * half);
+        let lines = &mut lines[..8 * phase];
         for (image, x) in x.chunks(self.image_in()).enumerate() {
             for (c, plane) in x.chunks(h * w).enumerate() {
-                for r in 0..h / 2 {
-                    // Padded line j holds input line 2r + j - 1: its entries 2k and 2k + 1 are
-                    // the input's columns 2k - 1 and 2k, zero outside.
-                    for j in 0..4 {
-                        let (e, o) = (&mut even[j * n..][..n], &mut odd[j * n..][..n]);
-                        match (2 * r + j).checked_sub(1).filter(|&l| l < h) {
-                            Some(l) => deinterleave(&plane[l * w..][..w], e, o),
-                            None => (e.fill(0.0), o.fill(0.0)).0,
-                        }
+                // Padded line 0 and h + 1 are zero: m = 0 of parity 0, m = h / 2 of parity 1.
+                for k in 0..4 {
+                    lines[2 * k * phase..][..half].fill(0.0);
+                    lines[(2 * k + 1) * phase + h / 2 * half..][..half].fill(0.0);
+                }
+                for (l, line) in plane.chunks(w).enumerate() {
+                    let (m, parity) = ((l + 1) / 2, (l + 1) % 2);
+                    let at = |k: usize| (2 * k + parity) * phase + m * half;
+                    // Padded column 2q + k is the input's 2q + k - 1, zero outside.
+                    let [p0, p1, p2, p3] = [0, 1, 2, 3].map(at);
+                    lines[p0] = 0.0;
+                    lines[p3 + half - 1] = 0.0;
+                    for (q, pair) in line.chunks_exact(2).enumerate() {
+                        lines[p1 + q] = pair[0];
+                        lines[p2 + q] = pair[1];
                     }
-                    for parity in [&mut *even, &mut *odd] {
-                        combine_lines(parity, n);
+                    for q in 1..half {
+                        lines[p0 + q] = line[2 * q - 1];
+                        lines[p3 + q - 1] = line[2 * q];
                     }
-                    let first = image * self.per_image() + r * half;
-                    for a in 0..4 {
-                        let (e, o) = (&even[a * n..][..n], &odd[a * n..][..n]);
-                        let at = |b: usize| ((4 * a + b) * self.c_in + c) * stride + first;
-                        // d's columns 2q .. 2q + 4 are e[q], o[q], e[q + 1], o[q + 1].
-                        let runs: [(&[f32], &[f32], f32); 4] = [
-                            (&e[..half], &e[1..], -1.0),
-                            (&e[1..], &o[..half], 1.0),
-                            (&e[1..], &o[..half], -1.0),
-                            (&o[..half], &o[1..], -1.0),
-                        ];
-                        for (b, (p, q, sign)) in runs.into_iter().enumerate() {
-                            let out = &mut v[at(b)..][..half];
-                            for i in 0..half {
-                                out[i] = p[i] + sign * q[i];
-                            }
+                }
+                let d = |j: usize, k: usize| {
+                    &lines[(2 * k + j % 2) * phase + j / 2 * half..][..per_image]
+                };
+                for (a, &(a0, a1, sa)) in B_T.iter().enumerate() {
+                    for (b, &(b0, b1, sb)) in B_T.iter().enumerate() {
+                        let at = ((4 * a + b) * self.c_in + c) * stride + image * per_image;
+                        let out = &mut v[at..][..per_image];
+                        let [p, q, r, s] = [d(a0, b0), d(a1, b0), d(a0, b1), d(a1, b1)];
+                        for i in 0..per_image {
+                            out[i] = (p[i] + sa * q[i]) + sb * (r[i] + sa * s[i]);
                         }
                     }
                 }
@@ -368,28 +371,8 @@ fn run(runs: &[f32], n: usize, columns: usize) -> &[f32] {
     &runs[n * columns..][..columns]
 }
 
-/// The even entries of a padded line (zero, then the input's odd columns) and its odd ones (the
-/// even columns, then zero): padded entry j is input column j - 1.
-fn deinterleave(line: &[f32], even: &mut [f32], odd: &mut [f32]) {
-    let half = line.len() / 2;
-    even[0] = 0.0;
-    odd[half] = 0.0;
-    for (k, pair) in line.chunks_exact(2).enumerate() {
-        odd[k] = pair[0];
-        even[k + 1] = pair[1];
-    }
-}
-
-/// B^T across four lines of `n` entries each, in place.
-fn combine_lines(lines: &mut [f32], n: usize) {
-    let (l0, rest) = lines.split_at_mut(n);
-    let (l1, rest) = rest.split_at_mut(n);
-    let (l2, l3) = rest.split_at_mut(n);
-    for i in 0..n {
-        let d = [l0[i], l1[i], l2[i], l3[i]];
-        [l0[i], l1[i], l2[i], l3[i]] = [d[0] - d[2], d[1] + d[2], d[2] - d[1], d[1] - d[3]];
-    }
-}
+/// B^T's rows: (B^T d)[n] = d[i] + sign * d[j] for (i, j, sign).
+const B_T: [(usize, usize, f32); 4] = [(0, 2, -1.0), (1, 2, 1.0), (2, 1, -1.0), (1, 3, -1.0)];
 
 /// A^T m along runs: out0 = m0 + m1 + m2, out1 = m1 - m2 - m3.
 fn output_transform(m: [&[f32]; 4], out0: &mut [f32], out1: &mut [f32]) {
