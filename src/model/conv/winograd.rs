@@ -297,7 +297,8 @@ impl Blocks {
                     lines[(2 * k + 1) * phase + h / 2 * half..][..half].fill(0.0);
                 }
                 for (l, line) in plane.chunks(w).enumerate() {
-                    let (m, parity) = ((l + 1) / 2, (l + 1) % 2);
+                    let padded = l + 1;
+                    let (m, parity) = (padded / 2, padded % 2);
                     let at = |k: usize| (2 * k + parity) * phase + m * half;
                     // Padded column 2q + k is the input's 2q + k - 1, zero outside.
                     let [p0, p1, p2, p3] = [0, 1, 2, 3].map(at);
