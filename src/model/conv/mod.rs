@@ -247,15 +247,19 @@ impl Plan {
         if self.path == Path::Winograd {
             return tensor(Winograd::forward(self, &weight).apply(&x, tile), &shape);
         }
-        let y = written(self.batch * self.image_out(), |y| {
-            y.par_chunks_mut(tile * self.image_out())
-                .zip(x.par_chunks(tile * self.image_in()))
-                .for_each(|(y, x)| match self.path {
-                    Path::Im2col => self.im2col_forward(x, &weight, y),
-                    Path::Shifted => self.shifted_forward(x, &weight, y),
-                    Path::Winograd => unreachable!("F(2x2, 3x3) tiles on its own"),
-                })
-        });
+        // SAFETY: each tile's images are written whole: both paths end in `unframe`, which
+        // copies every line of every output image.
+        let y = unsafe {
+            written(self.batch * self.image_out(), |y| {
+                y.par_chunks_mut(tile * self.image_out())
+                    .zip(x.par_chunks(tile * self.image_in()))
+                    .for_each(|(y, x)| match self.path {
+                        Path::Im2col => self.im2col_forward(x, &weight, y),
+                        Path::Shifted => self.shifted_forward(x, &weight, y),
+                        Path::Winograd => unreachable!("F(2x2, 3x3) tiles on its own"),
+                    })
+            })
+        };
         tensor(y, &shape)
     }
 
@@ -761,13 +765,15 @@ impl Slot for Uninit {
     }
 }
 
-/// An op's output of `len` entries that `write` fills, every one of them (the conv forward
-/// passes, whose last step writes each output once): no zeroing first, which was half the
-/// step's memset (`perf`).
-fn written(len: usize, write: impl FnOnce(&mut [Uninit])) -> Vec<f32> {
+/// An op's output of `len` entries that `write` fills (the conv forward passes, whose last step
+/// writes each output once): no zeroing first, which was half the step's memset (`perf`).
+///
+/// # Safety
+/// `write` must write every one of the `len` entries.
+unsafe fn written(len: usize, write: impl FnOnce(&mut [Uninit])) -> Vec<f32> {
     let mut values = Vec::with_capacity(len);
     write(&mut values.spare_capacity_mut()[..len]);
-    // SAFETY: `write`'s callers (below) write every entry: each tile's images whole.
+    // SAFETY: the caller's `write` wrote every entry.
     unsafe { values.set_len(len) };
     values
 }
