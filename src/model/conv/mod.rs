@@ -8,8 +8,8 @@
 //! images (one image at 32x32, up to 32 at 4x4) is one rayon task: im2col, then one gemm forward;
 //! im2col, two gemms and col2im backward, the weight gradient summed over fixed groups of images.
 //! Stride-1 layers at 32x32 take the shifted path instead ([`Path::Shifted`]): no column matrix.
-//! Stride-1 3x3 layers of 16 channels or more take Winograd's F(2x2, 3x3) ([`winograd`]): 2.25
-//! times fewer multiplies.
+//! 3x3 layers of stride 1 and padding 1 on even-sized images with 16 channels or more take
+//! Winograd's F(2x2, 3x3) ([`winograd`]): 2.25 times fewer multiplies.
 //! On Burn's GPU backends the same convolution is [`cube`]'s: im2col as a kernel, then Burn's
 //! matmul.
 //! Tested equal to Burn's `conv2d` in value and gradients on every device.
@@ -316,7 +316,7 @@ impl Plan {
                     match self.path {
                         Path::Im2col => self.im2col_backward(x, dy, &weight, dx, &mut dw),
                         Path::Shifted => self.shifted_backward(x, dy, &weight, dx, &mut dw),
-                        Path::Winograd => unreachable!("its weight gradient is direct"),
+                        Path::Winograd => unreachable!("F(2x2, 3x3) returned above"),
                     }
                 }
                 dw
