@@ -291,11 +291,7 @@ impl Plan {
         }
         let (x, weight, dy) = (f32s(x), f32s(weight), f32s(output_grad));
         let mut dx = zeros(if want_x { x.len() } else { 0 });
-        // The weight gradient is summed over images in a fixed order, whatever the thread count:
-        // each group of images its own partial sum, the partials added in order (so a run repeats
-        // bit for bit, and resume is exact). Groups and tiles depend on the shapes alone.
-        let group = self.batch.div_ceil(WEIGHT_GRAD_GROUPS);
-        let tile = self.tile().min(group);
+        let (group, tile) = self.weight_grad_groups();
         // The first convolution's input (the images) needs no gradient: skip its col2im.
         let mut dx_groups: Vec<Option<&mut [f32]>> = match want_x {
             true => dx.chunks_mut(group * self.image_in()).map(Some).collect(),
@@ -322,16 +318,22 @@ impl Plan {
                 dw
             })
             .collect();
-        let mut dw = vec![0f32; self.c_out * self.patch()];
-        for partial in partials {
-            dw.iter_mut().zip(partial).for_each(|(a, b)| *a += b);
-        }
+        let mut dw = sum_in_order(self.c_out * self.patch(), partials);
         if self.path == Path::Shifted {
             dw = self.taps_to_weight(&dw);
         }
         let k = self.kernel;
         let dx = want_x.then(|| tensor(dx, &[self.batch, self.c_in, self.height, self.width]));
         (dx, tensor(dw, &[self.c_out, self.c_in, k, k]))
+    }
+
+    /// The weight gradient's groups: (images a group, images a tile within a group). It is summed
+    /// over images in a fixed order, whatever the thread count: each group of images its own
+    /// partial sum, the partials added in order ([`sum_in_order`]), so a run repeats bit for bit
+    /// and resume is exact. Groups and tiles depend on the shapes alone.
+    fn weight_grad_groups(&self) -> (usize, usize) {
+        let group = self.batch.div_ceil(WEIGHT_GRAD_GROUPS);
+        (group, self.tile().min(group))
     }
 
     /// Y [Co, t*P] = W [Co, CKK] · cols [CKK, t*P], then each image's block out.
@@ -878,6 +880,15 @@ fn dims(t: &FlexTensor) -> [usize; 4] {
     [shape[0], shape[1], shape[2], shape[3]]
 }
 
+/// The weight gradient's per-group partial sums ([`Plan::weight_grad_groups`]) added in order.
+fn sum_in_order(len: usize, partials: Vec<Vec<f32>>) -> Vec<f32> {
+    let mut sum = vec![0f32; len];
+    for partial in partials {
+        sum.iter_mut().zip(partial).for_each(|(a, b)| *a += b);
+    }
+    sum
+}
+
 /// The tensor's values, contiguous (a copy only when it is a strided view).
 pub(super) fn f32s(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
     assert_eq!(t.dtype(), DType::F32, "im2col conv2d runs in f32");
@@ -1013,6 +1024,30 @@ mod tests {
         diff / scale
     }
 
+    /// `other`'s value, weight gradient and input gradient against `reference`'s, each within its
+    /// relative tolerance; returns `other`'s weight gradient.
+    fn assert_paths_agree(
+        [reference, other]: [Plan; 2],
+        [x, weight, dy]: [&FlexTensor; 3],
+        [value, weight_grad, input_grad]: [f32; 3],
+        case: &str,
+    ) -> FlexTensor {
+        let y = [reference, other].map(|p| p.forward(x, weight));
+        assert!(relative_error(&y[0], &y[1]) < value, "value, {case}");
+        let [(dx_a, dw_a), (dx_b, dw_b)] =
+            [reference, other].map(|p| p.backward(x, weight, dy, true));
+        assert!(
+            relative_error(&dw_a, &dw_b) < weight_grad,
+            "weight gradient, {case}"
+        );
+        let (dx_a, dx_b) = (dx_a.unwrap(), dx_b.unwrap());
+        assert!(
+            relative_error(&dx_a, &dx_b) < input_grad,
+            "input gradient, {case}"
+        );
+        dw_b
+    }
+
     /// The shifted path (stride 1) against im2col, itself tested against Burn above: value and
     /// both gradients, on odd shapes and paddings, with one image per tile and with several.
     #[test]
@@ -1033,19 +1068,9 @@ mod tests {
                 (plan.with_path(Path::Im2col), plan.with_path(Path::Shifted));
             let dy = random(&[shape[0], 6, plan.h_out, plan.w_out], 3);
             let case = format!("k{kernel} p{padding} {shape:?}");
-            let y = [reference, shifted].map(|p| p.forward(&x, &weight));
-            assert!(relative_error(&y[0], &y[1]) < 1e-6, "value, {case}");
-            let [(dx_a, dw_a), (dx_b, dw_b)] =
-                [reference, shifted].map(|p| p.backward(&x, &weight, &dy, true));
-            assert!(
-                relative_error(&dw_a, &dw_b) < 1e-6,
-                "weight gradient, {case}"
-            );
-            let (dx_a, dx_b) = (dx_a.unwrap(), dx_b.unwrap());
-            assert!(
-                relative_error(&dx_a, &dx_b) < 1e-6,
-                "input gradient, {case}"
-            );
+            let tolerances = [1e-6; 3];
+            let dw_b =
+                assert_paths_agree([reference, shifted], [&x, &weight, &dy], tolerances, &case);
             let (_, dw_c) = shifted.backward(&x, &weight, &dy, false);
             assert_eq!(
                 f32s(&dw_b),
@@ -1076,19 +1101,8 @@ mod tests {
                 (plan.with_path(Path::Im2col), plan.with_path(Path::Winograd));
             let case = format!("{c_out} <- {shape:?}");
             let dy = random(&[shape[0], c_out, plan.h_out, plan.w_out], 3);
-            let y = [reference, winograd].map(|p| p.forward(&x, &weight));
-            assert!(relative_error(&y[0], &y[1]) < 1e-5, "value, {case}");
-            let [(dx_a, dw_a), (dx_b, dw_b)] =
-                [reference, winograd].map(|p| p.backward(&x, &weight, &dy, true));
-            assert!(
-                relative_error(&dw_a, &dw_b) < 1e-6,
-                "weight gradient, {case}"
-            );
-            let (dx_a, dx_b) = (dx_a.unwrap(), dx_b.unwrap());
-            assert!(
-                relative_error(&dx_a, &dx_b) < 1e-5,
-                "input gradient, {case}"
-            );
+            let tolerances = [1e-5, 1e-6, 1e-5];
+            assert_paths_agree([reference, winograd], [&x, &weight, &dy], tolerances, &case);
         }
         // Only 3x3 layers of stride 1 and padding 1, even sizes and 16 channels or more take it.
         for (shape, c_out, stride, padding, expected) in [

@@ -6,7 +6,7 @@
 //! and so does the weight gradient, as the algorithm's adjoint in the weight: one gemm a point
 //! over the blocks, [Co, blocks] x [blocks, C], then G^T (.) G per channel pair.
 
-use super::{gemm, with_scratch, written, Mat, Plan, Uninit, WEIGHT_GRAD_GROUPS};
+use super::{gemm, sum_in_order, with_scratch, written, Mat, Plan, Uninit};
 use rayon::prelude::*;
 
 /// Entries of a transformed 4x4 block: the gemms per tile.
@@ -145,12 +145,11 @@ pub(super) fn fits_weight_gradient(plan: &Plan) -> bool {
 /// The weight gradient [Co, C, 3, 3] of the layer `plan` (one F(2x2, 3x3) fits) from its input x
 /// and the gradient of its output dy: with Y = A^T [U ⊙ V] A and U = G g G^T, dL/dg = G^T M G for
 /// M = Σ over blocks of (A dY A^T) ⊙ V, each point's sum a gemm. Summed over fixed groups of
-/// images in a fixed order, as the direct paths' weight gradient.
+/// images in a fixed order, as the direct paths' ([`Plan::weight_grad_groups`]).
 pub(super) fn weight_gradient(plan: &Plan, x: &[f32], dy: &[f32]) -> Vec<f32> {
     let blocks = Blocks::of(plan, plan.c_in, plan.c_out);
     let (image_in, image_out) = (blocks.image_in(), blocks.image_out());
-    let group = plan.batch.div_ceil(WEIGHT_GRAD_GROUPS);
-    let tile = plan.tile().min(group);
+    let (group, tile) = plan.weight_grad_groups();
     let pairs = plan.c_out * plan.c_in;
     let partials: Vec<Vec<f32>> = (x.par_chunks(group * image_in))
         .zip(dy.par_chunks(group * image_out))
@@ -161,10 +160,7 @@ pub(super) fn weight_gradient(plan: &Plan, x: &[f32], dy: &[f32]) -> Vec<f32> {
             m
         })
         .collect();
-    let mut m = vec![0f32; POINTS * pairs];
-    for partial in partials {
-        m.iter_mut().zip(partial).for_each(|(a, b)| *a += b);
-    }
+    let m = sum_in_order(POINTS * pairs, partials);
     let mut dw = vec![0f32; pairs * 9];
     for (pair, dw) in dw.chunks_mut(9).enumerate() {
         // M G by rows of M, then G^T (M G) by columns of that.
@@ -285,21 +281,22 @@ impl Blocks {
 
     /// V = B^T d B for every 4x4 input block d (lines and columns 2r - 1 .. 2r + 3, zero outside
     /// the image), into V [16, C, blocks] with rows `stride` apart. Each plane is first split by
-    /// the parity of its zero-padded lines and by column phase, `phases[k][parity]` holding
-    /// padded entries (2m + parity, 2q + k) at m * (W / 2) + q: entry (j, k) of every block of the
+    /// the parity of its zero-padded lines and by column phase into `lines`, phase k and parity
+    /// holding padded entries (2m + parity, 2q + k) at m * (W / 2) + q: entry (j, k) of every block of the
     /// plane is then one run, from m = j / 2 on, and each of V's 16 points one pass over runs as
     /// long as the plane's blocks (per line of blocks, the runs were too short to vectorize).
     fn transform_inputs(&self, x: &[f32], v: &mut [f32], lines: &mut [f32], stride: usize) {
         let (h, w, half) = (self.height, self.width, self.width / 2);
         let (per_image, phase) = (self.per_image(), (h / 2 + 1) * half);
         let lines = &mut lines[..8 * phase];
+        // Padded lines 0 and h + 1 are zero (m = 0 of parity 0, m = h / 2 of parity 1), and no
+        // plane writes them.
+        for k in 0..4 {
+            lines[2 * k * phase..][..half].fill(0.0);
+            lines[(2 * k + 1) * phase + h / 2 * half..][..half].fill(0.0);
+        }
         for (image, x) in x.chunks(self.image_in()).enumerate() {
             for (c, plane) in x.chunks(h * w).enumerate() {
-                // Padded line 0 and h + 1 are zero: m = 0 of parity 0, m = h / 2 of parity 1.
-                for k in 0..4 {
-                    lines[2 * k * phase..][..half].fill(0.0);
-                    lines[(2 * k + 1) * phase + h / 2 * half..][..half].fill(0.0);
-                }
                 for (l, line) in plane.chunks(w).enumerate() {
                     let padded = l + 1;
                     let (m, parity) = (padded / 2, padded % 2);
