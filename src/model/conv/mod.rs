@@ -645,6 +645,15 @@ impl Plan {
             let out = &mut cols[to..to + len];
             match s {
                 1 => out.copy_from_slice(&x[from..from + len]),
+                // Pairs of a known size, so the gather compiles to shuffles.
+                2 => {
+                    let (last, body) = out.split_last_mut().expect("runs are not empty");
+                    let x = &x[from..][..2 * len - 1];
+                    body.iter_mut()
+                        .zip(x.chunks_exact(2))
+                        .for_each(|(o, x)| *o = x[0]);
+                    *last = x[2 * len - 2];
+                }
                 // By index: a strided iterator divides to find its length, on every line.
                 _ => (out.iter_mut().enumerate()).for_each(|(j, o)| *o = x[from + j * s]),
             }
@@ -665,7 +674,17 @@ impl Plan {
         }
         self.for_each_run(columns, images, |from, to, len| {
             let grad = &cols[from..from + len];
-            (grad.iter().enumerate()).for_each(|(j, g)| dx[to + j * s] += g);
+            match s {
+                2 => {
+                    let (last, body) = grad.split_last().expect("runs are not empty");
+                    let dx = &mut dx[to..][..2 * len - 1];
+                    body.iter()
+                        .zip(dx.chunks_exact_mut(2))
+                        .for_each(|(g, d)| d[0] += g);
+                    dx[2 * len - 2] += last;
+                }
+                _ => (grad.iter().enumerate()).for_each(|(j, g)| dx[to + j * s] += g),
+            }
         });
     }
 }

@@ -206,9 +206,9 @@ impl Blocks {
         x.len() / self.image_in() * self.per_image()
     }
 
-    /// The scratch the input transform needs: a plane split by line parity and column phase.
+    /// The scratch the input transform needs: a plane split by line and column parity.
     fn lines(&self) -> usize {
-        8 * (self.height / 2 + 1) * (self.width / 2)
+        Parts::of(self).len()
     }
 
     /// One tile's share of the weight gradient: m [16, Co, C] += (A dY A^T)_p · V_p^T per point.
@@ -238,41 +238,28 @@ impl Blocks {
     }
 
     /// A dY A^T for every 2x2 block of the output gradient, into D [16, Co, blocks] with rows
-    /// `stride` apart: A y = (y0, y0 + y1, y0 - y1, -y1) across each block's two lines, then along
-    /// them (even and odd columns apart, as the inputs').
+    /// `stride` apart, A's rows (1, 0), (1, 1), (1, -1), (0, -1). As the inputs' transform, each
+    /// plane is first split into runs along all its blocks (entry (i, j) of every block, the
+    /// plane's lines 2r + i and columns 2q + j, at `(2 i + j) * blocks + r * (W / 2) + q`), then
+    /// each of D's 16 points is one pass over them.
     fn transform_output_grads(&self, dy: &[f32], d: &mut [f32], lines: &mut [f32], stride: usize) {
-        let (h, w, half) = (self.height, self.width, self.width / 2);
-        let (even, odd) = lines[..8 * half].split_at_mut(4 * half);
+        let (h, w, half, per_image) = (self.height, self.width, self.width / 2, self.per_image());
+        let lines = &mut lines[..4 * per_image];
         for (image, dy) in dy.chunks(self.image_out()).enumerate() {
             for (o, plane) in dy.chunks(h * w).enumerate() {
-                for r in 0..h / 2 {
-                    for (j, line) in [2 * r, 2 * r + 1].into_iter().enumerate() {
-                        let (e, od) = (&mut even[3 * j * half..], &mut odd[3 * j * half..]);
-                        split_parity(&plane[line * w..][..w], &mut e[..half], &mut od[..half]);
-                    }
-                    for parity in [&mut *even, &mut *odd] {
-                        let (top, rest) = parity.split_at_mut(half);
-                        let (middle, bottom) = rest.split_at_mut(2 * half);
-                        let (sum, difference) = middle.split_at_mut(half);
-                        for i in 0..half {
-                            let (t, b) = (top[i], bottom[i]);
-                            [sum[i], difference[i], bottom[i]] = [t + b, t - b, -b];
-                        }
-                    }
-                    let first = image * self.per_image() + r * half;
-                    for a in 0..4 {
-                        let (e, od) = (&even[a * half..][..half], &odd[a * half..][..half]);
-                        let at = |b: usize| ((4 * a + b) * self.c_out + o) * stride + first;
-                        d[at(0)..][..half].copy_from_slice(e);
-                        let runs = [(1, 1.0), (2, -1.0)];
-                        for (b, sign) in runs {
-                            let out = &mut d[at(b)..][..half];
-                            for i in 0..half {
-                                out[i] = e[i] + sign * od[i];
-                            }
-                        }
-                        let out = &mut d[at(3)..][..half];
-                        out.iter_mut().zip(od).for_each(|(out, v)| *out = -v);
+                for (l, line) in plane.chunks(w).enumerate() {
+                    let at = (2 * (l % 2)) * per_image + l / 2 * half;
+                    let (even, odd) = lines[at..].split_at_mut(per_image);
+                    split_parity(line, &mut even[..half], &mut odd[..half]);
+                }
+                let part = |i: usize, j: usize| &lines[(2 * i + j) * per_image..][..per_image];
+                let parts = [part(0, 0), part(0, 1), part(1, 0), part(1, 1)];
+                for (a, [a0, a1]) in A.into_iter().enumerate() {
+                    for (b, [b0, b1]) in A.into_iter().enumerate() {
+                        let at = ((4 * a + b) * self.c_out + o) * stride + image * per_image;
+                        map_runs(&mut d[at..][..per_image], parts, |[p00, p01, p10, p11]| {
+                            a0 * (b0 * p00 + b1 * p01) + a1 * (b0 * p10 + b1 * p11)
+                        });
                     }
                 }
             }
@@ -281,49 +268,53 @@ impl Blocks {
 
     /// V = B^T d B for every 4x4 input block d (lines and columns 2r - 1 .. 2r + 3, zero outside
     /// the image), into V [16, C, blocks] with rows `stride` apart. Each plane is first split by
-    /// the parity of its zero-padded lines and by column phase into `lines`, phase k and parity
-    /// holding padded entries (2m + parity, 2q + k) at m * (W / 2) + q: entry (j, k) of every block of the
-    /// plane is then one run, from m = j / 2 on, and each of V's 16 points one pass over runs as
-    /// long as the plane's blocks (per line of blocks, the runs were too short to vectorize).
+    /// the parity of its zero-padded lines and of its columns into `lines`, [`Parts::at`]: entry
+    /// (j, k) of every block of the plane is then one run, and each of V's 16 points one pass over
+    /// runs as long as the plane's blocks (per line of blocks, the runs were too short to
+    /// vectorize). Padded columns 2q and 2q + 3 (a block's first and last) are the odd and even
+    /// columns one entry earlier and later, but for the first and last block of each line,
+    /// where they are padding: those entries are computed again without them.
     fn transform_inputs(&self, x: &[f32], v: &mut [f32], lines: &mut [f32], stride: usize) {
         let (h, w, half) = (self.height, self.width, self.width / 2);
-        let (per_image, phase) = (self.per_image(), (h / 2 + 1) * half);
-        let lines = &mut lines[..8 * phase];
+        let parts = Parts::of(self);
+        let per_image = self.per_image();
+        let lines = &mut lines[..parts.len()];
         // Padded lines 0 and h + 1 are zero (m = 0 of parity 0, m = h / 2 of parity 1), and no
         // plane writes them.
-        for k in 0..4 {
-            lines[2 * k * phase..][..half].fill(0.0);
-            lines[(2 * k + 1) * phase + h / 2 * half..][..half].fill(0.0);
+        for columns in [Columns::Even, Columns::Odd] {
+            lines[parts.at(columns, 0, 0)..][..half].fill(0.0);
+            lines[parts.at(columns, 1, h / 2)..][..half].fill(0.0);
         }
         for (image, x) in x.chunks(self.image_in()).enumerate() {
             for (c, plane) in x.chunks(h * w).enumerate() {
                 for (l, line) in plane.chunks(w).enumerate() {
-                    let padded = l + 1;
-                    let (m, parity) = (padded / 2, padded % 2);
-                    let at = |k: usize| (2 * k + parity) * phase + m * half;
-                    // Padded column 2q + k is the input's 2q + k - 1, zero outside.
-                    let [p0, p1, p2, p3] = [0, 1, 2, 3].map(at);
-                    lines[p0] = 0.0;
-                    lines[p3 + half - 1] = 0.0;
-                    for (q, pair) in line.chunks_exact(2).enumerate() {
-                        lines[p1 + q] = pair[0];
-                        lines[p2 + q] = pair[1];
-                    }
-                    for q in 1..half {
-                        lines[p0 + q] = line[2 * q - 1];
-                        lines[p3 + q - 1] = line[2 * q];
-                    }
+                    // Padded line l + 1.
+                    let (m, parity) = (l.div_ceil(2), (l + 1) % 2);
+                    let even = parts.at(Columns::Even, parity, m);
+                    let odd = parts.at(Columns::Odd, parity, m);
+                    let (head, tail) = lines.split_at_mut(odd);
+                    split_parity(line, &mut head[even..][..half], &mut tail[..half]);
                 }
-                let d = |j: usize, k: usize| {
-                    &lines[(2 * k + j % 2) * phase + j / 2 * half..][..per_image]
-                };
+                let d = |j: usize, k: usize| &lines[parts.run(j, k)..][..per_image];
                 for (a, &(a0, a1, sa)) in B_T.iter().enumerate() {
                     for (b, &(b0, b1, sb)) in B_T.iter().enumerate() {
                         let at = ((4 * a + b) * self.c_in + c) * stride + image * per_image;
                         let out = &mut v[at..][..per_image];
                         let [p, q, r, s] = [d(a0, b0), d(a1, b0), d(a0, b1), d(a1, b1)];
-                        for i in 0..per_image {
-                            out[i] = (p[i] + sa * q[i]) + sb * (r[i] + sa * s[i]);
+                        map_runs(out, [p, q, r, s], |[p, q, r, s]| {
+                            (p + sa * q) + sb * (r + sa * s)
+                        });
+                        // The line ends, where column 0 or 3 is padding.
+                        let ends = match (b0, b1) {
+                            (0, _) => Some((0, (r, s))),
+                            (_, 3) => Some((half - 1, (p, q))),
+                            _ => None,
+                        };
+                        if let Some((first, (p, q))) = ends {
+                            let scale = if b0 == 0 { sb } else { 1.0 };
+                            for i in (first..per_image).step_by(half) {
+                                out[i] = scale * (p[i] + sa * q[i]);
+                            }
                         }
                     }
                 }
@@ -368,10 +359,58 @@ impl Blocks {
     }
 }
 
+/// The input's columns by parity: padded columns 2q + 1 and 2q + 2 of block q.
+#[derive(Clone, Copy)]
+enum Columns {
+    Even,
+    Odd,
+}
+
+/// A plane split by the parity of its zero-padded lines and of its columns: the input's even
+/// (odd) columns of padded line 2m + parity at `at(Even (Odd), parity, m)` + q. Each part has a
+/// spare entry before and after it, which the runs of padded columns 0 and 3 read.
+struct Parts {
+    half: usize,
+    part: usize,
+}
+
+impl Parts {
+    fn of(blocks: &Blocks) -> Self {
+        let half = blocks.width / 2;
+        Self {
+            half,
+            part: (blocks.height / 2 + 1) * half + 2,
+        }
+    }
+
+    fn len(&self) -> usize {
+        4 * self.part
+    }
+
+    fn at(&self, columns: Columns, parity: usize, m: usize) -> usize {
+        1 + (2 * columns as usize + parity) * self.part + m * self.half
+    }
+
+    /// Where entry (j, k) of the plane's first block starts its run: padded column 2q of block q
+    /// is odd column q - 1, and 2q + 3 is even column q + 1.
+    fn run(&self, j: usize, k: usize) -> usize {
+        let (parity, m) = (j % 2, j / 2);
+        match k {
+            0 => self.at(Columns::Odd, parity, m) - 1,
+            1 => self.at(Columns::Even, parity, m),
+            2 => self.at(Columns::Odd, parity, m),
+            _ => self.at(Columns::Even, parity, m) + 1,
+        }
+    }
+}
+
 /// Run `n` of `columns` entries in `runs`.
 fn run(runs: &[f32], n: usize, columns: usize) -> &[f32] {
     &runs[n * columns..][..columns]
 }
+
+/// A's rows: (A y)[a] = A[a][0] y0 + A[a][1] y1 for a pair y of outputs.
+const A: [[f32; 2]; 4] = [[1.0, 0.0], [1.0, 1.0], [1.0, -1.0], [0.0, -1.0]];
 
 /// B^T's rows: (B^T d)[n] = d[i] + sign * d[j] for (i, j, sign).
 const B_T: [(usize, usize, f32); 4] = [(0, 2, -1.0), (1, 2, 1.0), (2, 1, -1.0), (1, 3, -1.0)];
@@ -407,6 +446,15 @@ fn split_parity(line: &[f32], even: &mut [f32], odd: &mut [f32]) {
     for (k, pair) in line.chunks_exact(2).enumerate() {
         even[k] = pair[0];
         odd[k] = pair[1];
+    }
+}
+
+/// `out[i] = f(inputs' entries i)`.
+fn map_runs<const N: usize>(out: &mut [f32], inputs: [&[f32]; N], f: impl Fn([f32; N]) -> f32) {
+    let n = out.len();
+    let inputs = inputs.map(|input| &input[..n]);
+    for (i, out) in out.iter_mut().enumerate() {
+        *out = f(inputs.map(|input| input[i]));
     }
 }
 
