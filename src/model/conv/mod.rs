@@ -767,7 +767,7 @@ fn unframe<S: Slot>(matrix: &[f32], images: &mut [S], dims: [usize; 3], framing:
 }
 
 /// An output entry not yet written.
-type Uninit = std::mem::MaybeUninit<f32>;
+pub(super) type Uninit = std::mem::MaybeUninit<f32>;
 
 /// Where an op writes a value: an entry already set, or one never yet written.
 trait Slot {
@@ -791,7 +791,7 @@ impl Slot for Uninit {
 ///
 /// # Safety
 /// `write` must write every one of the `len` entries.
-unsafe fn written(len: usize, write: impl FnOnce(&mut [Uninit])) -> Vec<f32> {
+pub(super) unsafe fn written(len: usize, write: impl FnOnce(&mut [Uninit])) -> Vec<f32> {
     let mut values = Vec::with_capacity(len);
     write(&mut values.spare_capacity_mut()[..len]);
     // SAFETY: the caller's `write` wrote every entry.

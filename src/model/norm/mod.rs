@@ -27,7 +27,7 @@ use burn::tensor::Tensor;
 use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
 
-use super::conv::{f32s, tensor, zeros};
+use super::conv::{f32s, tensor, written, Uninit};
 use crate::collective::SyncBatchNorm;
 #[cfg(all(feature = "cube-kernels", not(feature = "fusion"), feature = "cuda"))]
 use burn::backend::Cuda;
@@ -458,6 +458,35 @@ fn over_batch(mut sums: Vec<f64>, count: f64, sync: Option<&SyncBatchNorm>) -> (
     (sums, count)
 }
 
+/// One plane's share of its slot's moments: its sum, and its squares about `shift` (its mean,
+/// rounded to f32).
+struct PlaneMoments {
+    len: f64,
+    sum: f64,
+    shift: f64,
+    squares: f64,
+}
+
+impl PlaneMoments {
+    fn of(plane: &[f32]) -> Self {
+        let sum = lane_sums([plane], |[v]| [v])[0];
+        let shift = sum / plane.len() as f32;
+        let squares = lane_sums([plane], |[v]| [(v - shift) * (v - shift)])[0];
+        Self {
+            len: plane.len() as f64,
+            sum: sum as f64,
+            shift: shift as f64,
+            squares: squares as f64,
+        }
+    }
+
+    /// Σ (v - mean)² = Σ (v - shift)² + 2 (shift - mean) Σ (v - shift) + len (shift - mean)².
+    fn squares_about(&self, mean: f64) -> f64 {
+        let d = self.shift - mean;
+        self.squares + 2.0 * d * (self.sum - self.len * self.shift) + self.len * d * d
+    }
+}
+
 /// x as `views` equal stacks of images of `channels` planes of `pixels` values each.
 #[derive(Clone, Copy, Debug)]
 struct Shape {
@@ -550,22 +579,24 @@ impl Shape {
         over_batch(sums, self.count(), sync)
     }
 
-    /// [mean..., biased variance...] per slot (two passes over each plane: exact for inputs
-    /// far from zero mean, where one-pass sums of squares cancel).
+    /// [mean..., biased variance...] per slot. Each plane's sum, and its squares about its own
+    /// mean, are taken while the plane is in cache (two passes over it: exact for inputs far from
+    /// zero mean, where one-pass sums of squares cancel), then moved to the slot's mean: x is
+    /// read from memory once.
     fn moments(&self, x: &[f32], sync: Option<&SyncBatchNorm>) -> Vec<f32> {
-        let [sums] = self.per_slot(|s| {
-            let planes = self.planes(x, s);
-            [planes.map(|p| lane_sums([p], |[v]| [v])[0] as f64).sum()]
-        });
+        let planes: Vec<Vec<PlaneMoments>> = (0..self.slots())
+            .into_par_iter()
+            .map(|s| self.planes(x, s).map(PlaneMoments::of).collect())
+            .collect();
+        let sums = planes
+            .iter()
+            .map(|p| p.iter().map(|p| p.sum).sum())
+            .collect();
         let (sums, n) = self.over_batch(sums, sync);
         let mean: Vec<f64> = sums.iter().map(|s| s / n).collect();
-        let [squares] = self.per_slot(|s| {
-            let m = mean[s] as f32;
-            let planes = self.planes(x, s);
-            [planes
-                .map(|p| lane_sums([p], |[v]| [(v - m) * (v - m)])[0] as f64)
-                .sum()]
-        });
+        let squares = (planes.iter().zip(&mean))
+            .map(|(planes, &mean)| planes.iter().map(|p| p.squares_about(mean)).sum())
+            .collect();
         let (squares, _) = self.over_batch(squares, sync);
         let var = squares.iter().map(|s| s / n);
         mean.iter().copied().chain(var).map(|v| v as f32).collect()
@@ -592,28 +623,53 @@ impl Shape {
     /// `y = x * scale + shift` per slot, plus `residual` (laid out as x) when given, then the
     /// ReLU when `relu`; images in parallel.
     fn apply(&self, x: &[f32], k: &Coefficients, relu: bool, residual: Option<&[f32]>) -> Vec<f32> {
-        // y starts as the residual, which the normalized x is added to.
-        let add = residual.is_some();
-        let mut y = residual.map_or_else(|| zeros(x.len()), <[f32]>::to_vec);
-        let pixels = self.pixels();
-        let image = self.channels * pixels;
-        (y.par_chunks_mut(image).zip(x.par_chunks(image)))
-            .enumerate()
-            .for_each(|(i, (y, x))| {
-                for (c, (y, x)) in y.chunks_mut(pixels).zip(x.chunks(pixels)).enumerate() {
-                    let s = self.slot(i, c);
-                    let (scale, shift) = (k.scale[s], k.shift[s]);
-                    y.iter_mut().zip(x).for_each(|(y, x)| {
-                        let mut v = x * scale + shift;
-                        if add {
-                            v += *y;
+        let image = self.channels * self.pixels();
+        // SAFETY: every image's planes are written whole, entry by entry.
+        unsafe {
+            written(x.len(), |y| {
+                (y.par_chunks_mut(image).zip(x.par_chunks(image)))
+                    .enumerate()
+                    .for_each(|(i, (y, x))| match residual {
+                        Some(r) => {
+                            self.apply_image(i, x, k, relu, Some(&r[i * image..][..image]), y)
                         }
-                        // As Burn's ReLU: zero where v <= 0, so a NaN passes through.
-                        *y = if relu && v <= 0.0 { 0.0 } else { v };
-                    });
+                        None => self.apply_image(i, x, k, relu, None, y),
+                    })
+            })
+        }
+    }
+
+    /// [`Shape::apply`] on image `i`'s planes.
+    fn apply_image(
+        &self,
+        i: usize,
+        x: &[f32],
+        k: &Coefficients,
+        relu: bool,
+        residual: Option<&[f32]>,
+        y: &mut [Uninit],
+    ) {
+        let pixels = self.pixels();
+        let planes = y.chunks_mut(pixels).zip(x.chunks(pixels)).enumerate();
+        for (c, (y, x)) in planes {
+            let s = self.slot(i, c);
+            let (scale, shift) = (k.scale[s], k.shift[s]);
+            // As Burn's ReLU: zero where v <= 0, so a NaN passes through.
+            let activate = |v: f32| if relu && v <= 0.0 { 0.0 } else { v };
+            match residual {
+                Some(r) => {
+                    let r = &r[c * pixels..][..pixels];
+                    for ((y, x), r) in y.iter_mut().zip(x).zip(r) {
+                        y.write(activate(x * scale + shift + r));
+                    }
                 }
-            });
-        y
+                None => {
+                    for (y, x) in y.iter_mut().zip(x) {
+                        y.write(activate(x * scale + shift));
+                    }
+                }
+            }
+        }
     }
 
     /// [dx, dgamma, dbeta] of the training-mode batch norm, with x̂ = (x - mean) / std per slot:
@@ -646,25 +702,28 @@ impl Shape {
         let (sum_dgamma, sum_dbeta, n) = (to_f32(sum_dgamma), to_f32(sum_dbeta), n as f32);
         let pixels = self.pixels();
         let image = self.channels * pixels;
-        let mut dx = zeros(x.len());
-        (dx.par_chunks_mut(image)
-            .zip(x.par_chunks(image).zip(dy.par_chunks(image))))
-        .enumerate()
-        .for_each(|(i, (dx, (x, dy)))| {
-            let planes = dx
-                .chunks_mut(pixels)
-                .zip(x.chunks(pixels).zip(dy.chunks(pixels)));
-            for (c, (dx, (x, dy))) in planes.enumerate() {
-                let s = self.slot(i, c);
-                let (mean, inv_std) = (mean[s], inv_std[s]);
-                let scale = gamma[c] * inv_std;
-                let (mean_dy, mean_dgamma) = (sum_dbeta[s] / n, sum_dgamma[s] / n);
-                for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
-                    let x_hat = (x - mean) * inv_std;
-                    *dx = scale * (dy - mean_dy - x_hat * mean_dgamma);
+        let write = |dx: &mut [Uninit]| {
+            (dx.par_chunks_mut(image)
+                .zip(x.par_chunks(image).zip(dy.par_chunks(image))))
+            .enumerate()
+            .for_each(|(i, (dx, (x, dy)))| {
+                let planes = dx
+                    .chunks_mut(pixels)
+                    .zip(x.chunks(pixels).zip(dy.chunks(pixels)));
+                for (c, (dx, (x, dy))) in planes.enumerate() {
+                    let s = self.slot(i, c);
+                    let (mean, inv_std) = (mean[s], inv_std[s]);
+                    let scale = gamma[c] * inv_std;
+                    let (mean_dy, mean_dgamma) = (sum_dbeta[s] / n, sum_dgamma[s] / n);
+                    for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
+                        let x_hat = (x - mean) * inv_std;
+                        dx.write(scale * (dy - mean_dy - x_hat * mean_dgamma));
+                    }
                 }
-            }
-        });
+            })
+        };
+        // SAFETY: every image's planes are written whole, entry by entry.
+        let dx = unsafe { written(x.len(), write) };
         [dx, self.over_views(&dgamma), self.over_views(&dbeta)]
     }
 
