@@ -256,11 +256,7 @@ impl NormBackward for Flex {
     ) -> ([FlexTensor; 3], Option<FlexTensor>) {
         let shape = Shape::with_moments(&x, &moments);
         let dy = match relu_output {
-            Some(y) => std::borrow::Cow::Owned(
-                (f32s(&dy).par_iter().zip(f32s(&y).par_iter()))
-                    .map(|(&dy, &y)| if y <= 0.0 { 0.0 } else { dy })
-                    .collect(),
-            ),
+            Some(y) => std::borrow::Cow::Owned(relu_backward(&f32s(&dy), &f32s(&y))),
             None => f32s(&dy),
         };
         let (x, gamma, moments) = (f32s(&x), f32s(&gamma), f32s(&moments));
@@ -275,6 +271,24 @@ impl NormBackward for Flex {
             grads,
             residual.then(|| tensor(dy.into_owned(), &shape.dims())),
         )
+    }
+}
+
+/// The gradient through a ReLU from its output y: dy where y > 0, else zero. In slices of a
+/// fixed length, each a plain loop (element by element, rayon's collect did not vectorize).
+fn relu_backward(dy: &[f32], y: &[f32]) -> Vec<f32> {
+    const SLICE: usize = 1 << 14;
+    // SAFETY: every slice of the output is written whole, entry by entry.
+    unsafe {
+        written(dy.len(), |out| {
+            (out.par_chunks_mut(SLICE)
+                .zip(dy.par_chunks(SLICE).zip(y.par_chunks(SLICE))))
+            .for_each(|(out, (dy, y))| {
+                for ((out, &dy), &y) in out.iter_mut().zip(dy).zip(y) {
+                    out.write(if y <= 0.0 { 0.0 } else { dy });
+                }
+            })
+        })
     }
 }
 
