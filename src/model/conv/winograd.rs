@@ -114,7 +114,7 @@ impl Winograd {
             [
                 POINTS * c_in * columns,
                 POINTS * c_out * columns,
-                self.blocks.lines().max(12 * columns),
+                Parts::len(columns).max(12 * columns),
             ],
             |[v, m, work]| {
                 self.blocks.transform_inputs(x, v, work, columns);
@@ -206,11 +206,6 @@ impl Blocks {
         x.len() / self.image_in() * self.per_image()
     }
 
-    /// The scratch the input transform needs: a plane split by line and column parity.
-    fn lines(&self) -> usize {
-        Parts::of(self).len()
-    }
-
     /// One tile's share of the weight gradient: m [16, Co, C] += (A dY A^T)_p · V_p^T per point.
     /// Both operands run along the blocks, so their rows are laid a cache line more than a power
     /// of two apart (see `Plan::im2col_backward`).
@@ -222,7 +217,7 @@ impl Blocks {
             [
                 POINTS * c_in * stride,
                 POINTS * c_out * stride,
-                self.lines(),
+                Parts::len(columns),
             ],
             |[v, d, work]| {
                 self.transform_inputs(x, v, work, stride);
@@ -239,82 +234,92 @@ impl Blocks {
 
     /// A dY A^T for every 2x2 block of the output gradient, into D [16, Co, blocks] with rows
     /// `stride` apart, A's rows (1, 0), (1, 1), (1, -1), (0, -1). As the inputs' transform, each
-    /// plane is first split into runs along all its blocks (entry (i, j) of every block, the
-    /// plane's lines 2r + i and columns 2q + j, at `(2 i + j) * blocks + r * (W / 2) + q`), then
-    /// each of D's 16 points is one pass over them.
+    /// channel's planes are first split into runs along all the tile's blocks (entry (i, j) of
+    /// every block, lines 2r + i and columns 2q + j, at `(2 i + j) * blocks` + the block's
+    /// index), then each of D's 16 points is one pass over them.
     fn transform_output_grads(&self, dy: &[f32], d: &mut [f32], lines: &mut [f32], stride: usize) {
         let (h, w, half, per_image) = (self.height, self.width, self.width / 2, self.per_image());
-        let lines = &mut lines[..4 * per_image];
-        for (image, dy) in dy.chunks(self.image_out()).enumerate() {
-            for (o, plane) in dy.chunks(h * w).enumerate() {
+        let blocks = dy.len() / self.image_out() * per_image;
+        let lines = &mut lines[..4 * blocks];
+        for o in 0..self.c_out {
+            for (image, dy) in dy.chunks(self.image_out()).enumerate() {
+                let plane = &dy[o * h * w..][..h * w];
                 for (l, line) in plane.chunks(w).enumerate() {
-                    let at = (2 * (l % 2)) * per_image + l / 2 * half;
-                    let (even, odd) = lines[at..].split_at_mut(per_image);
+                    let at = 2 * (l % 2) * blocks + image * per_image + l / 2 * half;
+                    let (even, odd) = lines[at..].split_at_mut(blocks);
                     split_parity(line, &mut even[..half], &mut odd[..half]);
                 }
-                let part = |i: usize, j: usize| &lines[(2 * i + j) * per_image..][..per_image];
-                let parts = [part(0, 0), part(0, 1), part(1, 0), part(1, 1)];
-                for (a, [a0, a1]) in A.into_iter().enumerate() {
-                    for (b, [b0, b1]) in A.into_iter().enumerate() {
-                        let at = ((4 * a + b) * self.c_out + o) * stride + image * per_image;
-                        map_runs(&mut d[at..][..per_image], parts, |[p00, p01, p10, p11]| {
-                            a0 * (b0 * p00 + b1 * p01) + a1 * (b0 * p10 + b1 * p11)
-                        });
-                    }
+            }
+            let part = |i: usize, j: usize| &lines[(2 * i + j) * blocks..][..blocks];
+            let parts = [part(0, 0), part(0, 1), part(1, 0), part(1, 1)];
+            for (a, [a0, a1]) in A.into_iter().enumerate() {
+                for (b, [b0, b1]) in A.into_iter().enumerate() {
+                    let at = ((4 * a + b) * self.c_out + o) * stride;
+                    map_runs(&mut d[at..][..blocks], parts, |[p00, p01, p10, p11]| {
+                        a0 * (b0 * p00 + b1 * p01) + a1 * (b0 * p10 + b1 * p11)
+                    });
                 }
             }
         }
     }
 
     /// V = B^T d B for every 4x4 input block d (lines and columns 2r - 1 .. 2r + 3, zero outside
-    /// the image), into V [16, C, blocks] with rows `stride` apart. Each plane is first split by
-    /// the parity of its zero-padded lines and of its columns into `lines`, [`Parts::at`]: entry
-    /// (j, k) of every block of the plane is then one run, and each of V's 16 points one pass over
-    /// runs as long as the plane's blocks (per line of blocks, the runs were too short to
-    /// vectorize). Padded columns 2q and 2q + 3 (a block's first and last) are the odd and even
-    /// columns one entry earlier and later, but for the first and last block of each line,
-    /// where they are padding: those entries are computed again without them.
+    /// the image), into V [16, C, blocks] with rows `stride` apart. Each channel's planes, the
+    /// tile's images one after another, are first split by the parity of their zero-padded lines
+    /// and of their columns into [`Parts`]: entry (j, k) of every block of the tile is then one
+    /// run, and each of V's 16 points one pass over runs as long as the tile's blocks (per line
+    /// of blocks, or per plane of a small image, the runs were too short to pay for themselves).
+    /// Padded columns 2q and 2q + 3 (a block's first and last) are the odd and even columns one
+    /// entry earlier and later, but for the first and last block of each line, where they are
+    /// padding: those entries are computed again without them.
     fn transform_inputs(&self, x: &[f32], v: &mut [f32], lines: &mut [f32], stride: usize) {
         let (h, w, half) = (self.height, self.width, self.width / 2);
-        let parts = Parts::of(self);
-        let per_image = self.per_image();
-        let lines = &mut lines[..parts.len()];
-        // Padded lines 0 and h + 1 are zero (m = 0 of parity 0, m = h / 2 of parity 1), and no
-        // plane writes them.
+        let images = x.len() / self.image_in();
+        let parts = Parts::of(self, images);
+        let n = parts.blocks;
+        let lines = &mut lines[..Parts::len(n)];
+        // Padded lines 0 and h + 1 (every image's first block's line 0, its last's line 3) are
+        // zero, and no plane writes them.
         for columns in [Columns::Even, Columns::Odd] {
-            lines[parts.at(columns, 0, 0)..][..half].fill(0.0);
-            lines[parts.at(columns, 1, h / 2)..][..half].fill(0.0);
+            for image in 0..images {
+                lines[parts.at(columns, 0, 0, image)..][..half].fill(0.0);
+                lines[parts.at(columns, 3, h / 2 - 1, image)..][..half].fill(0.0);
+            }
         }
-        for (image, x) in x.chunks(self.image_in()).enumerate() {
-            for (c, plane) in x.chunks(h * w).enumerate() {
+        for c in 0..self.c_in {
+            for (image, x) in x.chunks(self.image_in()).enumerate() {
+                let plane = &x[c * h * w..][..h * w];
                 for (l, line) in plane.chunks(w).enumerate() {
-                    // Padded line l + 1.
+                    // Padded line l + 1 = 2m + parity is line j = 2 (m - r) + parity of the
+                    // blocks of rows r = m - 1 and m (those inside the image).
                     let (m, parity) = (l.div_ceil(2), (l + 1) % 2);
-                    let even = parts.at(Columns::Even, parity, m);
-                    let odd = parts.at(Columns::Odd, parity, m);
-                    let (head, tail) = lines.split_at_mut(odd);
-                    split_parity(line, &mut head[even..][..half], &mut tail[..half]);
+                    for r in m.saturating_sub(1)..(m + 1).min(h / 2) {
+                        let j = 2 * (m - r) + parity;
+                        let even = parts.at(Columns::Even, j, r, image);
+                        let odd = parts.at(Columns::Odd, j, r, image);
+                        let (head, tail) = lines.split_at_mut(odd);
+                        split_parity(line, &mut head[even..][..half], &mut tail[..half]);
+                    }
                 }
-                let d = |j: usize, k: usize| &lines[parts.run(j, k)..][..per_image];
-                for (a, &(a0, a1, sa)) in B_T.iter().enumerate() {
-                    for (b, &(b0, b1, sb)) in B_T.iter().enumerate() {
-                        let at = ((4 * a + b) * self.c_in + c) * stride + image * per_image;
-                        let out = &mut v[at..][..per_image];
-                        let [p, q, r, s] = [d(a0, b0), d(a1, b0), d(a0, b1), d(a1, b1)];
-                        map_runs(out, [p, q, r, s], |[p, q, r, s]| {
-                            (p + sa * q) + sb * (r + sa * s)
-                        });
-                        // The line ends, where column 0 or 3 is padding.
-                        let ends = match (b0, b1) {
-                            (0, _) => Some((0, (r, s))),
-                            (_, 3) => Some((half - 1, (p, q))),
-                            _ => None,
-                        };
-                        if let Some((first, (p, q))) = ends {
-                            let scale = if b0 == 0 { sb } else { 1.0 };
-                            for i in (first..per_image).step_by(half) {
-                                out[i] = scale * (p[i] + sa * q[i]);
-                            }
+            }
+            let d = |j: usize, k: usize| &lines[parts.run(j, k)..][..n];
+            for (a, &(a0, a1, sa)) in B_T.iter().enumerate() {
+                for (b, &(b0, b1, sb)) in B_T.iter().enumerate() {
+                    let out = &mut v[((4 * a + b) * self.c_in + c) * stride..][..n];
+                    let [p, q, r, s] = [d(a0, b0), d(a1, b0), d(a0, b1), d(a1, b1)];
+                    map_runs(out, [p, q, r, s], |[p, q, r, s]| {
+                        (p + sa * q) + sb * (r + sa * s)
+                    });
+                    // The line ends, where column 0 or 3 is padding.
+                    let ends = match (b0, b1) {
+                        (0, _) => Some((0, (r, s))),
+                        (_, 3) => Some((half - 1, (p, q))),
+                        _ => None,
+                    };
+                    if let Some((first, (p, q))) = ends {
+                        let scale = if b0 == 0 { sb } else { 1.0 };
+                        for i in (first..n).step_by(half) {
+                            out[i] = scale * (p[i] + sa * q[i]);
                         }
                     }
                 }
@@ -366,40 +371,44 @@ enum Columns {
     Odd,
 }
 
-/// A plane split by the parity of its zero-padded lines and of its columns: the input's even
-/// (odd) columns of padded line 2m + parity at `at(Even (Odd), parity, m)` + q. Each part has a
-/// spare entry before and after it, which the runs of padded columns 0 and 3 read.
+/// A tile's planes of one channel split by their blocks' lines and by column parity: line j of
+/// block row r (padded line 2r + j) of `image`, its even or odd input columns, at
+/// `at(Even or Odd, j, r, image)` + q for block column q, so that each (j, columns) is one run
+/// along the tile's blocks. Each run has a spare entry before and after it, which the runs of
+/// padded columns 0 and 3 read.
 struct Parts {
     half: usize,
-    part: usize,
+    per_image: usize,
+    blocks: usize,
 }
 
 impl Parts {
-    fn of(blocks: &Blocks) -> Self {
-        let half = blocks.width / 2;
+    fn of(blocks: &Blocks, images: usize) -> Self {
         Self {
-            half,
-            part: (blocks.height / 2 + 1) * half + 2,
+            half: blocks.width / 2,
+            per_image: blocks.per_image(),
+            blocks: images * blocks.per_image(),
         }
     }
 
-    fn len(&self) -> usize {
-        4 * self.part
+    /// The scratch for a tile of `blocks` blocks.
+    fn len(blocks: usize) -> usize {
+        8 * (blocks + 2)
     }
 
-    fn at(&self, columns: Columns, parity: usize, m: usize) -> usize {
-        1 + (2 * columns as usize + parity) * self.part + m * self.half
+    fn at(&self, columns: Columns, j: usize, r: usize, image: usize) -> usize {
+        let run = 4 * columns as usize + j;
+        1 + run * (self.blocks + 2) + image * self.per_image + r * self.half
     }
 
-    /// Where entry (j, k) of the plane's first block starts its run: padded column 2q of block q
+    /// Where entry (j, k) of the tile's first block starts its run: padded column 2q of block q
     /// is odd column q - 1, and 2q + 3 is even column q + 1.
     fn run(&self, j: usize, k: usize) -> usize {
-        let (parity, m) = (j % 2, j / 2);
         match k {
-            0 => self.at(Columns::Odd, parity, m) - 1,
-            1 => self.at(Columns::Even, parity, m),
-            2 => self.at(Columns::Odd, parity, m),
-            _ => self.at(Columns::Even, parity, m) + 1,
+            0 => self.at(Columns::Odd, j, 0, 0) - 1,
+            1 => self.at(Columns::Even, j, 0, 0),
+            2 => self.at(Columns::Odd, j, 0, 0),
+            _ => self.at(Columns::Even, j, 0, 0) + 1,
         }
     }
 }
