@@ -643,11 +643,9 @@ impl Shape {
             written(x.len(), |y| {
                 (y.par_chunks_mut(image).zip(x.par_chunks(image)))
                     .enumerate()
-                    .for_each(|(i, (y, x))| match residual {
-                        Some(r) => {
-                            self.apply_image(i, x, k, relu, Some(&r[i * image..][..image]), y)
-                        }
-                        None => self.apply_image(i, x, k, relu, None, y),
+                    .for_each(|(i, (y, x))| {
+                        let residual = residual.map(|r| &r[i * image..][..image]);
+                        self.apply_image(i, x, k, relu, residual, y)
                     })
             })
         }
