@@ -4,10 +4,11 @@
 //! Written with Burn's tensor ops, a batch norm is a chain of element-wise passes (mean, centre,
 //! square, mean, scale, shift), each with its own backward and its own allocation: a perf
 //! profile of a `resnet-mini` step on flex put a quarter of it in element-wise kernels. Here the
-//! statistics take two passes (mean, then variance about it), the normalization one, and the
-//! backward two (the per-channel sums of the gradient and of the gradient times the normalized
-//! input, then the input gradient), with no intermediate tensors. Sums
-//! run per channel in f64 in a fixed order, so a run repeats bit for bit. The CPU device takes
+//! statistics read the input once (each plane's mean, then its variance about that mean while the
+//! plane is in cache; the GPU kernels take two passes over the batch), the normalization once, and
+//! the backward twice (the per-channel sums of the gradient and of the gradient times the
+//! normalized input, then the input gradient), with no intermediate tensors. Sums run per channel
+//! in f64 in a fixed order, so a run repeats bit for bit. The CPU device takes
 //! this path (see `backend::has_fast_conv`), the GPU devices `cube`'s (`has_cube_kernels`); both
 //! are tested equal to Burn's `BatchNorm`.
 //!
