@@ -786,8 +786,8 @@ impl Slot for Uninit {
     }
 }
 
-/// An op's output of `len` entries that `write` fills (the conv forward passes, whose last step
-/// writes each output once): no zeroing first, which was half the step's memset (`perf`).
+/// An op's output of `len` entries that `write` fills, each once (the conv forward passes, batch
+/// norm's outputs and gradients): no zeroing first, which was half the step's memset (`perf`).
 ///
 /// # Safety
 /// `write` must write every one of the `len` entries.

@@ -310,14 +310,14 @@ impl Blocks {
                     map_runs(out, [p, q, r, s], |[p, q, r, s]| {
                         (p + sa * q) + sb * (r + sa * s)
                     });
-                    // The line ends, where column 0 or 3 is padding.
+                    // The line ends, where column 0 or 3 is padding: only the other column's
+                    // term, (r + sa s) scaled by sb or (p + sa q), is left.
                     let ends = match (b0, b1) {
-                        (0, _) => Some((0, (r, s))),
-                        (_, 3) => Some((half - 1, (p, q))),
+                        (0, _) => Some((0, sb, (r, s))),
+                        (_, 3) => Some((half - 1, 1.0, (p, q))),
                         _ => None,
                     };
-                    if let Some((first, (p, q))) = ends {
-                        let scale = if b0 == 0 { sb } else { 1.0 };
+                    if let Some((first, scale, (p, q))) = ends {
                         for i in (first..n).step_by(half) {
                             out[i] = scale * (p[i] + sa * q[i]);
                         }
