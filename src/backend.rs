@@ -259,3 +259,134 @@ pub async fn read_f32<const D: usize>(t: Tensor<D>) -> anyhow::Result<Vec<f32>> 
         .try_to_vec::<f32>()
         .map_err(|e| anyhow::anyhow!("unexpected tensor data: {e:?}"))
 }
+
+/// A scalar on its way back from the device. On Burn's GPU backends the copy is queued and
+/// submitted when the read starts ([`start_read`]), so awaiting it later waits for the work
+/// queued before it, not for what the host queues meanwhile; on the CPU it is read when awaited.
+pub struct ScalarRead(std::pin::Pin<Box<dyn std::future::Future<Output = ReadResult> + Send>>);
+
+type ReadResult = anyhow::Result<f64>;
+
+impl ScalarRead {
+    pub async fn value(self) -> ReadResult {
+        self.0.await
+    }
+
+    /// `read` polled once now: CubeCL's clients queue and submit the copy on that first poll
+    /// (their futures borrow the client, so it lives inside `read`).
+    #[cfg(all(feature = "cube-kernels", not(feature = "fusion")))]
+    fn started(read: impl std::future::Future<Output = ReadResult> + Send + 'static) -> Self {
+        use std::task::{Context, Poll, Waker};
+        let mut read = Box::pin(read);
+        match read.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(value) => Self(Box::pin(std::future::ready(value))),
+            Poll::Pending => Self(read),
+        }
+    }
+}
+
+/// Starts reading `t` ([1], without autodiff) back to the host.
+pub fn start_read(t: Tensor<1>) -> ScalarRead {
+    #[cfg(all(feature = "cube-kernels", not(feature = "fusion")))]
+    let t = match cube_read::start(t) {
+        Ok(read) => return read,
+        Err(t) => t,
+    };
+    ScalarRead(Box::pin(async move {
+        t.into_scalar_async::<f64>().await.map_err(read_failed)
+    }))
+}
+
+fn read_failed(e: impl std::fmt::Debug) -> anyhow::Error {
+    anyhow::anyhow!("the device failed while reading a value back: {e:?}")
+}
+
+/// The eager read on CubeCL's clients: Burn's own `into_data` reaches the client only when its
+/// future is first polled (and natively reads lazily, at first access of the bytes).
+#[cfg(all(feature = "cube-kernels", not(feature = "fusion")))]
+mod cube_read {
+    use super::{read_failed, ScalarRead};
+    use burn::backend::{BackendTensor, DispatchTensor, DispatchTensorKind};
+    use burn::tensor::{Tensor, TensorData};
+    use burn_cubecl::{kernel::into_contiguous, tensor::CubeTensor, CubeRuntime};
+    use cubecl::server::CopyDescriptor;
+
+    /// The read under way, or `t` back when it is not on a CubeCL GPU device.
+    pub(super) fn start(t: Tensor<1>) -> Result<ScalarRead, Tensor<1>> {
+        let DispatchTensor {
+            kind,
+            checkpointing,
+        } = t.into_dispatch();
+        match kind {
+            #[cfg(any(feature = "wgpu", feature = "webgpu"))]
+            DispatchTensorKind::Wgpu(BackendTensor::Float(t)) => Ok(eager(t)),
+            #[cfg(feature = "cuda")]
+            DispatchTensorKind::Cuda(BackendTensor::Float(t)) => Ok(eager(t)),
+            kind => Err(Tensor::from_dispatch(DispatchTensor {
+                kind,
+                checkpointing,
+            })),
+        }
+    }
+
+    fn eager<R: CubeRuntime>(t: CubeTensor<R>) -> ScalarRead {
+        let t = if t.is_contiguous() {
+            t
+        } else {
+            into_contiguous(t)
+        };
+        let (shape, dtype, elem_size) = (t.meta.shape().clone(), t.dtype, t.elem_size());
+        let copy = CopyDescriptor::new(
+            t.handle.binding(),
+            shape.clone(),
+            t.meta.strides().clone(),
+            elem_size,
+        );
+        let client = t.client;
+        ScalarRead::started(async move {
+            let bytes = client.read_one_tensor_async(copy).await;
+            let data = TensorData::from_bytes(bytes.map_err(read_failed)?, shape, dtype);
+            let values = data
+                .convert::<f64>()
+                .try_to_vec::<f64>()
+                .map_err(read_failed)?;
+            values
+                .first()
+                .copied()
+                .ok_or_else(|| read_failed("no value"))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The read returns the value as it was queued, though the device gets more work before it
+    /// is awaited (here an in-place update of the same buffer), also from a view at an offset.
+    #[test]
+    fn start_read_returns_the_value_queued_before_it() {
+        let mut devices = vec![cpu()];
+        #[cfg(feature = "wgpu")]
+        devices.push(
+            device(DeviceKind::Wgpu)
+                .expect("a Vulkan adapter (lavapipe)")
+                .inner(),
+        );
+        for device in devices {
+            let x = Tensor::<1>::from_floats([1.0, 2.0, 3.0, 4.5, 5.0], &device);
+            let element = start_read(x.clone().slice(3..4));
+            let sum = start_read(x.clone().sum());
+            let doubled = x.mul_scalar(2.0);
+            device.flush();
+            let block_on = futures_lite::future::block_on;
+            assert_eq!(block_on(element.value()).unwrap(), 4.5, "{device:?}");
+            assert_eq!(block_on(sum.value()).unwrap(), 15.5, "{device:?}");
+            assert_eq!(read_f32_sync(doubled)[3], 9.0, "{device:?}");
+        }
+    }
+
+    fn read_f32_sync(t: Tensor<1>) -> Vec<f32> {
+        futures_lite::future::block_on(read_f32(t)).unwrap()
+    }
+}

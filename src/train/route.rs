@@ -2,10 +2,13 @@
 //! the encoder. The reference route is Burn's ops on the device, autodiff straight through the
 //! loss; the fused route runs the WGSL kernel on Burn's own buffers and hands autodiff the loss'
 //! gradient with respect to the embeddings; the gathered one (every peer's embeddings, so that
-//! each anchor sees the global batch's negatives) crosses through the host. The loss value stays
-//! on the device until the step reads it, once, after the backward pass is queued.
+//! each anchor sees the global batch's negatives) crosses through the host. On the device routes
+//! the loss value's copy back starts as soon as the loss is queued, and the step awaits it once
+//! the backward pass is queued too: the device works through the backward pass meanwhile, and
+//! the host checks the value before it queues the update.
 
 use super::RunConfig;
+use crate::backend::{start_read, ScalarRead};
 use crate::collective::Collective;
 use crate::loss::{ContrastiveLoss, LossAndGrads, LossKernel};
 use burn::tensor::{Device, Tensor, TensorData};
@@ -31,10 +34,9 @@ pub struct Traffic {
     pub dispatches: usize,
 }
 
-/// A step's loss value: still on the device, or already read (the gathered route's).
+/// A step's loss value: on its way back from the device, or already read (the gathered route's).
 pub(super) enum LossValue {
-    /// Boxed: a tensor handle is half a kilobyte.
-    Device(Box<Tensor<1>>),
+    Device(ScalarRead),
     Host(f64),
 }
 
@@ -94,7 +96,7 @@ impl LossRoute {
         }
         let (value, objective) = match self.kernel {
             LossKernel::Fused => match self.fused_on_device(z.clone())? {
-                Some((value, objective)) => (LossValue::Device(Box::new(value)), objective),
+                Some((value, objective)) => (LossValue::Device(start_read(value)), objective),
                 None => {
                     let (value, objective) = self.objective_through_host(z, None).await?;
                     (LossValue::Host(value), objective)
@@ -104,7 +106,7 @@ impl LossRoute {
                 let [z1, z2] = views(z);
                 let loss = self.loss.forward(z1, z2)?;
                 (
-                    LossValue::Device(Box::new(loss.clone().detach().inner())),
+                    LossValue::Device(start_read(loss.clone().detach().inner())),
                     loss,
                 )
             }
@@ -116,9 +118,9 @@ impl LossRoute {
         Ok((value, objective))
     }
 
-    /// The step's loss on the host: the one read-back of a step on the device paths, made once
-    /// the backward pass is queued so the device has the whole step to work on meanwhile. Own-
-    /// batch peers ([`LossRoute::objective`]) average theirs; gathered peers hold the global
+    /// The step's loss on the host: the one read-back of a step on the device paths, awaited
+    /// once the backward pass is queued (and flushed to the device, so that it works through
+    /// all of it while the host waits). Own-batch peers ([`LossRoute::objective`]) average theirs; gathered peers hold the global
     /// batch's loss already.
     pub(super) async fn read(
         &mut self,
@@ -127,11 +129,10 @@ impl LossRoute {
     ) -> anyhow::Result<f64> {
         let value = match value {
             LossValue::Host(value) => value,
-            LossValue::Device(value) => {
+            LossValue::Device(read) => {
                 self.traffic.host_reads += 1;
-                value.into_scalar_async::<f64>().await.map_err(|e| {
-                    anyhow::anyhow!("the device failed while reading the loss back: {e:?}")
-                })?
+                self.device.flush();
+                read.value().await?
             }
         };
         match group.filter(|_| !self.gather_negatives) {
