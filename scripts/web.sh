@@ -42,38 +42,42 @@ ensure_wasm_tools() {
 }
 
 # One wasm32 module of the crate with cargo features $1, bound for the web into $2 (dcl.js +
-# dcl_bg.wasm). Built with Cargo.toml's `wasm-lean` profile (size-optimized but for the CPU
+# dcl_bg.wasm), the crate itself compiled with rustc flags $3 if given (not its dependencies). Built with Cargo.toml's `wasm-lean` profile (size-optimized but for the CPU
 # path's hot crates; chosen by measurement, README "Its size") and without the name section
 # (1.2 MB of the playground module's 4.0 MB gzipped): panics still print their message and
 # location; stack traces show wasm-function[N] instead of Rust names.
 wasm_module() {
   cargo rustc --profile wasm-lean --lib --crate-type cdylib --target wasm32-unknown-unknown \
-    --no-default-features --features "$1"
+    --no-default-features --features "$1" -- ${3:-}
   wasm-bindgen --target web --no-typescript --remove-name-section --out-dir "$2" \
     "$CARGO_TARGET_DIR/wasm32-unknown-unknown/wasm-lean/dcl.wasm"
 }
 
-# The playground's module (Burn on WebGPU plus every binding, www/pkg/) and the embeds' small
-# one (the WGSL engine and loss kernel without Burn, www/pkg-infer/, always size-optimized: it
-# takes seconds).
+# The playground's module (Burn on WebGPU plus every binding, www/pkg/), the same with relaxed
+# SIMD's fused multiply-add in the CPU path's matrix products (www/pkg-relaxed/: the worker
+# loads it where the browser has relaxed SIMD; a module with it does not compile elsewhere), and
+# the embeds' small one (the WGSL engine and loss kernel without Burn, www/pkg-infer/, always
+# size-optimized: it takes seconds).
 build_wasm() {
   ensure_wasm_tools
   wasm_module webgpu www/pkg
+  wasm_module webgpu www/pkg-relaxed "-C target-feature=+relaxed-simd"
   wasm_module web-infer www/pkg-infer
   shrink_wasm www/pkg-infer/dcl_bg.wasm
 }
 
 # Size pass with npm's binaryen, pinned in package.json (Debian's wasm-opt 108 writes modules
-# Chromium rejects).
+# Chromium rejects); $2 enables more features (--enable-relaxed-simd for www/pkg-relaxed).
 shrink_wasm() {
   [ -x node_modules/.bin/wasm-opt ] || npm install --no-audit --no-fund >/dev/null
   node_modules/.bin/wasm-opt -Oz --enable-bulk-memory --enable-reference-types --enable-multivalue \
-    --enable-nontrapping-float-to-int --enable-sign-ext --enable-mutable-globals --enable-simd "$1" -o "$1"
+    --enable-nontrapping-float-to-int --enable-sign-ext --enable-mutable-globals --enable-simd \
+    ${2:-} "$1" -o "$1"
 }
 
 wasm_size() {
   local f
-  for f in www/pkg/dcl_bg.wasm www/pkg-infer/dcl_bg.wasm; do
+  for f in www/pkg/dcl_bg.wasm www/pkg-relaxed/dcl_bg.wasm www/pkg-infer/dcl_bg.wasm; do
     echo "$f: $(stat -c %s "$f") bytes, $(gzip -9 -c "$f" | wc -c) gzipped"
   done
 }

@@ -288,10 +288,13 @@ impl ScalarRead {
 /// Starts reading `t` ([1], without autodiff) back to the host.
 pub fn start_read(t: Tensor<1>) -> ScalarRead {
     #[cfg(all(feature = "cube-kernels", not(feature = "fusion")))]
-    let t = match cube_read::start(t) {
-        Ok(read) => return read,
-        Err(t) => t,
-    };
+    return cube_read::start(t);
+    #[cfg(not(all(feature = "cube-kernels", not(feature = "fusion"))))]
+    read_when_awaited(t)
+}
+
+/// Burn's own read, made when the future is first polled.
+fn read_when_awaited(t: Tensor<1>) -> ScalarRead {
     ScalarRead(Box::pin(async move {
         t.into_scalar_async::<f64>().await.map_err(read_failed)
     }))
@@ -305,24 +308,24 @@ fn read_failed(e: impl std::fmt::Debug) -> anyhow::Error {
 /// future is first polled (and natively reads lazily, at first access of the bytes).
 #[cfg(all(feature = "cube-kernels", not(feature = "fusion")))]
 mod cube_read {
-    use super::{read_failed, ScalarRead};
+    use super::{read_failed, read_when_awaited, ScalarRead};
     use burn::backend::{BackendTensor, DispatchTensor, DispatchTensorKind};
     use burn::tensor::{Tensor, TensorData};
     use burn_cubecl::{kernel::into_contiguous, tensor::CubeTensor, CubeRuntime};
     use cubecl::server::CopyDescriptor;
 
-    /// The read under way, or `t` back when it is not on a CubeCL GPU device.
-    pub(super) fn start(t: Tensor<1>) -> Result<ScalarRead, Tensor<1>> {
+    /// The read under way on a CubeCL GPU device; Burn's own read elsewhere.
+    pub(super) fn start(t: Tensor<1>) -> ScalarRead {
         let DispatchTensor {
             kind,
             checkpointing,
         } = t.into_dispatch();
         match kind {
             #[cfg(any(feature = "wgpu", feature = "webgpu"))]
-            DispatchTensorKind::Wgpu(BackendTensor::Float(t)) => Ok(eager(t)),
+            DispatchTensorKind::Wgpu(BackendTensor::Float(t)) => eager(t),
             #[cfg(feature = "cuda")]
-            DispatchTensorKind::Cuda(BackendTensor::Float(t)) => Ok(eager(t)),
-            kind => Err(Tensor::from_dispatch(DispatchTensor {
+            DispatchTensorKind::Cuda(BackendTensor::Float(t)) => eager(t),
+            kind => read_when_awaited(Tensor::from_dispatch(DispatchTensor {
                 kind,
                 checkpointing,
             })),

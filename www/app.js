@@ -6,7 +6,7 @@
 import { drawRgb, drawScatter as scatterOn, drawViews, legendHtml, lineChart } from './charts.js';
 import { readAutosave, writeAutosave } from './autosave.js';
 import { applyPreset, formConfig } from './form.js';
-import { DEVICE_NAMES, autosaveOffer, deviceNote, knnText, slowStepNote } from './text.js';
+import { autosaveOffer, deviceName, deviceNote, knnText, slowStepNote } from './text.js';
 import { TrainingWorker } from './worker-client.js';
 
 const $ = (id) => document.getElementById(id);
@@ -29,6 +29,8 @@ const state = {
   adapter: null,
   /// What WebGPU offers in this browser: {problem} or {name, software} (common.js).
   webgpu: null,
+  /// The SIMD of the worker's wasm module: 'relaxed' (with a fused multiply-add) or 'simd128'.
+  simd: null,
   /// The device the current run trains on ('cpu' or 'wgpu'), and why the worker picked it.
   device: null,
   deviceReason: null,
@@ -80,7 +82,7 @@ function render() {
     last === null ? '' : `loss ${last.toFixed(4)}`,
     knn === null ? '' : `kNN top-1 ${knnText(state.knn)} (raw pixels ${knnText(state.pixelsKnn)})`,
     state.imagesPerSec ? `${state.imagesPerSec.toFixed(1)} images/s` : '',
-    state.device ? `on ${DEVICE_NAMES[state.device]}` : '',
+    state.device ? `on ${deviceName(state)}` : '',
   ].filter(Boolean).join('   ');
   $('device-note').textContent = deviceNote(state);
   const running = state.status === 'running';
@@ -191,8 +193,8 @@ const onMessage = {
   adapter({ name }) {
     state.adapter = name;
   },
-  backends({ webgpu }) {
-    state.webgpu = webgpu;
+  backends({ webgpu, simd }) {
+    Object.assign(state, { webgpu, simd });
     render();
   },
   autosave({ epoch, config, bytes }) {

@@ -22,6 +22,19 @@ export async function webGpuAdapter() {
   return { problem: null, name, software: fallback || /swiftshader|llvmpipe|lavapipe|warp|software/i.test(name) };
 }
 
+/// Whether this browser runs WebAssembly's relaxed SIMD (Chrome and Edge do): validates a
+/// module whose one function is an f32x4.relaxed_madd.
+export function hasRelaxedSimd() {
+  const f32x4Zero = [0x43, 0, 0, 0, 0, 0xfd, 0x13]; // f32.const 0, f32x4.splat
+  const body = [0, ...f32x4Zero, ...f32x4Zero, ...f32x4Zero, 0xfd, 0x85, 0x02, 0x0b]; // relaxed_madd, end
+  return WebAssembly.validate(new Uint8Array([
+    0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00, // "\0asm", version 1
+    0x01, 0x05, 0x01, 0x60, 0x00, 0x01, 0x7b, // types: () -> v128
+    0x03, 0x02, 0x01, 0x00, // one function of that type
+    0x0a, body.length + 2, 0x01, body.length, ...body, // its code
+  ]));
+}
+
 export async function fetchBytes(url) {
   const response = await fetch(url);
   if (!response.ok) throw new Error(`${url}: HTTP ${response.status}`);

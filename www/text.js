@@ -5,11 +5,17 @@ export function knnText(byK) {
   return Object.entries(byK || {}).map(([k, v]) => `k=${k} ${(100 * v).toFixed(1)}%`).join(', ');
 }
 
-export const DEVICE_NAMES = { cpu: 'the CPU (WebAssembly)', wgpu: 'the GPU (WebGPU)' };
+const DEVICE_NAMES = { cpu: 'the CPU (WebAssembly)', wgpu: 'the GPU (WebGPU)' };
+
+/// The device the run trains on, with the CPU path's SIMD.
+export function deviceName({ device, simd }) {
+  if (device === 'cpu' && simd) return `the CPU (WebAssembly, ${simd === 'relaxed' ? 'relaxed SIMD' : 'SIMD128'})`;
+  return DEVICE_NAMES[device];
+}
 
 /// Which device trains and why; before a run, what "auto" will pick.
 export function deviceNote(state) {
-  if (state.device) return `This run trains on ${DEVICE_NAMES[state.device]}: ${state.deviceReason}.`;
+  if (state.device) return `This run trains on ${deviceName(state)}: ${state.deviceReason}.`;
   const gpu = state.webgpu;
   if (!gpu) return '';
   if (gpu.problem) {

@@ -22,7 +22,8 @@ export class TrainingWorker {
     this.#worker.onmessage = ({ data }) =>
       data.type === 'reply' ? this.#settle(data) : this.handlers[data.type](data);
     this.#worker.onerror = (e) => this.onFailure(e);
-    this.#worker.postMessage({ type: 'init' });
+    // `?simd=simd128` in the page's address loads the module without relaxed SIMD here too.
+    this.#worker.postMessage({ type: 'init', simd: new URLSearchParams(location.search).get('simd') });
   }
 
   /// A new worker in place of this one (whose wasm module holds a dead device); what was asked

@@ -1,7 +1,10 @@
 // The training loop, off the page's main thread. It owns the wasm module (Burn on WebGPU or on
 // the CPU) and talks to www/app.js by messages: the page stays responsive while a step runs.
-import init, { initWebGpu, WebDataset, Playground, lossValue, fusedLoss } from './pkg/dcl.js';
-import { fetchServedFiles, webGpuAdapter } from './common.js';
+import { fetchServedFiles, hasRelaxedSimd, webGpuAdapter } from './common.js';
+
+// The wasm module: www/pkg-relaxed where the browser has relaxed SIMD (a fused multiply-add in
+// the CPU path's matrix products), www/pkg elsewhere (a module with it does not compile there).
+let dcl = null;
 
 let dataset = null;
 let run = null;
@@ -22,10 +25,21 @@ let deviceLost = false;
 let webgpu = null;
 let webGpuStarted = false;
 
-async function setup() {
+async function setup(requested) {
   webgpu = await webGpuAdapter();
-  await init();
-  post({ type: 'backends', webgpu });
+  const simd = wasmSimd(requested);
+  dcl = await import(simd === 'relaxed' ? './pkg-relaxed/dcl.js' : './pkg/dcl.js');
+  await dcl.default();
+  post({ type: 'backends', webgpu, simd });
+}
+
+/// The SIMD of the module to load: what the page's address asks for (`?simd=simd128` or
+/// `relaxed`), else the fastest this browser runs.
+function wasmSimd(requested) {
+  const relaxed = hasRelaxedSimd();
+  if (requested == null) return relaxed ? 'relaxed' : 'simd128';
+  if (requested === 'simd128' || (requested === 'relaxed' && relaxed)) return requested;
+  throw new Error(`?simd=${requested}: ${requested === 'relaxed' ? 'this browser has no relaxed SIMD' : 'expected simd128 or relaxed'}`);
 }
 
 /// Burn on the browser's WebGPU, started when a run or a loss first needs it: a run on the CPU
@@ -34,7 +48,7 @@ async function startWebGpu() {
   if (webgpu.problem) throw new Error(`WebGPU is not available here (${webgpu.problem}): train on the CPU`);
   if (webGpuStarted) return;
   watchDevices();
-  await initWebGpu();
+  await dcl.initWebGpu();
   webGpuStarted = true;
 }
 
@@ -92,7 +106,7 @@ async function loadServerData() {
     post({ type: 'dataset', summary: null, message: e.message });
     return;
   }
-  useDataset(WebDataset.fromFiles(served.name, served.files, served.contents), 'served by dcl serve');
+  useDataset(dcl.WebDataset.fromFiles(served.name, served.files, served.contents), 'served by dcl serve');
 }
 
 function useDataset(next, source) {
@@ -165,7 +179,7 @@ async function start(config, from) {
   if (run) run.free();
   run = null;
   const { device, reason } = await chooseDevice(config.device);
-  run = new Playground(dataset, { ...config, device });
+  run = new dcl.Playground(dataset, { ...config, device });
   if (from) await exclusive(() => run.continueFrom(from.epoch, 'the autosave', new Uint8Array(from.bytes)));
   post({ type: 'started', stepsPerEpoch: run.stepsPerEpoch(), config: run.config(), from: from?.epoch, device, reason });
   paused = false;
@@ -174,15 +188,15 @@ async function start(config, from) {
 }
 
 const handlers = {
-  async init() {
-    await setup();
+  async init({ simd }) {
+    await setup(simd);
     // The form's device starts at 'auto': the worker picks one per run (`chooseDevice`).
-    post({ type: 'defaults', config: { ...Playground.defaults(), device: 'auto' } });
+    post({ type: 'defaults', config: { ...dcl.Playground.defaults(), device: 'auto' } });
     post({ type: 'status', status: 'ready' });
     await loadServerData();
   },
   async files({ id, name, files }) {
-    const next = WebDataset.fromFiles(
+    const next = dcl.WebDataset.fromFiles(
       name,
       files.map((f) => f.name),
       files.map((f) => new Uint8Array(f.bytes)),
@@ -227,7 +241,7 @@ const handlers = {
   },
   async loss({ id, z1, z2, n, d, kind, temperature, sigma, fused }) {
     await startWebGpu();
-    const compute = fused ? fusedLoss : lossValue;
+    const compute = fused ? dcl.fusedLoss : dcl.lossValue;
     const value = await compute(new Float32Array(z1), new Float32Array(z2), n, d, kind, temperature, sigma);
     post({ type: 'reply', id, value });
   },

@@ -38,6 +38,9 @@ mod cube;
 ))]
 mod tiled;
 mod winograd;
+// The page's gemm (see its header); compiled natively for its test against the gemm crate.
+#[cfg(any(test, target_arch = "wasm32"))]
+mod packed;
 
 /// How many partial sums the weight gradient is split into: the parallelism of the backward
 /// pass (more than the cores of most CPUs), bounded so that the partials' memory stays small.
@@ -855,6 +858,7 @@ impl<'a> Mat<'a> {
     }
 
     /// Whether the data holds every entry of a `rows` x `cols` matrix with these strides.
+    #[cfg(any(test, not(target_arch = "wasm32")))]
     fn holds(&self, rows: usize, cols: usize) -> bool {
         let last = (rows.max(1) - 1) * self.row_stride as usize
             + (cols.max(1) - 1) * self.col_stride as usize;
@@ -863,8 +867,18 @@ impl<'a> Mat<'a> {
 }
 
 /// dst [m, n] (row-major) = lhs [m, k] · rhs [k, n], or += when `accumulate`. Single-threaded:
-/// the parallelism is across images.
+/// the parallelism is across images. The page multiplies with [`packed`]'s kernel, natively
+/// the gemm crate's.
 fn gemm(dst: &mut [f32], m: usize, n: usize, k: usize, accumulate: bool, lhs: Mat, rhs: Mat) {
+    #[cfg(target_arch = "wasm32")]
+    packed::gemm(dst, m, n, k, accumulate, lhs, rhs);
+    #[cfg(not(target_arch = "wasm32"))]
+    crate_gemm(dst, m, n, k, accumulate, lhs, rhs);
+}
+
+/// [`gemm`] by the gemm crate.
+#[cfg(any(test, not(target_arch = "wasm32")))]
+fn crate_gemm(dst: &mut [f32], m: usize, n: usize, k: usize, accumulate: bool, lhs: Mat, rhs: Mat) {
     assert!(dst.len() >= m * n && lhs.holds(m, k) && rhs.holds(k, n));
     // SAFETY: the asserts above bound every index gemm derives from (m, n, k) and the strides
     // (non-negative: every Mat is built from usize strides).
