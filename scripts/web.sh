@@ -61,7 +61,7 @@ wasm_module() {
 build_wasm() {
   ensure_wasm_tools
   wasm_module webgpu www/pkg
-  wasm_module webgpu www/pkg-relaxed "-C target-feature=+relaxed-simd"
+  wasm_module relaxed-simd www/pkg-relaxed "-C target-feature=+relaxed-simd"
   wasm_module web-infer www/pkg-infer
   shrink_wasm www/pkg-infer/dcl_bg.wasm
 }

@@ -260,44 +260,44 @@ pub async fn read_f32<const D: usize>(t: Tensor<D>) -> anyhow::Result<Vec<f32>> 
         .map_err(|e| anyhow::anyhow!("unexpected tensor data: {e:?}"))
 }
 
-/// A scalar on its way back from the device. On Burn's GPU backends the copy is queued and
-/// submitted when the read starts ([`start_read`]), so awaiting it later waits for the work
-/// queued before it, not for what the host queues meanwhile; on the CPU it is read when awaited.
-pub struct ScalarRead(std::pin::Pin<Box<dyn std::future::Future<Output = ReadResult> + Send>>);
+/// A scalar on its way back from the device ([`start_read`]).
+pub struct ScalarRead {
+    read: std::pin::Pin<Box<dyn std::future::Future<Output = ReadResult> + Send>>,
+    /// Where the read is under way already: the device whose queued work is submitted before
+    /// the host waits, so that the device works through all of it meanwhile.
+    flush: Option<Device>,
+}
 
 type ReadResult = anyhow::Result<f64>;
 
 impl ScalarRead {
     pub async fn value(self) -> ReadResult {
-        self.0.await
+        if let Some(device) = self.flush {
+            device.flush();
+        }
+        self.read.await
     }
 
-    /// `read` polled once now: CubeCL's clients queue and submit the copy on that first poll
-    /// (their futures borrow the client, so it lives inside `read`).
-    #[cfg(all(feature = "cube-kernels", not(feature = "fusion")))]
-    fn started(read: impl std::future::Future<Output = ReadResult> + Send + 'static) -> Self {
-        use std::task::{Context, Poll, Waker};
-        let mut read = Box::pin(read);
-        match read.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
-            Poll::Ready(value) => Self(Box::pin(std::future::ready(value))),
-            Poll::Pending => Self(read),
+    /// Burn's own read, made when awaited.
+    fn when_awaited(t: Tensor<1>) -> Self {
+        Self {
+            read: Box::pin(async move { t.into_scalar_async::<f64>().await.map_err(read_failed) }),
+            flush: None,
         }
     }
 }
 
-/// Starts reading `t` ([1], without autodiff) back to the host.
+/// Starts reading `t` ([1], without autodiff) back to the host. On a hardware GPU (Burn's wgpu
+/// and CUDA backends) the copy is queued and submitted now, so awaiting it later waits for the
+/// work queued before it, not for what the host queues meanwhile. On the CPU, and on a software
+/// GPU, whose device runs on the host's own cores, it is read when awaited (started early, the
+/// page's step on SwiftShader ran 7% slower: 5.5 against 5.9 images/s).
 pub fn start_read(t: Tensor<1>) -> ScalarRead {
     #[cfg(all(feature = "cube-kernels", not(feature = "fusion")))]
-    return cube_read::start(t);
-    #[cfg(not(all(feature = "cube-kernels", not(feature = "fusion"))))]
-    read_when_awaited(t)
-}
-
-/// Burn's own read, made when the future is first polled.
-fn read_when_awaited(t: Tensor<1>) -> ScalarRead {
-    ScalarRead(Box::pin(async move {
-        t.into_scalar_async::<f64>().await.map_err(read_failed)
-    }))
+    if !software_gpu(&t.device()) {
+        return cube_read::start(t);
+    }
+    ScalarRead::when_awaited(t)
 }
 
 fn read_failed(e: impl std::fmt::Debug) -> anyhow::Error {
@@ -308,7 +308,7 @@ fn read_failed(e: impl std::fmt::Debug) -> anyhow::Error {
 /// future is first polled (and natively reads lazily, at first access of the bytes).
 #[cfg(all(feature = "cube-kernels", not(feature = "fusion")))]
 mod cube_read {
-    use super::{read_failed, read_when_awaited, ScalarRead};
+    use super::{read_failed, ReadResult, ScalarRead};
     use burn::backend::{BackendTensor, DispatchTensor, DispatchTensorKind};
     use burn::tensor::{Tensor, TensorData};
     use burn_cubecl::{kernel::into_contiguous, tensor::CubeTensor, CubeRuntime};
@@ -316,23 +316,33 @@ mod cube_read {
 
     /// The read under way on a CubeCL GPU device; Burn's own read elsewhere.
     pub(super) fn start(t: Tensor<1>) -> ScalarRead {
+        let device = t.device();
         let DispatchTensor {
             kind,
             checkpointing,
         } = t.into_dispatch();
-        match kind {
+        let read = match kind {
             #[cfg(any(feature = "wgpu", feature = "webgpu"))]
-            DispatchTensorKind::Wgpu(BackendTensor::Float(t)) => eager(t),
+            DispatchTensorKind::Wgpu(BackendTensor::Float(t)) => polled_once(eager(t)),
             #[cfg(feature = "cuda")]
-            DispatchTensorKind::Cuda(BackendTensor::Float(t)) => eager(t),
-            kind => read_when_awaited(Tensor::from_dispatch(DispatchTensor {
-                kind,
-                checkpointing,
-            })),
+            DispatchTensorKind::Cuda(BackendTensor::Float(t)) => polled_once(eager(t)),
+            kind => {
+                let t = Tensor::from_dispatch(DispatchTensor {
+                    kind,
+                    checkpointing,
+                });
+                return ScalarRead::when_awaited(t);
+            }
+        };
+        ScalarRead {
+            read,
+            flush: Some(device),
         }
     }
 
-    fn eager<R: CubeRuntime>(t: CubeTensor<R>) -> ScalarRead {
+    fn eager<R: CubeRuntime>(
+        t: CubeTensor<R>,
+    ) -> impl std::future::Future<Output = ReadResult> + Send + 'static {
         let t = if t.is_contiguous() {
             t
         } else {
@@ -346,7 +356,7 @@ mod cube_read {
             elem_size,
         );
         let client = t.client;
-        ScalarRead::started(async move {
+        async move {
             let bytes = client.read_one_tensor_async(copy).await;
             let data = TensorData::from_bytes(bytes.map_err(read_failed)?, shape, dtype);
             let values = data
@@ -357,7 +367,20 @@ mod cube_read {
                 .first()
                 .copied()
                 .ok_or_else(|| read_failed("no value"))
-        })
+        }
+    }
+
+    /// `read` polled once now: CubeCL's clients queue and submit the copy on that first poll
+    /// (their futures borrow the client, so it lives inside `read`).
+    fn polled_once(
+        read: impl std::future::Future<Output = ReadResult> + Send + 'static,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ReadResult> + Send>> {
+        use std::task::{Context, Poll, Waker};
+        let mut read = Box::pin(read);
+        match read.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(value) => Box::pin(std::future::ready(value)),
+            Poll::Pending => read,
+        }
     }
 }
 
@@ -366,7 +389,8 @@ mod tests {
     use super::*;
 
     /// The read returns the value as it was queued, though the device gets more work before it
-    /// is awaited (here an in-place update of the same buffer), also from a view at an offset.
+    /// is awaited (here an in-place update of the same buffer), also from a view at an offset:
+    /// [`start_read`] on each device, and the eager read (a hardware GPU's) on lavapipe too.
     #[test]
     fn start_read_returns_the_value_queued_before_it() {
         let mut devices = vec![cpu()];
@@ -376,16 +400,21 @@ mod tests {
                 .expect("a Vulkan adapter (lavapipe)")
                 .inner(),
         );
+        type Read = fn(Tensor<1>) -> ScalarRead;
+        let mut reads: Vec<(&str, Read)> = vec![("start_read", start_read)];
+        #[cfg(all(feature = "cube-kernels", not(feature = "fusion")))]
+        reads.push(("eager", cube_read::start));
         for device in devices {
-            let x = Tensor::<1>::from_floats([1.0, 2.0, 3.0, 4.5, 5.0], &device);
-            let element = start_read(x.clone().slice(3..4));
-            let sum = start_read(x.clone().sum());
-            let doubled = x.mul_scalar(2.0);
-            device.flush();
-            let block_on = futures_lite::future::block_on;
-            assert_eq!(block_on(element.value()).unwrap(), 4.5, "{device:?}");
-            assert_eq!(block_on(sum.value()).unwrap(), 15.5, "{device:?}");
-            assert_eq!(read_f32_sync(doubled)[3], 9.0, "{device:?}");
+            for (name, read) in &reads {
+                let x = Tensor::<1>::from_floats([1.0, 2.0, 3.0, 4.5, 5.0], &device);
+                let element = read(x.clone().slice(3..4));
+                let sum = read(x.clone().sum());
+                let doubled = x.mul_scalar(2.0);
+                let block_on = futures_lite::future::block_on;
+                assert_eq!(block_on(element.value()).unwrap(), 4.5, "{name} {device:?}");
+                assert_eq!(block_on(sum.value()).unwrap(), 15.5, "{name} {device:?}");
+                assert_eq!(read_f32_sync(doubled)[3], 9.0, "{name} {device:?}");
+            }
         }
     }
 

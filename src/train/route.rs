@@ -2,10 +2,10 @@
 //! the encoder. The reference route is Burn's ops on the device, autodiff straight through the
 //! loss; the fused route runs the WGSL kernel on Burn's own buffers and hands autodiff the loss'
 //! gradient with respect to the embeddings; the gathered one (every peer's embeddings, so that
-//! each anchor sees the global batch's negatives) crosses through the host. On the device routes
-//! the loss value's copy back starts as soon as the loss is queued, and the step awaits it once
-//! the backward pass is queued too: the device works through the backward pass meanwhile, and
-//! the host checks the value before it queues the update.
+//! each anchor sees the global batch's negatives) crosses through the host. On a hardware GPU the
+//! loss value's copy back starts as soon as the loss is queued, and the step awaits it once the
+//! backward pass is queued too: the device works through the backward pass meanwhile, and the
+//! host checks the value before it queues the update.
 
 use super::RunConfig;
 use crate::backend::{start_read, ScalarRead};
@@ -119,8 +119,7 @@ impl LossRoute {
     }
 
     /// The step's loss on the host: the one read-back of a step on the device paths, awaited
-    /// once the backward pass is queued (and flushed to the device, so that it works through
-    /// all of it while the host waits). Own-batch peers ([`LossRoute::objective`]) average theirs; gathered peers hold the global
+    /// once the backward pass is queued ([`start_read`]). Own-batch peers ([`LossRoute::objective`]) average theirs; gathered peers hold the global
     /// batch's loss already.
     pub(super) async fn read(
         &mut self,
@@ -131,7 +130,6 @@ impl LossRoute {
             LossValue::Host(value) => value,
             LossValue::Device(read) => {
                 self.traffic.host_reads += 1;
-                self.device.flush();
                 read.value().await?
             }
         };

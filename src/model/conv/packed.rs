@@ -8,6 +8,15 @@
 //! broadcast live: all of them in registers. Natively the gemm crate's AVX kernels stay; this
 //! module is compiled there for its tests only, on arrays in place of SIMD128 vectors.
 
+#[cfg(all(
+    target_arch = "wasm32",
+    feature = "relaxed-simd",
+    not(target_feature = "relaxed-simd")
+))]
+compile_error!(
+    "the relaxed-simd feature builds with `-C target-feature=+relaxed-simd` (scripts/web.sh)"
+);
+
 use super::Mat;
 use std::ops::Range;
 
