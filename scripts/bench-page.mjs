@@ -5,9 +5,11 @@
 // 2 to the last: the first step compiles the GPU's kernels) beside the page's own figure.
 //
 //   node scripts/bench-page.mjs [--device wgpu|cpu] [--batch-size 8] [--steps 8] [--root DIR]
+//                               [--simd relaxed|simd128]
 //
 // DCL_BIN is the native `dcl` (default: $CARGO_TARGET_DIR/release/dcl); --root the folder served
-// (another checkout's page, to compare commits on one machine).
+// (another checkout's page, to compare commits on one machine); --simd the wasm module the worker
+// loads (default: the fastest this browser runs, relaxed SIMD in Chromium).
 import { parseArgs } from 'node:util';
 import { launchChromium, servePage } from './page-server.mjs';
 
@@ -17,6 +19,7 @@ const { values: opt } = parseArgs({
     'batch-size': { type: 'string', default: '8' },
     steps: { type: 'string', default: '8' },
     root: { type: 'string', default: process.cwd() },
+    simd: { type: 'string' },
   },
 });
 const batch = Number(opt['batch-size']);
@@ -29,7 +32,7 @@ const { server, url } = await servePage(dcl, opt.root);
 const browser = await launchChromium(true);
 try {
   const page = await browser.newPage();
-  await page.goto(url);
+  await page.goto(opt.simd ? `${url}?simd=${opt.simd}` : url);
   const config = { batchSize: batch, subset: batch * (steps + 1), evalImages: 64, epochs: 1, lr: 0.001, temperature: 0.1, loss: 'dcl', device: opt.device };
   await page.evaluate((c) => window.dclPlayground.start(c), config);
   const started = Date.now();
@@ -44,7 +47,8 @@ try {
   seen.forEach(([step, at, rate], i) => console.log(`| ${step} | ${at.toFixed(2)} | ${i ? (at - seen[i - 1][1]).toFixed(2) : '-'} | ${rate.toFixed(2)} |`));
   const [first, last] = [seen.find(([step]) => step >= 1), seen.at(-1)];
   const perStep = (last[1] - first[1]) / (last[0] - first[0]);
-  const device = (await page.evaluate(() => window.dclPlayground.state().adapter)) ?? 'no GPU adapter';
+  const { adapter, simd } = await page.evaluate(() => window.dclPlayground.state());
+  const device = `${adapter ?? 'no GPU adapter'}, wasm ${simd}`;
   console.log(`\n${opt.device} (${device}), batch ${batch}: ${perStep.toFixed(3)} s a step after the first, ${(batch / perStep).toFixed(2)} images/s`);
 } finally {
   await browser.close();
