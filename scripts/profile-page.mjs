@@ -8,14 +8,16 @@
 //
 //   node scripts/profile-page.mjs [--device cpu|wgpu] [--batch-size 32] [--skip 3] [--steps 20]
 //                                 [--interval-us 200] [--top 40] [--root DIR] [--json FILE]
+//                                 [--simd relaxed|simd128]
 //
-// Names need the wasm name section, which www/pkg drops: serve a copy whose module keeps it, e.g.
+// Names need the wasm name section, which www/pkg* drop: serve a copy whose module keeps it. For
+// the module Chromium loads (relaxed SIMD; `--simd simd128` and www/pkg for the other):
+//   source scripts/web.sh
+//   wasm_module relaxed-simd www/pkg-relaxed "-C target-feature=+relaxed-simd"
 //   mkdir -p /tmp/prof-root && cp -r index.html www /tmp/prof-root/ && wasm-bindgen --target web \
-//     --no-typescript --out-dir /tmp/prof-root/www/pkg \
-//     $CARGO_TARGET_DIR/wasm32-unknown-unknown/wasm-lean/dcl.wasm   # built as scripts/web.sh does
-//   node scripts/profile-page.mjs --device cpu --root /tmp/prof-root
-// (build_wasm leaves the web-infer module at that path: first rerun web.sh's `cargo rustc ...
-// --features webgpu` line.)
+//     --no-typescript --out-dir /tmp/prof-root/www/pkg-relaxed \
+//     $CARGO_TARGET_DIR/wasm32-unknown-unknown/wasm-lean/dcl.wasm
+//   node scripts/profile-page.mjs --root /tmp/prof-root
 // DCL_BIN is the native `dcl` (default: $CARGO_TARGET_DIR/release/dcl); --json writes the raw
 // profile (loadable in Chrome DevTools' Performance panel).
 import { writeFileSync } from 'node:fs';
@@ -32,6 +34,7 @@ const { values: opt } = parseArgs({
     top: { type: 'string', default: '40' },
     root: { type: 'string', default: process.cwd() },
     json: { type: 'string' },
+    simd: { type: 'string' },
   },
 });
 const [batch, skip, steps] = [opt['batch-size'], opt.skip, opt.steps].map(Number);
@@ -42,7 +45,8 @@ const dcl = process.env.DCL_BIN || `${target}/release/dcl`;
 // Coarse categories: the first whose pattern matches a frame's name (a closure or rayon plumbing
 // frame counts as its nearest named caller: its body is usually the closure inlined there).
 const CATEGORIES = [
-  ['gemm microkernel', /microkernel/], ['gemm packing', /gemm.*pack_|pack_operands/], ['gemm other', /gemm/],
+  ['gemm microkernel', /microkernel|packed::kernel/], ['gemm packing', /gemm.*pack_|pack_operands|packed::pack/],
+  ['gemm other', /gemm/],
   ['winograd', /winograd/i], ['im2col/col2im', /im2col|col2im|zero_padding|\bframe\b|unframe/],
   ['conv other', /\bconv\b|conv2d|convolution/i], ['batch norm', /norm/i], ['relu', /relu/i], ['pooling', /pool/i],
   ['adam/optim', /adam|optim/i], ['memcpy/memset', /memcpy|memset|memmove|copy_nonoverlapping|copy_from_slice/],
@@ -92,7 +96,7 @@ try {
     cdp.send('Target.sendMessageToTarget', { sessionId: workerSession, message: JSON.stringify({ id, method, params }) }).catch(reject);
   });
   await cdp.send('Target.setAutoAttach', { autoAttach: true, waitForDebuggerOnStart: false, flatten: false });
-  await page.goto(url);
+  await page.goto(opt.simd ? `${url}?simd=${opt.simd}` : url);
   await Promise.race([attached, new Promise((_, reject) => setTimeout(() => reject(new Error('no worker attached in 30 s')), 30000))]);
   await toWorker('Profiler.enable');
   await toWorker('Profiler.setSamplingInterval', { interval: Number(opt['interval-us']) });
@@ -152,7 +156,7 @@ try {
   const pct = (h) => `${((100 * h) / total).toFixed(1)}%`;
   const ms = (h) => (h * msPerSample).toFixed(0);
   const rate = (batch * (s1.step - s0.step)) / seconds;
-  console.log(`${opt.device}, batch ${batch}: steps ${s0.step}..${s1.step} profiled in ${seconds.toFixed(1)} s, ${rate.toFixed(2)} images/s (the page says ${s1.imagesPerSec?.toFixed(2)}); ${total} samples, ${(msPerSample * 1000).toFixed(0)} us apart\n`);
+  console.log(`${opt.device} (wasm ${s1.simd}), batch ${batch}: steps ${s0.step}..${s1.step} profiled in ${seconds.toFixed(1)} s, ${rate.toFixed(2)} images/s (the page says ${s1.imagesPerSec?.toFixed(2)}); ${total} samples, ${(msPerSample * 1000).toFixed(0)} us apart\n`);
   console.log(`| # | function (shortened) | self % | self ms | incl % | category |\n|---|---|---|---|---|---|`);
   [...self].sort((a, b) => b[1] - a[1]).slice(0, Number(opt.top)).forEach(([name, h], i) =>
     console.log(`| ${i + 1} | \`${label(name)}\` | ${pct(h)} | ${ms(h)} | ${pct(incl.get(name) ?? h)} | ${category(mainOwner(name))} |`));

@@ -357,7 +357,11 @@ mod cube_read {
         );
         let client = t.client;
         async move {
-            let bytes = client.read_one_tensor_async(copy).await;
+            // The client queues the copy in this call; its future then waits for the device (on
+            // CUDA by blocking on a fence), which is for the await, not for the first poll.
+            let read = client.read_one_tensor_async(copy);
+            futures_lite::future::yield_now().await;
+            let bytes = read.await;
             let data = TensorData::from_bytes(bytes.map_err(read_failed)?, shape, dtype);
             let values = data
                 .convert::<f64>()
@@ -370,8 +374,8 @@ mod cube_read {
         }
     }
 
-    /// `read` polled once now: CubeCL's clients queue and submit the copy on that first poll
-    /// (their futures borrow the client, so it lives inside `read`).
+    /// `read` polled once now: its first poll queues and submits the copy (CubeCL's read
+    /// futures borrow their client, so the client lives inside `read`).
     fn polled_once(
         read: impl std::future::Future<Output = ReadResult> + Send + 'static,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ReadResult> + Send>> {
