@@ -42,10 +42,11 @@ ensure_wasm_tools() {
 }
 
 # One wasm32 module of the crate with cargo features $1, bound for the web into $2 (dcl.js +
-# dcl_bg.wasm), the crate itself compiled with rustc flags $3 if given (not its dependencies). Built with Cargo.toml's `wasm-lean` profile (size-optimized but for the CPU
-# path's hot crates; chosen by measurement, README "Its size") and without the name section
-# (1.2 MB of the playground module's 4.0 MB gzipped): panics still print their message and
-# location; stack traces show wasm-function[N] instead of Rust names.
+# dcl_bg.wasm), the crate itself (not its dependencies) compiled with rustc flags $3 if given.
+# Built with Cargo.toml's `wasm-lean` profile (size-optimized but for the CPU path's hot crates;
+# chosen by measurement, README "Its size") and without the name section (1.2 MB of the
+# playground module's 4.0 MB gzipped): panics still print their message and location; stack
+# traces show wasm-function[N] instead of Rust names.
 wasm_module() {
   cargo rustc --profile wasm-lean --lib --crate-type cdylib --target wasm32-unknown-unknown \
     --no-default-features --features "$1" -- ${3:-}

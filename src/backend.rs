@@ -393,7 +393,7 @@ mod tests {
     use super::*;
 
     /// The read returns the value as it was queued, though the device gets more work before it
-    /// is awaited (here an in-place update of the same buffer), also from a view at an offset:
+    /// is awaited (here a kernel over the same buffer), also from a view at an offset:
     /// [`start_read`] on each device, and the eager read (a hardware GPU's) on lavapipe too.
     #[test]
     fn start_read_returns_the_value_queued_before_it() {

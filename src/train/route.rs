@@ -11,6 +11,7 @@ use super::RunConfig;
 use crate::backend::{start_read, ScalarRead};
 use crate::collective::Collective;
 use crate::loss::{ContrastiveLoss, LossAndGrads, LossKernel};
+use anyhow::Context;
 use burn::tensor::{Device, Tensor, TensorData};
 
 pub(super) struct LossRoute {
@@ -119,8 +120,9 @@ impl LossRoute {
     }
 
     /// The step's loss on the host: the one read-back of a step on the device paths, awaited
-    /// once the backward pass is queued ([`start_read`]). Own-batch peers ([`LossRoute::objective`]) average theirs; gathered peers hold the global
-    /// batch's loss already.
+    /// once the backward pass is queued ([`start_read`]). Own-batch peers
+    /// ([`LossRoute::objective`]) average theirs; gathered peers hold the global batch's loss
+    /// already.
     pub(super) async fn read(
         &mut self,
         value: LossValue,
@@ -130,7 +132,7 @@ impl LossRoute {
             LossValue::Host(value) => value,
             LossValue::Device(read) => {
                 self.traffic.host_reads += 1;
-                read.value().await?
+                read.value().await.context("the step's loss")?
             }
         };
         match group.filter(|_| !self.gather_negatives) {

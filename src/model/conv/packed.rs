@@ -1,12 +1,16 @@
-//! The page's gemm (wasm32): packed blocks and a 4x8 microkernel on SIMD128.
+//! The page's gemm (wasm32): packed blocks and a 4x8 microkernel on SIMD128, with relaxed SIMD's
+//! fused multiply-add where the module is built with it (www/pkg-relaxed).
 //!
 //! The gemm crate's wasm kernel keeps 12 accumulators, 3 operand vectors and a broadcast live at
-//! once, unrolled twice along k. V8 compiles wasm for x86-64's 16 vector registers and spills
-//! that kernel's accumulators to the stack on every step of its loop (`node --no-liftoff
-//! --print-wasm-code-function-index=N`), and the kernel was 53% of the page's step
+//! once, unrolled twice along k: V8 compiles wasm for x86-64's 16 vector registers and spills
+//! its accumulators to the stack on every step of the loop (`node --no-liftoff
+//! --print-wasm-code-function-index=N`). It was 53% of the page's step
 //! (`scripts/profile-page.mjs`). This one keeps 8 accumulators, 2 operand vectors and a
-//! broadcast live: all of them in registers. Natively the gemm crate's AVX kernels stay; this
-//! module is compiled there for its tests only, on arrays in place of SIMD128 vectors.
+//! broadcast live, all in registers; yet with SIMD128 alone it is no faster, both being bound by
+//! the separate multiply and add. Its point is `f32x4.relaxed_madd`, which the gemm crate does not
+//! use and V8 compiles to one FMA: the page's step 8-16% faster (results/bench). Natively the gemm
+//! crate's AVX kernels stay; this module is compiled there for its tests only, on arrays in place
+//! of SIMD128 vectors.
 
 #[cfg(all(
     target_arch = "wasm32",
