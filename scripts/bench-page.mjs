@@ -11,7 +11,7 @@
 // (another checkout's page, to compare commits on one machine); --simd the wasm module the worker
 // loads (default: the fastest this browser runs, relaxed SIMD in Chromium).
 import { parseArgs } from 'node:util';
-import { launchChromium, servePage } from './page-server.mjs';
+import { dclBinary, launchChromium, pageUrl, servePage, timedRun } from './page-server.mjs';
 
 const { values: opt } = parseArgs({
   options: {
@@ -25,16 +25,13 @@ const { values: opt } = parseArgs({
 const batch = Number(opt['batch-size']);
 const steps = Number(opt.steps);
 if (!(batch >= 2 && steps >= 3)) throw new Error('--batch-size must be >= 2 and --steps >= 3');
-const target = process.env.CARGO_TARGET_DIR || `${process.env.HOME}/.cache/dcl-target`;
-const dcl = process.env.DCL_BIN || `${target}/release/dcl`;
 
-const { server, url } = await servePage(dcl, opt.root);
+const { server, url } = await servePage(dclBinary(), opt.root);
 const browser = await launchChromium(true);
 try {
   const page = await browser.newPage();
-  await page.goto(opt.simd ? `${url}?simd=${opt.simd}` : url);
-  const config = { batchSize: batch, subset: batch * (steps + 1), evalImages: 64, epochs: 1, lr: 0.001, temperature: 0.1, loss: 'dcl', device: opt.device };
-  await page.evaluate((c) => window.dclPlayground.start(c), config);
+  await page.goto(pageUrl(url, opt.simd));
+  await page.evaluate((c) => window.dclPlayground.start(c), timedRun(batch, batch * (steps + 1), opt.device));
   const started = Date.now();
   const seen = []; // [step, seconds since Start, the page's images/s]
   while (!seen.length || seen.at(-1)[0] < steps) {

@@ -1,5 +1,6 @@
-// What the browser tests and scripts/bench-page.mjs share: the page served by `dcl serve` on a
-// free port, and Debian's Chromium to open it (software WebGPU through SwiftShader here).
+// What the browser tests and the page's scripts (bench-page.mjs, profile-page.mjs) share: the page
+// served by `dcl serve` on a free port, Debian's Chromium to open it (software WebGPU through
+// SwiftShader here), and the scripts' timed run.
 import { spawn } from 'node:child_process';
 import { chromium } from 'playwright-core';
 
@@ -28,3 +29,17 @@ export function launchChromium(webgpu) {
     args: [...FLAGS, ...(webgpu ? ['--enable-unsafe-webgpu'] : [])],
   });
 }
+
+/// The native `dcl` the scripts serve the page with: $DCL_BIN, else the build's.
+export function dclBinary() {
+  const target = process.env.CARGO_TARGET_DIR || `${process.env.HOME}/.cache/dcl-target`;
+  return process.env.DCL_BIN || `${target}/release/dcl`;
+}
+
+/// The page's address, asking for the wasm module `simd` ('relaxed' or 'simd128') if given.
+export const pageUrl = (url, simd) => (simd ? `${url}?simd=${simd}` : url);
+
+/// The scripts' timed run: DCL, one epoch of `images` images on `device`, little evaluation.
+export const timedRun = (batchSize, images, device) => ({
+  batchSize, subset: images, evalImages: 64, epochs: 1, lr: 0.001, temperature: 0.1, loss: 'dcl', device,
+});

@@ -22,7 +22,7 @@
 // profile (loadable in Chrome DevTools' Performance panel).
 import { writeFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
-import { launchChromium, servePage } from './page-server.mjs';
+import { dclBinary, launchChromium, pageUrl, servePage, timedRun } from './page-server.mjs';
 
 const { values: opt } = parseArgs({
   options: {
@@ -39,8 +39,6 @@ const { values: opt } = parseArgs({
 });
 const [batch, skip, steps] = [opt['batch-size'], opt.skip, opt.steps].map(Number);
 if (!(batch >= 2 && skip >= 1 && steps >= 1)) throw new Error('--batch-size must be >= 2, --skip and --steps >= 1');
-const target = process.env.CARGO_TARGET_DIR || `${process.env.HOME}/.cache/dcl-target`;
-const dcl = process.env.DCL_BIN || `${target}/release/dcl`;
 
 // Coarse categories: the first whose pattern matches a frame's name (a closure or rayon plumbing
 // frame counts as its nearest named caller: its body is usually the closure inlined there).
@@ -68,7 +66,7 @@ function shorten(name) {
   return (parts.length > 3 ? '…::' : '') + parts.slice(-3).join('::');
 }
 
-const { server, url } = await servePage(dcl, opt.root);
+const { server, url } = await servePage(dclBinary(), opt.root);
 const browser = await launchChromium(true);
 const cleanup = async () => { await browser.close().catch(() => {}); server.kill(); };
 process.once('SIGINT', () => cleanup().then(() => process.exit(130)));
@@ -96,12 +94,12 @@ try {
     cdp.send('Target.sendMessageToTarget', { sessionId: workerSession, message: JSON.stringify({ id, method, params }) }).catch(reject);
   });
   await cdp.send('Target.setAutoAttach', { autoAttach: true, waitForDebuggerOnStart: false, flatten: false });
-  await page.goto(opt.simd ? `${url}?simd=${opt.simd}` : url);
+  await page.goto(pageUrl(url, opt.simd));
   await Promise.race([attached, new Promise((_, reject) => setTimeout(() => reject(new Error('no worker attached in 30 s')), 30000))]);
   await toWorker('Profiler.enable');
   await toWorker('Profiler.setSamplingInterval', { interval: Number(opt['interval-us']) });
 
-  const config = { batchSize: batch, subset: batch * Math.max(40, skip + steps + 5), evalImages: 64, epochs: 1, lr: 0.001, temperature: 0.1, loss: 'dcl', device: opt.device };
+  const config = timedRun(batch, batch * Math.max(40, skip + steps + 5), opt.device);
   await page.evaluate((c) => window.dclPlayground.start(c), config);
   const state = async () => {
     const s = await page.evaluate(() => window.dclPlayground.state());
